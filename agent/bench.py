@@ -1,0 +1,76 @@
+"""``sysgram bench [PART...] [--json]``: every figure measured in one run beside its reference.
+
+Each part lives with its room (``agent/<room>/bench.py``) and exposes
+``run(quick: bool) -> list[Figure]``. A part that has not landed is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.errors import ConfigError
+
+PARTS = {
+    "capture": "agent.capture.bench",
+    "score": "agent.model.bench",
+    "rules": "agent.falco.bench",
+    "alerts": "agent.respond.bench",
+    "e2e": "agent.pipeline_bench",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One measured number, with its unit and (where there is one) its target, as text."""
+
+    part: str
+    name: str
+    value: float | int | str
+    unit: str = ""
+    target: str = ""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("bench", help="measure capture, scoring, rules, alerts, end to end")
+    parser.add_argument("parts", nargs="*", metavar="PART", help=f"one or more of: {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (for smoke tests)")
+    parser.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    figures: list[Figure] = []
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        raise ConfigError(f"unknown benchmark part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+    for part in args.parts or list(PARTS):
+        try:
+            module = importlib.import_module(PARTS[part])
+        except ModuleNotFoundError as err:
+            if err.name != PARTS[part]:
+                raise
+            figures.append(Figure(part, "status", "not yet available"))
+            continue
+        figures.extend(module.run(quick=args.quick))
+    if args.json:
+        json.dump([asdict(f) for f in figures], sys.stdout, indent=2)
+        print()
+    else:
+        _print_table(figures)
+    return 0
+
+
+def _print_table(figures: list[Figure]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("part", "figure", "value", "unit", "target")
+    for f in figures:
+        value = f"{f.value:,.3f}".rstrip("0").rstrip(".") if isinstance(f.value, float) else str(f.value)
+        table.add_row(f.part, f.name, value, f.unit, f.target)
+    Console().print(table)

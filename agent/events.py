@@ -1,0 +1,76 @@
+"""Data that crosses rooms: the compact syscall stream, detail events and process events.
+
+Two streams leave the kernel (see docs/architecture.md):
+
+* the compact stream of every syscall, handed around as numpy arrays of :data:`SYSCALL_DTYPE`
+  (one batch = one array; never one Python object per syscall);
+* the detail stream, in kernel order: :class:`ProcEvent` (fork, exec, exit) and :class:`DetailEvent`
+  (a security-relevant syscall with its decoded arguments and return value).
+
+Timestamps are nanoseconds of CLOCK_MONOTONIC (``bpf_ktime_get_ns``); ``boot_to_wall_ns`` in a
+recording's metadata turns them into wall-clock time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+# One row per syscall. ``flags`` bit 0 (FLAG_COMPAT): a 32-bit (i386) process, ``nr`` is an i386 number.
+SYSCALL_DTYPE = np.dtype(
+    [("ts", "<u8"), ("tgid", "<u4"), ("tid", "<u4"), ("nr", "<u2"), ("flags", "<u2")]
+)
+FLAG_COMPAT = 1
+
+
+def empty_syscalls() -> np.ndarray:
+    return np.zeros(0, dtype=SYSCALL_DTYPE)
+
+
+@dataclass(frozen=True, slots=True)
+class DetailEvent:
+    """One security-relevant syscall, seen at its exit (so ``res`` is known).
+
+    ``args`` holds decoded arguments named as Falco names them where Falco has a name
+    (``openat``: dirfd, name, flags, mode, fd; ``execve``: filename, argv; ``connect``: fd, family,
+    addr, port; ...). Integer flags stay integers; see ``agent.capture.decode`` for each syscall's keys.
+    """
+
+    ts: int
+    tgid: int
+    tid: int
+    syscall: str  # the name, from libseccomp
+    nr: int
+    res: int  # the return value (negative errno on failure)
+    args: Mapping[str, Any] = field(default_factory=dict)
+    compat: bool = False
+
+
+ProcKind = Literal["fork", "exec", "exit"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcEvent:
+    """A process lifecycle event from the sched tracepoints.
+
+    fork: ``pid`` is the new task's tgid, ``tid`` its thread id, ``ppid`` the parent's tgid,
+    ``is_thread`` true when the new task is a thread of an existing process.
+    exec: ``filename`` is the path exec'd, ``comm`` the new comm.
+    exit: ``tid`` exited; ``pid`` exits when ``tid == pid`` (the group leader).
+    """
+
+    kind: ProcKind
+    ts: int
+    pid: int
+    tid: int
+    ppid: int = 0
+    comm: str = ""
+    filename: str = ""
+    is_thread: bool = False
+    exit_code: int = 0
+
+
+Event = DetailEvent | ProcEvent
