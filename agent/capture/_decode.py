@@ -1,0 +1,219 @@
+"""Which syscalls get details, which of their arguments are strings or addresses, and how each record is
+decoded into a :class:`agent.events.DetailEvent` with Falco's argument names."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.capture import _layout as L
+from agent.capture.names import syscall_name, syscall_number
+from agent.events import DetailEvent, ProcEvent
+
+NONE = 0xFF
+LEN_PTR = 0xFE  # accept: the address length is written through a pointer
+CLONE_THREAD = 0x00010000
+
+
+@dataclass(frozen=True, slots=True)
+class ArgSpec:
+    """``names``: Falco's name for each register argument (None: not reported)."""
+
+    names: tuple[str | None, ...]
+    str0: int = NONE
+    str1: int = NONE
+    sockaddr: int = NONE
+    sockaddr_len: int = NONE
+    deref: int = NONE
+    deref_name: str = ""
+    string_names: tuple[str, ...] = ()
+
+
+def _s(names: str, str0: int = NONE, str1: int = NONE, **kw: int | str) -> ArgSpec:
+    parts = tuple(None if n == "_" else n for n in names.split())
+    strings = tuple(n for i, n in enumerate(parts) if i in (str0, str1) and n)
+    return ArgSpec(parts, str0, str1, string_names=strings, **kw)  # type: ignore[arg-type]
+
+
+# Decoding spec per syscall (by name; numbers come from libseccomp at load time).
+SPECS: dict[str, ArgSpec] = {
+    "open": _s("name flags mode", 0),
+    "openat": _s("dirfd name flags mode", 1),
+    "openat2": _s("dirfd name _ _", 1, deref=2, deref_name="flags"),
+    "creat": _s("name mode", 0),
+    "execve": _s("filename _ _", 0),
+    "execveat": _s("dirfd filename _ _ flags", 1),
+    "link": _s("oldpath newpath", 0, 1),
+    "linkat": _s("olddir oldpath newdir newpath flags", 1, 3),
+    "symlink": _s("target linkpath", 0, 1),
+    "symlinkat": _s("target linkdirfd linkpath", 0, 2),
+    "unlink": _s("path", 0),
+    "unlinkat": _s("dirfd name flags", 1),
+    "rename": _s("oldpath newpath", 0, 1),
+    "renameat": _s("olddirfd oldpath newdirfd newpath", 1, 3),
+    "renameat2": _s("olddirfd oldpath newdirfd newpath flags", 1, 3),
+    "mkdir": _s("path mode", 0),
+    "mkdirat": _s("dirfd path mode", 1),
+    "chmod": _s("filename mode", 0),
+    "fchmod": _s("fd mode"),
+    "fchmodat": _s("dirfd filename mode", 1),
+    "chown": _s("path uid gid", 0),
+    "lchown": _s("path uid gid", 0),
+    "fchown": _s("fd uid gid"),
+    "fchownat": _s("dirfd pathname uid gid flags", 1),
+    "chdir": _s("path", 0),
+    "fchdir": _s("fd"),
+    "socket": _s("domain type proto"),
+    "connect": _s("fd _ _", sockaddr=1, sockaddr_len=2),
+    "bind": _s("fd _ _", sockaddr=1, sockaddr_len=2),
+    "listen": _s("fd backlog"),
+    "accept": _s("fd _ _", sockaddr=1, sockaddr_len=LEN_PTR),
+    "accept4": _s("fd _ _ flags", sockaddr=1, sockaddr_len=LEN_PTR),
+    "sendto": _s("fd _ size _ _ _", sockaddr=4, sockaddr_len=5),
+    "dup": _s("oldfd"),
+    "dup2": _s("oldfd newfd"),
+    "dup3": _s("oldfd newfd flags"),
+    "close": _s("fd"),
+    "ptrace": _s("request pid"),
+    "setuid": _s("uid"),
+    "setgid": _s("gid"),
+    "setresuid": _s("ruid euid suid"),
+    "setresgid": _s("rgid egid sgid"),
+    "setns": _s("fd nstype"),
+    "unshare": _s("flags"),
+    "memfd_create": _s("name flags", 0),
+    "init_module": _s("_ len uargs", 2),
+    "finit_module": _s("fd uargs flags", 1),
+    "mount": _s("dev dir type flags", 0, 1),
+    "umount2": _s("name flags", 0),
+    "bpf": _s("cmd"),
+    "userfaultfd": _s("flags"),
+    "kill": _s("pid sig"),
+    "tkill": _s("tid sig"),
+    "tgkill": _s("tgid tid sig"),
+    "prctl": _s("option arg2"),
+    "capset": _s(""),
+    "mprotect": _s("addr length prot"),
+    "pipe": _s(""),
+    "pipe2": _s("_ flags"),
+    "sendmsg": _s("fd"),
+    "recvfrom": _s("fd"),
+    "recvmsg": _s("fd"),
+}
+# Entries kept (not reported) so the fork handler can tell threads from processes.
+CLONE_SPECS: dict[str, ArgSpec] = {
+    "clone": _s("flags"),
+    "clone3": _s("_", deref=0, deref_name="flags"),
+    "fork": _s(""),
+    "vfork": _s(""),
+}
+SIGNED_ARGS = frozenset({"dirfd", "olddir", "newdir", "olddirfd", "newdirfd", "linkdirfd", "fd", "oldfd",
+                         "newfd", "pid", "tid", "tgid", "uid", "gid", "ruid", "euid", "suid", "rgid", "egid",
+                         "sgid"})
+
+
+def spec_table(detail_syscalls: set[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """The arg_spec map's contents and the (number -> name) of every syscall whose tracepoints we attach."""
+    table = np.zeros(512, dtype=L.ARG_SPEC)
+    for field in ("str0", "str1", "sockaddr", "sockaddr_len", "deref_u64"):
+        table[field] = NONE
+    attached: dict[int, str] = {}
+    for name, spec in [*((n, SPECS[n]) for n in sorted(detail_syscalls) if n in SPECS), *CLONE_SPECS.items()]:
+        nr = syscall_number(name)
+        if nr < 0 or nr >= 512:
+            continue
+        row = table[nr]
+        row["str0"], row["str1"] = spec.str0, spec.str1
+        row["sockaddr"], row["sockaddr_len"], row["deref_u64"] = spec.sockaddr, spec.sockaddr_len, spec.deref
+        row["enabled"] = 1 if name in detail_syscalls else 0
+        table[nr] = row
+        attached[nr] = name
+    return table, attached
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _int32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def decode_sockaddr(raw: bytes) -> dict[str, object]:
+    if len(raw) < 2:
+        return {}
+    family = struct.unpack_from("<H", raw)[0]
+    out: dict[str, object] = {"family": family}
+    if family == socket.AF_INET and len(raw) >= 8:
+        out["port"] = struct.unpack_from(">H", raw, 2)[0]
+        out["addr"] = str(ipaddress.IPv4Address(raw[4:8]))
+    elif family == socket.AF_INET6 and len(raw) >= 24:
+        out["port"] = struct.unpack_from(">H", raw, 2)[0]
+        out["addr"] = str(ipaddress.IPv6Address(raw[8:24]))
+    elif family == socket.AF_UNIX:
+        path = raw[2:]
+        out["addr"] = ("@" + _cstr(path[1:])) if path[:1] == b"\0" else _cstr(path)
+    return out
+
+
+def decode_detail(rec: np.void) -> DetailEvent:
+    h = rec["h"]
+    nr = int(h["nr"])
+    name = syscall_name(nr)
+    spec = SPECS.get(name)
+    raw_args = [int(a) for a in rec["args"]]
+    args: dict[str, object] = {}
+    if spec is not None:
+        strings = (rec["str"][0], rec["str"][1])
+        for i, arg_name in enumerate(spec.names):
+            if arg_name is None or i >= 6:
+                continue
+            if i == spec.str0:
+                args[arg_name] = _cstr(strings[0])
+            elif i == spec.str1:
+                args[arg_name] = _cstr(strings[1])
+            elif arg_name in SIGNED_ARGS:
+                args[arg_name] = _int32(raw_args[i])
+            else:
+                args[arg_name] = raw_args[i]
+        if spec.deref_name:
+            args[spec.deref_name] = int(rec["deref"])
+        if spec.sockaddr != NONE and rec["len"][2]:
+            args.update(decode_sockaddr(bytes(rec["str"][2])[: int(rec["len"][2])]))
+    return DetailEvent(ts=int(h["ts"]), tgid=int(h["tgid"]), tid=int(h["tid"]), syscall=name, nr=nr,
+                       res=int(rec["ret"]), args=args)
+
+
+def decode_exec_args(rec: np.void) -> tuple[int, str, tuple[str, ...]]:
+    """(tid, filename, argv) of an execve entry."""
+    length = int(rec["argv_len"])
+    raw = bytes(rec["argv"])[: min(length, L.ARGV_LEN + L.ARG_CHUNK)]
+    argv = tuple(a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[: int(rec["argc"])])
+    return int(rec["h"]["tid"]), _cstr(bytes(rec["filename"])), argv
+
+
+def decode_proc(rec: np.void) -> ProcEvent:
+    h = rec["h"]
+    kind = int(h["kind"])
+    comm = _cstr(bytes(rec["comm"]))
+    if kind == L.K_FORK:
+        parent_nr = syscall_name(int(h["nr"])) if h["flags"] else ""
+        is_thread = bool(h["flags"]) and parent_nr in ("clone", "clone3") and bool(
+            int(rec["clone_flags"]) & CLONE_THREAD)
+        child_tid = int(h["aux"])
+        return ProcEvent("fork", int(h["ts"]), pid=int(h["tgid"]) if is_thread else child_tid, tid=child_tid,
+                         ppid=int(h["tgid"]), comm=comm, is_thread=is_thread)
+    if kind == L.K_EXEC:
+        return ProcEvent("exec", int(h["ts"]), pid=int(h["tgid"]), tid=int(h["tid"]), comm=comm,
+                         filename=_cstr(bytes(rec["filename"])))
+    return ProcEvent("exit", int(h["ts"]), pid=int(h["tgid"]), tid=int(h["tid"]), comm=comm,
+                     is_thread=not bool(h["aux"]))

@@ -1,0 +1,41 @@
+"""numpy mirrors of the records in bpf/sysgram.h (byte for byte; tests/test_capture_layout.py checks sizes)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+BATCH_SIZE = 256
+STR_LEN = 256
+ARGV_LEN = 1024
+ARGV_MAX = 20
+ARG_CHUNK = 128
+
+K_SYSCALL, K_EXEC_ARGS, K_FORK, K_EXEC, K_EXIT, K_ENFORCED = 1, 2, 3, 4, 5, 6
+
+SC_REC = np.dtype([("tgid", "<u4"), ("tid", "<u4"), ("nr", "<u2"), ("flags", "<u2"), ("ts_delta", "<u4")])
+BATCH_HEADER = np.dtype([("base_ts", "<u8"), ("count", "<u4"), ("cpu", "<u4")])
+
+DETAIL_HDR = np.dtype(
+    [("kind", "u1"), ("flags", "u1"), ("nr", "<u2"), ("tgid", "<u4"), ("tid", "<u4"), ("aux", "<u4"), ("ts", "<u8")]
+)
+SC_DETAIL = np.dtype(
+    [
+        ("h", DETAIL_HDR),
+        ("ret", "<i8"),
+        ("args", "<u8", (6,)),
+        ("deref", "<u8"),
+        ("len", "<u2", (3,)),
+        ("pad", "<u2"),
+        ("str", "S256", (3,)),
+    ]
+)
+EXEC_ARGS = np.dtype(
+    [("h", DETAIL_HDR), ("argc", "<u4"), ("argv_len", "<u4"), ("filename", f"S{STR_LEN}"), ("argv", f"V{ARGV_LEN + ARG_CHUNK}")]
+)
+PROC_EVENT = np.dtype([("h", DETAIL_HDR), ("clone_flags", "<u8"), ("comm", "S16"), ("filename", f"S{STR_LEN}")])
+ARG_SPEC = np.dtype(
+    [("str0", "u1"), ("str1", "u1"), ("sockaddr", "u1"), ("sockaddr_len", "u1"), ("deref_u64", "u1"),
+     ("enabled", "u1"), ("pad", "u1", (2,))]
+)
+STATS = ("compact_lost", "detail_lost", "pending_full", "proc_lost", "batches", "signals", "syscalls",
+         "exec_args_lost")

@@ -1,0 +1,111 @@
+"""Compile, load and attach bpf/sysgram.bpf.c with bcc; read its maps."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.capture import _layout as L
+from agent.capture._decode import spec_table
+from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
+from agent.errors import CaptureError
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+if not (BPF_DIR / "sysgram.bpf.c").exists():  # installed without the source tree: the packaged copy
+    BPF_DIR = Path(__file__).resolve().parent / "bpf"
+
+
+def _import_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError as err:
+        raise CaptureError(
+            "bcc is not importable: install Debian's python3-bpfcc and build the venv with "
+            f"--system-site-packages ({err})") from None
+    return bcc
+
+
+class Tracer:
+    """The loaded BPF object: compact and detail ring buffers, stats, enforcement maps."""
+
+    def __init__(self, *, self_tgid: int, detail_syscalls: set[str], enforce: bool = False,
+                 compact_rb_pages: int = 4096, detail_rb_pages: int = 2048) -> None:
+        if os.geteuid() != 0:
+            raise CaptureError("the tracer needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN)")
+        ensure_tracefs()
+        ensure_kernel_headers()
+        bcc = _import_bcc()
+        cflags = [
+            f"-DSELF_TGID={self_tgid}",
+            f"-DCOMPACT_RB_PAGES={compact_rb_pages}",
+            f"-DDETAIL_RB_PAGES={detail_rb_pages}",
+            f"-DENFORCE={1 if enforce else 0}",
+            f"-DBATCH_SIZE={L.BATCH_SIZE}",
+            f"-I{BPF_DIR}",
+            "-Wno-unused-function",
+        ]
+        try:
+            self.bpf = bcc.BPF(src_file=str(BPF_DIR / "sysgram.bpf.c"), cflags=cflags)
+        except Exception as err:  # bcc raises plain Exception on compile/load failure
+            raise CaptureError(f"loading the BPF program failed: {err}", path=str(BPF_DIR / "sysgram.bpf.c")) from None
+        table, self.attached = spec_table(detail_syscalls)
+        spec_map = self.bpf["arg_spec"]
+        for nr in self.attached:
+            spec_map[ctypes.c_int(nr)] = spec_map.Leaf.from_buffer_copy(table[nr].tobytes())
+        self._attach_details()
+
+    def _attach_details(self) -> None:
+        tracing = "/sys/kernel/tracing/events/syscalls"
+        for nr, name in sorted(self.attached.items()):
+            if not os.path.isdir(f"{tracing}/sys_enter_{name}"):
+                continue  # not a syscall on this kernel (e.g. an arch without it)
+            enter = {"execve": "on_execve_enter", "execveat": "on_execveat_enter"}.get(name, "on_detail_enter")
+            self.bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}", fn_name=enter)
+            self.bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name="on_detail_exit")
+
+    def open_ring_buffers(self, on_compact: Callable[[Any, Any, int], int],
+                          on_detail: Callable[[Any, Any, int], int]) -> None:
+        self.bpf["compact_rb"].open_ring_buffer(on_compact)
+        self.bpf["detail_rb"].open_ring_buffer(on_detail)
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def consume(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    def kernel_stats(self) -> dict[str, int]:
+        values = self.bpf["stats"]
+        out: dict[str, int] = {}
+        for i, name in enumerate(L.STATS):
+            out[name] = int(sum(values[ctypes.c_int(i)]))
+        return out
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def decode_batches(raw_batches: list[bytes]) -> np.ndarray:
+    """Compact ring-buffer records -> one array of agent.events.SYSCALL_DTYPE rows."""
+    from agent.events import SYSCALL_DTYPE
+
+    if not raw_batches:
+        return np.zeros(0, dtype=SYSCALL_DTYPE)
+    parts = []
+    for raw in raw_batches:
+        header = np.frombuffer(raw, dtype=L.BATCH_HEADER, count=1)[0]
+        count = min(int(header["count"]), (len(raw) - L.BATCH_HEADER.itemsize) // L.SC_REC.itemsize)
+        recs = np.frombuffer(raw, dtype=L.SC_REC, count=count, offset=L.BATCH_HEADER.itemsize)
+        out = np.empty(count, dtype=SYSCALL_DTYPE)
+        out["ts"] = recs["ts_delta"].astype(np.uint64) + np.uint64(header["base_ts"])
+        out["tgid"] = recs["tgid"]
+        out["tid"] = recs["tid"]
+        out["nr"] = recs["nr"]
+        out["flags"] = 0
+        parts.append(out)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -1,0 +1,249 @@
+"""Event sources: live capture from the kernel, and replay of a recording. Both yield the same chunks.
+
+A chunk is either a numpy array of :data:`agent.events.SYSCALL_DTYPE` rows (the compact stream) or a
+:class:`DetailEvent` / :class:`ProcEvent` (the detail stream, in kernel order).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from agent.capture import _layout as L
+from agent.capture._decode import decode_detail, decode_exec_args, decode_proc
+from agent.capture._loader import Tracer, decode_batches
+from agent.capture.recording import read_recording
+from agent.events import DetailEvent, ProcEvent
+
+Chunk = np.ndarray | DetailEvent | ProcEvent
+
+
+class EventSource(Protocol):
+    def start(self) -> None: ...
+    def chunks(self) -> Iterator[list[Chunk]]: ...
+    def stop(self) -> None: ...
+    def drops(self) -> dict[str, int]: ...
+
+
+@dataclass
+class ReplaySource:
+    """A recording, fed through the same path as live capture."""
+
+    path: str
+    batch_rows: int = 65536
+    _stopped: bool = field(default=False, init=False)
+
+    def start(self) -> None:
+        self.recording = read_recording(self.path)
+
+    def chunks(self) -> Iterator[list[Chunk]]:
+        group: list[Chunk] = []
+        for chunk in self.recording.chunks():
+            if self._stopped:
+                return
+            if isinstance(chunk, np.ndarray):
+                for i in range(0, len(chunk), self.batch_rows):
+                    group.append(chunk[i : i + self.batch_rows])
+                    yield group
+                    group = []
+            else:
+                group.append(chunk)
+        if group:
+            yield group
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def drops(self) -> dict[str, int]:
+        return dict(self.recording.drops)
+
+
+class LiveSource:
+    """Every syscall on the host, from the BPF tracer.
+
+    A reader thread drains both ring buffers into a bounded queue (so a slow consumer never stalls the
+    kernel side); a ticker thread visits each CPU every ``flush_interval`` s so that partly filled batches
+    are sent (bounding latency on quiet CPUs). Losses are counted per stage: kernel (ring buffer full,
+    failed reservations, pending map full) and userspace (queue overflow).
+    """
+
+    def __init__(self, *, detail_syscalls: set[str], enforce: bool = False, flush_interval: float = 0.02,
+                 queue_max_events: int = 8_000_000) -> None:
+        self.detail_syscalls = detail_syscalls
+        self.enforce = enforce
+        self.flush_interval = flush_interval
+        self.queue_max_events = queue_max_events
+        self.tracer: Tracer | None = None
+        self._queue: collections.deque[list[Chunk]] = collections.deque()
+        self._queued_events = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._raw_batches: list[bytes] = []
+        self._details: list[Chunk] = []
+        self._exec_args: dict[int, tuple[str, tuple[str, ...]]] = {}
+        self.queue_overflow = 0
+        self.enforced: list[DetailEvent] = []
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.tracer = Tracer(self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce)
+        self.tracer.open_ring_buffers(self._on_compact, self._on_detail)
+        for target, name in ((self._read_loop, "sysgram-reader"), (self._tick_loop, "sysgram-ticker")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.stop()
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
+
+    def drops(self) -> dict[str, int]:
+        stats = self.tracer.kernel_stats() if self.tracer else {}
+        return {
+            "ringbuf_full": stats.get("compact_lost", 0),
+            "detail_reserve_failed": stats.get("detail_lost", 0) + stats.get("exec_args_lost", 0)
+            + stats.get("proc_lost", 0),
+            "pending_full": stats.get("pending_full", 0),
+            "userspace_queue_overflow": self.queue_overflow,
+        }
+
+    def kernel_stats(self) -> dict[str, int]:
+        return self.tracer.kernel_stats() if self.tracer else {}
+
+    # -- consumer side -------------------------------------------------------------------------------
+    def chunks(self) -> Iterator[list[Chunk]]:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop.is_set():
+                    self._cond.wait(0.1)
+                if not self._queue:
+                    return
+                group = self._queue.popleft()
+                self._queued_events -= _count(group)
+            yield group
+
+    def get(self, timeout: float) -> list[Chunk] | None:
+        """One queued group, or None after ``timeout`` s with nothing queued."""
+        with self._cond:
+            if not self._queue:
+                self._cond.wait(timeout)
+            if not self._queue:
+                return None
+            group = self._queue.popleft()
+            self._queued_events -= _count(group)
+            return group
+
+    # -- reader thread ---------------------------------------------------------------------------------
+    def _on_compact(self, _ctx: object, data: int, size: int) -> int:
+        self._raw_batches.append(ctypes.string_at(data, size))
+        return 0
+
+    def _on_detail(self, _ctx: object, data: int, size: int) -> int:
+        raw = ctypes.string_at(data, size)
+        kind = raw[0]
+        if kind == L.K_SYSCALL:
+            event = decode_detail(np.frombuffer(raw, dtype=L.SC_DETAIL, count=1)[0])
+            if event.syscall in ("execve", "execveat"):
+                filename, argv = self._exec_args.pop(event.tid, ("", ()))
+                event = DetailEvent(event.ts, event.tgid, event.tid, event.syscall, event.nr, event.res,
+                                    {**event.args, "filename": event.args.get("filename") or filename,
+                                     "argv": list(argv)})
+            self._details.append(event)
+        elif kind == L.K_EXEC_ARGS:
+            tid, filename, argv = decode_exec_args(np.frombuffer(raw, dtype=L.EXEC_ARGS, count=1)[0])
+            self._exec_args[tid] = (filename, argv)
+            if len(self._exec_args) > 65536:  # entries whose exit never came (killed mid-exec)
+                self._exec_args.pop(next(iter(self._exec_args)))
+        elif kind in (L.K_FORK, L.K_EXEC, L.K_EXIT):
+            rec = np.frombuffer(raw, dtype=L.PROC_EVENT, count=1)[0]
+            proc = decode_proc(rec)
+            if proc.kind == "exit" and proc.is_thread and proc.tid == proc.pid:
+                return 0  # the leader thread left early; the process lives on in its other threads
+            if proc.kind == "exit" and not proc.is_thread:
+                proc = ProcEvent("exit", proc.ts, proc.pid, proc.pid, comm=proc.comm)
+            self._details.append(proc)
+        elif kind == L.K_ENFORCED:
+            h = np.frombuffer(raw, dtype=L.DETAIL_HDR, count=1)[0]
+            event = DetailEvent(int(h["ts"]), int(h["tgid"]), int(h["tid"]), "sysgram_enforced", int(h["nr"]),
+                                0, {"signal": int(h["aux"])})
+            self.enforced.append(event)
+            self._details.append(event)
+        return 0
+
+    def _read_loop(self) -> None:
+        assert self.tracer is not None
+        while not self._stop.is_set():
+            self.tracer.poll(50)
+            self._hand_over()
+        self.tracer.consume()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        if not self._raw_batches and not self._details:
+            return
+        syscalls = decode_batches(self._raw_batches)
+        group: list[Chunk] = list(self._details)
+        if len(syscalls):
+            group.append(syscalls)
+        self._raw_batches, self._details = [], []
+        n = _count(group)
+        with self._cond:
+            if self._queued_events + n > self.queue_max_events:
+                self.queue_overflow += len(syscalls)
+                group = [c for c in group if not isinstance(c, np.ndarray)]  # keep the detail stream
+                n = len(group)
+            self._queue.append(group)
+            self._queued_events += n
+            self._cond.notify()
+
+    # -- ticker thread ---------------------------------------------------------------------------------
+    def _tick_loop(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        while not self._stop.wait(self.flush_interval):
+            for cpu in cpus:
+                try:
+                    os.sched_setaffinity(0, {cpu})  # this thread only
+                except OSError:
+                    continue
+                os.getppid()  # the BPF program sees the agent's syscall here and flushes this CPU
+        self.flush_all()
+
+    def flush_all(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        for cpu in cpus:
+            try:
+                os.sched_setaffinity(0, {cpu})
+            except OSError:
+                continue
+            os.getppid()
+
+
+def _count(group: list[Chunk]) -> int:
+    return sum(len(c) if isinstance(c, np.ndarray) else 1 for c in group)
+
+
+def wait_until(predicate: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return True
+        time.sleep(0.01)
+    return False

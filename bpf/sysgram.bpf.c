@@ -1,0 +1,434 @@
+/* Sysgram's tracer. Compiled by bcc with -D constants (see agent/capture/_loader.py):
+ *   SELF_TGID     the agent's own process, never traced (its syscalls only flush this CPU's batch)
+ *   COMPACT_RB_PAGES, DETAIL_RB_PAGES  ring buffer sizes in pages
+ *   ENFORCE       1 to compile the enforcement check into sys_enter (off: no cost when not enforcing)
+ * Reads only tracepoint fields and BPF helpers: no kernel struct is walked, so headers of another
+ * kernel version are good enough. */
+#include <uapi/linux/ptrace.h>
+#include "sysgram.h"
+
+#ifndef SELF_TGID
+#error "SELF_TGID must be set"
+#endif
+#ifndef ENFORCE
+#define ENFORCE 0
+#endif
+
+enum stat_index {
+    S_COMPACT_LOST = 0,   /* syscalls in batches the compact ring buffer had no room for */
+    S_DETAIL_LOST = 1,    /* detail records that could not be reserved */
+    S_PENDING_FULL = 2,   /* syscall entries with no room in the pending map (their detail is lost) */
+    S_PROC_LOST = 3,      /* fork/exec/exit records that could not be reserved */
+    S_BATCHES = 4,        /* compact batches sent */
+    S_SIGNALS = 5,        /* signals sent by enforcement */
+    S_SYSCALLS = 6,       /* syscalls seen (not the agent's own) */
+    S_EXEC_ARGS_LOST = 7, /* execve argv records that could not be reserved */
+    S_COUNT = 8,
+};
+
+BPF_PERCPU_ARRAY(batches, struct sc_batch, 1);
+BPF_PERCPU_ARRAY(stats, __u64, S_COUNT);
+BPF_RINGBUF_OUTPUT(compact_rb, COMPACT_RB_PAGES);
+BPF_RINGBUF_OUTPUT(detail_rb, DETAIL_RB_PAGES);
+
+struct pending {
+    __u64 ts;
+    __u64 args[6];
+    __u64 deref;
+    __u32 nr;
+    __u32 pad;
+};
+BPF_HASH(pending, __u32, struct pending, 16384);
+BPF_ARRAY(arg_spec, struct arg_spec, 512);
+
+BPF_HASH(enforce, __u32, struct enforce_entry, 65536);
+BPF_HASH(protected_tgids, __u32, __u32, 65536);
+struct deny_bitmap { __u64 bits[8]; };
+BPF_ARRAY(deny_bitmaps, struct deny_bitmap, 64);
+struct exe_key { char path[STR_LEN]; };
+BPF_HASH(exe_policy, struct exe_key, struct enforce_entry, 1024);
+BPF_PERCPU_ARRAY(exe_key_scratch, struct exe_key, 1);
+
+static __always_inline void bump(__u32 index, __u64 by) {
+    __u64 *v = stats.lookup(&index);
+    if (v)
+        *v += by;
+}
+
+static __always_inline void flush(struct sc_batch *b) {
+    __u32 n = b->count;
+    if (n > BATCH_SIZE)
+        n = BATCH_SIZE;
+    __u64 size = sizeof(struct sc_batch) - sizeof(b->recs) + (__u64)n * sizeof(struct sc_rec);
+    if (size > sizeof(struct sc_batch))
+        size = sizeof(struct sc_batch);
+    if (compact_rb.ringbuf_output(b, size, 0) == 0)
+        bump(S_BATCHES, 1);
+    else
+        bump(S_COMPACT_LOST, n);
+    b->count = 0;
+}
+
+#if ENFORCE
+static __always_inline int is_denied(__u32 policy_id, __u32 nr) {
+    struct deny_bitmap *bm = deny_bitmaps.lookup(&policy_id);
+    if (!bm || nr >= 512)
+        return 0;
+    return (bm->bits[(nr >> 6) & 7] >> (nr & 63)) & 1;
+}
+
+static __always_inline void enforce_check(__u32 tgid, __u32 tid, __u32 nr) {
+    struct enforce_entry *e = enforce.lookup(&tgid);
+    if (!e)
+        return;
+    __u32 sig = e->signal;
+    if (!sig && e->policy_id && is_denied(e->policy_id, nr))
+        sig = 9;
+    if (!sig || tgid <= 1 || protected_tgids.lookup(&tgid))
+        return;
+    bpf_send_signal(sig);
+    bump(S_SIGNALS, 1);
+    struct detail_hdr *h = detail_rb.ringbuf_reserve(sizeof(struct detail_hdr));
+    if (!h) {
+        bump(S_DETAIL_LOST, 1);
+        return;
+    }
+    h->kind = K_ENFORCED;
+    h->flags = 0;
+    h->nr = nr;
+    h->tgid = tgid;
+    h->tid = tid;
+    h->aux = sig;
+    h->ts = bpf_ktime_get_ns();
+    detail_rb.ringbuf_submit(h, 0);
+}
+#endif
+
+/* Every syscall: append (tgid, tid, nr) to this CPU's batch; send the batch when it is full. */
+TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tgid = id >> 32;
+    __u32 zero = 0;
+    struct sc_batch *b = batches.lookup(&zero);
+    if (!b)
+        return 0;
+    if (tgid == SELF_TGID) {
+        /* The agent's ticker makes a syscall on each CPU in turn: send what waits there. */
+        if (b->count)
+            flush(b);
+        return 0;
+    }
+    __u32 i = b->count & (BATCH_SIZE - 1);
+    __u64 now = bpf_ktime_get_ns();
+    if (i == 0)
+        b->base_ts = now;
+    __u64 delta = now - b->base_ts;
+    struct sc_rec *r = &b->recs[i];
+    r->tgid = tgid;
+    r->tid = (__u32)id;
+    r->nr = (__u16)args->id;
+    r->flags = 0;
+    r->ts_delta = delta > 0xffffffffULL ? 0xffffffffU : (__u32)delta;
+    b->count = i + 1;
+    if (i + 1 == BATCH_SIZE)
+        flush(b);
+#if ENFORCE
+    enforce_check(tgid, (__u32)id, (__u32)args->id);
+#endif
+    return 0;
+}
+
+/* The layout of every syscalls:sys_enter_* / sys_exit_* tracepoint (fixed by the kernel's syscall
+ * trace events): an 8-byte common header, the syscall number, then the arguments or the return value. */
+struct sys_enter_ctx {
+    __u64 common;
+    __s32 nr;
+    __u32 pad;
+    __u64 args[6];
+};
+struct sys_exit_ctx {
+    __u64 common;
+    __s32 nr;
+    __u32 pad;
+    __s64 ret;
+};
+
+/* Entry of a syscall that needs details: keep its arguments until its exit. */
+static __always_inline int detail_enter(struct sys_enter_ctx *ctx) {
+    __u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) == SELF_TGID)
+        return 0;
+    __u32 tid = (__u32)id;
+    struct pending p = {};
+    p.ts = bpf_ktime_get_ns();
+    p.nr = ctx->nr;
+    /* Copied with a helper, not read directly: a tracepoint of a syscall with fewer than six arguments
+     * is shorter than this struct, and the kernel refuses programs that read past a record's end. */
+    bpf_probe_read_kernel(p.args, sizeof(p.args), ctx->args);
+    __u32 nr = ctx->nr;
+    struct arg_spec *spec = arg_spec.lookup(&nr);
+    if (spec && spec->deref_u64 < 6) {
+        __u64 ptr = 0;
+        switch (spec->deref_u64) {
+        case 0: ptr = p.args[0]; break;
+        case 1: ptr = p.args[1]; break;
+        case 2: ptr = p.args[2]; break;
+        default: ptr = p.args[3]; break;
+        }
+        bpf_probe_read_user(&p.deref, sizeof(p.deref), (void *)ptr);
+    }
+    if (pending.update(&tid, &p) != 0)
+        bump(S_PENDING_FULL, 1);
+    return 0;
+}
+
+int on_detail_enter(struct sys_enter_ctx *ctx) {
+    return detail_enter(ctx);
+}
+
+static __always_inline __u64 arg_at(__u64 *args, __u8 index) {
+    switch (index) {
+    case 0: return args[0];
+    case 1: return args[1];
+    case 2: return args[2];
+    case 3: return args[3];
+    case 4: return args[4];
+    case 5: return args[5];
+    }
+    return 0;
+}
+
+/* Exit of a syscall that needs details: one record with its arguments, strings and return value. */
+int on_detail_exit(struct sys_exit_ctx *ctx) {
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)id;
+    struct pending *p = pending.lookup(&tid);
+    if (!p)
+        return 0;
+    __u32 nr = p->nr;
+    struct arg_spec *spec = arg_spec.lookup(&nr);
+    if (spec && !spec->enabled) {
+        /* entry kept only for the fork handler (clone flags) */
+        pending.delete(&tid);
+        return 0;
+    }
+    struct sc_detail *d = detail_rb.ringbuf_reserve(sizeof(struct sc_detail));
+    if (!d) {
+        bump(S_DETAIL_LOST, 1);
+        pending.delete(&tid);
+        return 0;
+    }
+    d->h.kind = K_SYSCALL;
+    d->h.flags = 0;
+    d->h.nr = nr;
+    d->h.tgid = id >> 32;
+    d->h.tid = tid;
+    d->h.aux = 0;
+    d->h.ts = p->ts;
+    d->ret = ctx->ret;
+    #pragma unroll
+    for (int k = 0; k < 6; k++)
+        d->args[k] = p->args[k];
+    d->deref = p->deref;
+    d->len[0] = d->len[1] = d->len[2] = 0;
+    d->str[0][0] = d->str[1][0] = 0;
+    if (spec) {
+        if (spec->str0 < 6) {
+            int n = bpf_probe_read_user_str(d->str[0], STR_LEN, (void *)arg_at(d->args, spec->str0));
+            d->len[0] = n > 0 ? n : 0;
+        }
+        if (spec->str1 < 6) {
+            int n = bpf_probe_read_user_str(d->str[1], STR_LEN, (void *)arg_at(d->args, spec->str1));
+            d->len[1] = n > 0 ? n : 0;
+        }
+        if (spec->sockaddr < 6) {
+            __u64 addr = arg_at(d->args, spec->sockaddr);
+            __u32 len = 0;
+            if (spec->sockaddr_len == 0xfe) {
+                /* accept: the kernel wrote the peer's length into *addrlen */
+                __u64 lenp = arg_at(d->args, 2);
+                if (lenp)
+                    bpf_probe_read_user(&len, sizeof(len), (void *)lenp);
+            } else if (spec->sockaddr_len < 6) {
+                len = arg_at(d->args, spec->sockaddr_len);
+            }
+            if (len > 128) /* sizeof(struct sockaddr_storage) */
+                len = 128;
+            /* Fixed-size reads (the verifier loses variable bounds here); a shorter one when the
+             * address sits at the end of a mapping. */
+            if (addr && len) {
+                if (bpf_probe_read_user(d->str[2], 128, (void *)addr) == 0 ||
+                    bpf_probe_read_user(d->str[2], 28, (void *)addr) == 0 ||
+                    bpf_probe_read_user(d->str[2], 16, (void *)addr) == 0)
+                    d->len[2] = len;
+            }
+        }
+    }
+    detail_rb.ringbuf_submit(d, 0);
+    pending.delete(&tid);
+    return 0;
+}
+
+/* execve/execveat entry: read argv now, while the old memory still exists. */
+static __always_inline int read_exec(struct sys_enter_ctx *ctx, __u64 filename, __u64 argv) {
+    __u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) == SELF_TGID)
+        return 0;
+    struct exec_args *e = detail_rb.ringbuf_reserve(sizeof(struct exec_args));
+    if (!e) {
+        bump(S_EXEC_ARGS_LOST, 1);
+        return 0;
+    }
+    e->h.kind = K_EXEC_ARGS;
+    e->h.flags = 0;
+    e->h.nr = ctx->nr;
+    e->h.tgid = id >> 32;
+    e->h.tid = (__u32)id;
+    e->h.aux = 0;
+    e->h.ts = bpf_ktime_get_ns();
+    e->filename[0] = 0;
+    bpf_probe_read_user_str(e->filename, STR_LEN, (void *)filename);
+    __u32 off = 0;
+    __u32 argc = 0;
+    #pragma unroll
+    for (int k = 0; k < ARGV_MAX; k++) {
+        __u64 ptr = 0;
+        if (bpf_probe_read_user(&ptr, sizeof(ptr), (void *)(argv + k * sizeof(__u64))) != 0 || !ptr)
+            break;
+        if (off > ARGV_LEN - 1)
+            break;
+        __u32 at = off;
+        asm volatile("" : "+r"(at)); /* keep the mask below: the verifier needs it */
+        at &= ARGV_LEN - 1;
+        int n = bpf_probe_read_user_str(&e->argv[at], ARG_CHUNK, (void *)ptr);
+        if (n <= 0)
+            break;
+        off += n;
+        argc++;
+    }
+    e->argc = argc;
+    e->argv_len = off;
+    detail_rb.ringbuf_submit(e, 0);
+    return 0;
+}
+
+int on_execve_enter(struct sys_enter_ctx *ctx) {
+    __u64 a[2] = {};
+    bpf_probe_read_kernel(a, sizeof(a), ctx->args);
+    read_exec(ctx, a[0], a[1]);
+    return detail_enter(ctx);
+}
+
+int on_execveat_enter(struct sys_enter_ctx *ctx) {
+    __u64 a[3] = {};
+    bpf_probe_read_kernel(a, sizeof(a), ctx->args);
+    read_exec(ctx, a[1], a[2]);
+    return detail_enter(ctx);
+}
+
+static __always_inline struct proc_event *proc_reserve(__u8 kind) {
+    struct proc_event *e = detail_rb.ringbuf_reserve(sizeof(struct proc_event));
+    if (!e) {
+        bump(S_PROC_LOST, 1);
+        return 0;
+    }
+    __u64 id = bpf_get_current_pid_tgid();
+    e->h.kind = kind;
+    e->h.flags = 0;
+    e->h.nr = 0;
+    e->h.tgid = id >> 32;
+    e->h.tid = (__u32)id;
+    e->h.aux = 0;
+    e->h.ts = bpf_ktime_get_ns();
+    e->clone_flags = 0;
+    e->filename[0] = 0;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    return e;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 parent_tgid = id >> 32;
+    if (parent_tgid == SELF_TGID)
+        return 0;
+    struct proc_event *e = proc_reserve(K_FORK);
+    if (!e)
+        return 0;
+    __u32 tid = (__u32)id;
+    e->h.aux = args->child_pid;
+    /* The parent is inside clone/clone3/fork/vfork: its pending entry holds the flags. */
+    struct pending *p = pending.lookup(&tid);
+    if (p) {
+        e->clone_flags = p->deref ? p->deref : p->args[0];
+        e->h.nr = p->nr;
+    }
+    e->h.flags = p ? 1 : 0; /* 1: clone_flags are known */
+    detail_rb.ringbuf_submit(e, 0);
+#if ENFORCE
+    /* A child runs the same program as its parent until it execs: same policy, same protection. */
+    __u32 child = args->child_pid;
+    struct enforce_entry *pe = enforce.lookup(&parent_tgid);
+    if (pe && pe->policy_id) {
+        struct enforce_entry ce = {.signal = 0, .policy_id = pe->policy_id};
+        enforce.update(&child, &ce);
+    }
+    if (protected_tgids.lookup(&parent_tgid)) {
+        __u32 one = 1;
+        protected_tgids.update(&child, &one);
+    }
+#endif
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    __u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) == SELF_TGID)
+        return 0;
+    struct proc_event *e = proc_reserve(K_EXEC);
+    if (!e)
+        return 0;
+    e->h.aux = args->old_pid;
+    bpf_probe_read_kernel_str(e->filename, STR_LEN, (void *)args + (args->data_loc_filename & 0xffff));
+#if ENFORCE
+    /* Per-exe policies and the allow-list apply from the first syscall of the new program. */
+    __u32 zero = 0, tgid = id >> 32;
+    struct exe_key *key = exe_key_scratch.lookup(&zero);
+    if (key) {
+        __builtin_memset(key, 0, sizeof(*key));
+        bpf_probe_read_kernel_str(key->path, STR_LEN, (void *)args + (args->data_loc_filename & 0xffff));
+        struct enforce_entry *pol = exe_policy.lookup(key);
+        if (pol) {
+            if (pol->signal == PROTECTED_FLAG) {
+                __u32 one = 1;
+                protected_tgids.update(&tgid, &one);
+            } else {
+                struct enforce_entry ce = {.signal = 0, .policy_id = pol->policy_id};
+                enforce.update(&tgid, &ce);
+            }
+        } else {
+            struct enforce_entry *cur = enforce.lookup(&tgid);
+            if (cur && !cur->signal)
+                enforce.delete(&tgid);
+        }
+    }
+#endif
+    detail_rb.ringbuf_submit(e, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tgid = id >> 32;
+    if (tgid == SELF_TGID)
+        return 0;
+    struct proc_event *e = proc_reserve(K_EXIT);
+    if (!e)
+        return 0;
+    e->h.aux = args->group_dead;
+    detail_rb.ringbuf_submit(e, 0);
+    if (args->group_dead) {
+        enforce.delete(&tgid);
+        protected_tgids.delete(&tgid);
+    }
+    return 0;
+}

@@ -1,0 +1,103 @@
+/* Records shared by the BPF programs (sysgram.bpf.c) and the Python decoder (agent/capture/_layout.py).
+ * Keep both in step: the decoder's numpy dtypes mirror these structs byte for byte, and a test checks it. */
+#ifndef SYSGRAM_H
+#define SYSGRAM_H
+
+#ifndef BATCH_SIZE
+#define BATCH_SIZE 256 /* syscalls per compact batch; a power of two */
+#endif
+#ifndef STR_LEN
+#define STR_LEN 256 /* bytes kept of each path or address argument */
+#endif
+#ifndef ARGV_LEN
+#define ARGV_LEN 1024 /* bytes kept of an execve argv, NUL-separated */
+#endif
+#ifndef ARG_CHUNK
+#define ARG_CHUNK 128 /* bytes kept of each argv entry */
+#endif
+#ifndef ARGV_MAX
+#define ARGV_MAX 20 /* argv entries read */
+#endif
+
+/* Compact stream: one record per syscall, BATCH_SIZE of them per ring-buffer record. */
+struct sc_rec {
+    __u32 tgid;
+    __u32 tid;
+    __u16 nr;
+    __u16 flags;
+    __u32 ts_delta; /* ns since the batch's base_ts (saturates at 2^32-1) */
+};
+
+struct sc_batch {
+    __u64 base_ts;
+    __u32 count;
+    __u32 cpu;
+    struct sc_rec recs[BATCH_SIZE];
+};
+
+/* Detail stream: kinds of record. */
+enum detail_kind {
+    K_SYSCALL = 1, /* a security-relevant syscall at its exit */
+    K_EXEC_ARGS = 2, /* execve/execveat argv, read at entry (the memory is gone after exec) */
+    K_FORK = 3,
+    K_EXEC = 4,
+    K_EXIT = 5,
+    K_ENFORCED = 6, /* the kernel side sent a signal to a process */
+};
+
+struct detail_hdr {
+    __u8 kind;
+    __u8 flags;
+    __u16 nr;
+    __u32 tgid;
+    __u32 tid;
+    __u32 aux; /* fork: child tid; exec: old pid; exit: group_dead; enforced: signal */
+    __u64 ts;
+};
+
+/* Which arguments of a syscall are strings or socket addresses: filled per syscall number by userspace
+ * (agent/capture/_decode.py) into the `arg_spec` map. 0xff = none. */
+struct arg_spec {
+    __u8 str0;
+    __u8 str1;
+    __u8 sockaddr;     /* index of a struct sockaddr * argument */
+    __u8 sockaddr_len; /* index of its length (a value), or 0xfe: a socklen_t * (accept) */
+    __u8 deref_u64;    /* index of a pointer to a u64 to read (clone3 flags, open_how.flags) */
+    __u8 enabled;
+    __u8 pad[2];
+};
+
+struct sc_detail {
+    struct detail_hdr h;
+    __s64 ret;
+    __u64 args[6];
+    __u64 deref;
+    __u16 len[3];
+    __u16 pad;
+    char str[3][STR_LEN]; /* str0, str1, raw sockaddr bytes */
+};
+
+struct exec_args {
+    struct detail_hdr h;
+    __u32 argc;
+    __u32 argv_len;
+    char filename[STR_LEN];
+    char argv[ARGV_LEN + ARG_CHUNK]; /* slack: the last entry may start just before ARGV_LEN */
+};
+
+struct proc_event {
+    struct detail_hdr h;
+    __u64 clone_flags; /* fork: the parent's clone flags when known (CLONE_THREAD => a thread) */
+    char comm[16];
+    char filename[STR_LEN]; /* exec */
+};
+
+/* Enforcement: per process, what the kernel side does at its next syscall. */
+struct enforce_entry {
+    __u32 signal;    /* 0: none; 9 SIGKILL; 19 SIGSTOP */
+    __u32 policy_id; /* index into deny_bitmaps, 0: none */
+};
+
+#define PROTECTED_FLAG 1u
+
+#endif
