@@ -47,6 +47,7 @@ class DetailEvent:
     res: int  # the return value (negative errno on failure)
     args: Mapping[str, Any] = field(default_factory=dict)
     compat: bool = False
+    raw_args: tuple[int, ...] = ()  # the six register arguments as the kernel saw them (for seccomp)
 
 
 ProcKind = Literal["fork", "exec", "exit"]

@@ -190,7 +190,7 @@ def decode_detail(rec: np.void) -> DetailEvent:
         if spec.sockaddr != NONE and rec["len"][2]:
             args.update(decode_sockaddr(bytes(rec["str"][2])[: int(rec["len"][2])]))
     return DetailEvent(ts=int(h["ts"]), tgid=int(h["tgid"]), tid=int(h["tid"]), syscall=name, nr=nr,
-                       res=int(rec["ret"]), args=args)
+                       res=int(rec["ret"]), args=args, raw_args=tuple(raw_args))
 
 
 def decode_exec_args(rec: np.void) -> tuple[int, str, tuple[str, ...]]:

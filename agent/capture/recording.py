@@ -13,7 +13,8 @@ nr        uint16: syscall number (i386 number when ``flags & 1``, a 32-bit proce
 flags     uint16: bit 0 compat
 res       int64, null unless detail: the return value
 name      string, null for syscall rows: detail = syscall name, fork/exec/process = comm
-args      string (JSON), null for syscall rows: detail = decoded arguments; fork = {ppid, is_thread};
+args      string (JSON), null for syscall rows: detail = decoded arguments (and
+          ``raw_args``, the six register values); fork = {ppid, is_thread};
           exec = {filename}; exit = {exit_code}; process = a ProcessInfo; summary = {drops, events, duration_ns}
 ========  =====================================================================================
 
@@ -119,7 +120,7 @@ class RecordingWriter:
         self._flush_syscalls()
         if isinstance(event, DetailEvent):
             row = (KIND_DETAIL, event.ts, event.tgid, event.tid, event.nr, FLAG_COMPAT if event.compat else 0,
-                   event.res, event.syscall, json.dumps(_jsonable(dict(event.args))))
+                   event.res, event.syscall, json.dumps(_jsonable({**event.args, "raw_args": list(event.raw_args)})))
         elif event.kind == "fork":
             row = (KIND_FORK, event.ts, event.pid, event.tid, 0, 0, None, event.comm,
                    json.dumps({"ppid": event.ppid, "is_thread": event.is_thread}))
@@ -268,9 +269,10 @@ def _decode(path: str, meta: dict[str, Any], table: pa.Table) -> Recording:
             args = json.loads(row["args"]) if row["args"] else {}
             k = row["kind"]
             if k == KIND_DETAIL:
+                raw_args = tuple(int(a) for a in args.pop("raw_args", ()))
                 event: DetailEvent | ProcEvent = DetailEvent(
                     ts=row["ts"], tgid=row["tgid"], tid=row["tid"], syscall=row["name"], nr=row["nr"],
-                    res=row["res"], args=args, compat=bool(row["flags"] & FLAG_COMPAT))
+                    res=row["res"], args=args, compat=bool(row["flags"] & FLAG_COMPAT), raw_args=raw_args)
             elif k == KIND_FORK:
                 event = ProcEvent("fork", row["ts"], row["tgid"], row["tid"], ppid=args["ppid"],
                                   comm=row["name"] or "", is_thread=args["is_thread"])

@@ -165,7 +165,7 @@ class LiveSource:
                 filename, argv = self._exec_args.pop(event.tid, ("", ()))
                 event = DetailEvent(event.ts, event.tgid, event.tid, event.syscall, event.nr, event.res,
                                     {**event.args, "filename": event.args.get("filename") or filename,
-                                     "argv": list(argv)})
+                                     "argv": list(argv)}, raw_args=event.raw_args)
             self._details.append(event)
         elif kind == L.K_EXEC_ARGS:
             tid, filename, argv = decode_exec_args(np.frombuffer(raw, dtype=L.EXEC_ARGS, count=1)[0])

@@ -1,0 +1,320 @@
+"""The thin orchestrator: wires capture -> process table -> windows/scorer -> rules/seccomp -> verdict ->
+outputs/enforcement. Live capture and replay feed it the same chunks (see agent/capture/source.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.capture.recording import RecordingWriter
+from agent.capture.source import Chunk, LiveSource, ReplaySource
+from agent.events import FLAG_COMPAT, DetailEvent, ProcEvent
+from agent.proc import ProcessTable
+from agent.verdict import DecisionTable, Evidence, Verdict
+
+ANOMALY_RULE = "Sysgram anomalous syscall sequence"
+SECCOMP_RULE = "Sysgram seccomp policy violation"
+BLOCK_RULE = "Sysgram blocked a process"
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Which processes a recording keeps: these pids and their descendants, these comms, these exes."""
+
+    pids: frozenset[int] = frozenset()
+    comms: frozenset[str] = frozenset()
+    exes: frozenset[str] = frozenset()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pids or self.comms or self.exes)
+
+
+@dataclass
+class Pipeline:
+    table: ProcessTable
+    recorder: RecordingWriter | None = None
+    filters: Filters = field(default_factory=Filters)
+    detector: Any = None  # agent.model.AnomalyDetector
+    engine: Any = None  # agent.falco.Engine
+    policy: Any = None  # agent.seccomp.PolicyEvaluator
+    decisions: DecisionTable = field(default_factory=DecisionTable)
+    outputs: Any = None  # agent.respond.Outputs
+    enforcer: Any = None  # agent.enforce.Enforcer
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._matched: set[int] = set()
+        self._lock = threading.Lock()
+        self.latencies_ns: list[int] = []
+
+    # -- filters (record) --------------------------------------------------------------------------
+    def _matches(self, pid: int) -> bool:
+        if not self.filters.active:
+            return True
+        if pid in self._matched:
+            return True
+        info = self.table.get(pid)
+        if info is None:
+            return False
+        if info.comm in self.filters.comms or info.exe in self.filters.exes or pid in self.filters.pids:
+            self._matched.add(pid)
+            return True
+        return False
+
+    def seed(self) -> None:
+        self.table.seed()
+        if self.recorder is not None:
+            for info in self.table.snapshot():
+                if self._matches(info.pid):
+                    self.recorder.add_process(info)
+        if self.enforcer is not None:
+            self.enforcer.protect_processes(self.table.snapshot())
+
+    # -- the one entry point ------------------------------------------------------------------------
+    def handle(self, group: Iterable[Chunk]) -> None:
+        with self._lock:
+            for chunk in group:
+                if isinstance(chunk, np.ndarray):
+                    self._syscalls(chunk)
+                elif isinstance(chunk, ProcEvent):
+                    self._proc(chunk)
+                else:
+                    self._detail(chunk)
+
+    def _syscalls(self, batch: np.ndarray) -> None:
+        if not len(batch):
+            return
+        self.counters["syscalls"] += len(batch)
+        compat = self.table.compat_mask(batch["tgid"])
+        if compat.any():
+            batch = batch.copy()
+            batch["flags"][compat] |= FLAG_COMPAT
+        if self.recorder is not None:
+            if self.filters.active:
+                tgids = np.unique(batch["tgid"])
+                keep = np.array([t for t in tgids.tolist() if self._matches(t)], dtype=np.uint32)
+                batch = batch[np.isin(batch["tgid"], keep)]
+            self.recorder.add_syscalls(batch)
+        if self.detector is not None:
+            exe_of = self.table.exe_of(np.unique(batch["tgid"]).tolist())
+            for anomaly in self.detector.push(batch, exe_of):
+                self.counters["anomalies"] += 1
+                self._anomaly(anomaly)
+
+    def _proc(self, event: ProcEvent) -> None:
+        self.counters["proc_events"] += 1
+        if event.kind == "fork" and not event.is_thread and self.filters.active and event.ppid in self._matched:
+            self._matched.add(event.pid)
+        self.table.apply(event)
+        if self.engine is not None:
+            self.engine.on_proc_event(event)
+        if self.detector is not None:
+            if event.kind == "exec":
+                self.detector.on_exec(event.pid, (event.tid,))
+            elif event.kind == "exit":
+                self.detector.on_exit(event.tid)
+        if self.recorder is not None and self._matches(event.pid):
+            self.recorder.add_event(event)
+
+    def _detail(self, event: DetailEvent) -> None:
+        self.counters["details"] += 1
+        if event.syscall == "sysgram_enforced":
+            self.counters["kernel_signals"] += 1
+            return
+        if event.syscall in ("execve", "execveat") and event.res == 0:
+            self.table.apply_exec_detail(event)
+            if self.recorder is not None and self._matches(event.tgid):
+                info = self.table.get(event.tgid)
+                if info is not None:
+                    self.recorder.add_process(info)
+        if self.recorder is not None and self._matches(event.tgid):
+            self.recorder.add_event(event)
+        evidence: list[Evidence] = []
+        matches = []
+        if self.engine is not None:
+            matches = self.engine.evaluate(event)
+            self.counters["rules_evaluated"] += 1
+            for m in matches:
+                self.counters["rule_matches"] += 1
+                evidence.append(Evidence("rule", m.rule, m.priority, tuple(m.tags), m.output))
+        if self.policy is not None:
+            info = self.table.get(event.tgid)
+            if info is not None:
+                decision = self.policy.evaluate(info, event.syscall, event.raw_args)
+                if decision is not None and decision.violation:
+                    evidence.append(Evidence("seccomp", decision.rule, detail=os.path.basename(decision.profile)))
+        if evidence:
+            state = self.detector.state(event.tgid) if self.detector is not None else None
+            if state is not None and state.is_anomalous:
+                evidence.append(Evidence("anomaly", ANOMALY_RULE, score=state.score, detail=f"score {state.score:.2f}"))
+            verdict = self.decisions.decide(evidence)
+            if verdict is not None:
+                self._emit(verdict, event.tgid, event.ts, matches)
+
+    def _anomaly(self, anomaly: Any) -> None:
+        verdict = self.decisions.decide([Evidence("anomaly", ANOMALY_RULE, score=anomaly.process_score,
+                                                  detail=anomaly.explanation)])
+        if verdict is None or self.outputs is None:
+            return
+        fields = dict(anomaly.output_fields())
+        info = self.table.get(anomaly.pid)
+        fields["proc.ppid"] = info.ppid if info else None
+        fields["proc.cmdline"] = info.cmdline if info else None
+        fields.update({"sysgram.verdict.severity": verdict.severity, "sysgram.verdict.action": verdict.action,
+                       "sysgram.verdict.explanation": verdict.explanation})
+        output = (f"Anomalous syscall sequence by {anomaly.name} (pid={anomaly.pid} exe={anomaly.exe} "
+                  f"score={anomaly.process_score:.2f} threshold={anomaly.process_threshold:.2f}): {anomaly.explanation}")
+        self._send(ANOMALY_RULE, verdict.severity, output, fields, ("sysgram", "anomaly"), anomaly.ts)
+
+    def _emit(self, verdict: Verdict, pid: int, ts: int, matches: list[Any]) -> None:
+        self.counters["verdicts"] += 1
+        fields: dict[str, Any] = {}
+        rule, output, tags = SECCOMP_RULE, verdict.explanation, ("sysgram", "seccomp")
+        if matches:
+            top = matches[0]
+            rule, output, tags = top.rule, top.output, tuple(top.tags)
+            fields.update(top.output_fields)
+        fields.setdefault("proc.pid", pid)
+        fields.update({"sysgram.verdict.severity": verdict.severity, "sysgram.verdict.action": verdict.action,
+                       "sysgram.verdict.reasons": list(verdict.reasons),
+                       "sysgram.verdict.explanation": verdict.explanation})
+        if verdict.action == "block" and self.enforcer is not None:
+            record = self.enforcer.block(pid, f"{rule}: {verdict.explanation}")
+            self.counters["blocks" if record.done else "blocks_refused"] += 1
+            fields["sysgram.action"] = f"{record.signal} sent" if record.done else record.reason
+            self.latencies_ns.append(time.monotonic_ns() - ts)
+            self._send(BLOCK_RULE, "Critical",
+                       f"Sysgram {'blocked' if record.done else 'did not block'} pid {pid} ({record.signal}): "
+                       f"{rule}" + ("" if record.done else f"; {record.reason}"),
+                       dict(fields), ("sysgram", "enforcement"), ts)
+        if verdict.action == "log":
+            return
+        self._send(rule, verdict.severity, output, fields, tags, ts)
+
+    def _send(self, rule: str, priority: str, output: str, fields: dict[str, Any], tags: tuple[str, ...],
+              ts: int) -> None:
+        self.counters["alerts"] += 1
+        if self.outputs is None:
+            return
+        from agent.respond import Alert
+
+        boot_to_wall = time.time_ns() - time.monotonic_ns()
+        alert = Alert.new(rule, priority, output, fields, tags=tags, time_ns=ts + boot_to_wall)  # type: ignore[arg-type]
+        self.outputs.sink.emit(alert)
+
+    def on_falco_alert(self, falco_alert: Any) -> None:
+        """A real Falco's alert, ingested: cross-checked with the process's anomaly state."""
+        self.counters["falco_alerts"] += 1
+        pid = falco_alert.output_fields.get("proc.pid")
+        evidence = [Evidence("falco", falco_alert.rule, falco_alert.priority, tuple(falco_alert.tags),
+                             falco_alert.output)]
+        state = None
+        if isinstance(pid, int) and self.detector is not None:
+            state = self.detector.state(pid)
+        if state is not None and state.is_anomalous:
+            evidence.append(Evidence("anomaly", ANOMALY_RULE, score=state.score))
+        verdict = self.decisions.decide(evidence)
+        if verdict is None:
+            return
+        fields = dict(falco_alert.output_fields)
+        fields.update({"sysgram.verdict.severity": verdict.severity, "sysgram.verdict.action": verdict.action,
+                       "sysgram.verdict.explanation": verdict.explanation, "sysgram.source": "falco",
+                       "sysgram.anomaly.score": state.score if state else None,
+                       "sysgram.anomaly.is_anomalous": bool(state and state.is_anomalous)})
+        with self._lock:
+            if verdict.action == "block" and self.enforcer is not None and isinstance(pid, int):
+                record = self.enforcer.block(pid, f"falco: {falco_alert.rule}")
+                fields["sysgram.action"] = f"{record.signal} sent" if record.done else record.reason
+            self._send(falco_alert.rule, verdict.severity, falco_alert.output, fields,
+                       tuple(falco_alert.tags), time.monotonic_ns())
+
+    def stats(self, drops: dict[str, int]) -> dict[str, Any]:
+        out: dict[str, Any] = {"events": self.counters["syscalls"] + self.counters["details"]
+                               + self.counters["proc_events"], "drops": sum(drops.values()),
+                               "drops_by_stage": drops}
+        out.update({k: v for k, v in sorted(self.counters.items())})
+        out["processes"] = len(self.table)
+        if self.detector is not None:
+            out["model"] = dict(self.detector.stats)
+        return out
+
+
+def build_recorder_pipeline(output: str, filters: Filters) -> Pipeline:
+    recorder = RecordingWriter(output, filters={"pids": sorted(filters.pids), "comms": sorted(filters.comms),
+                                                "exes": sorted(filters.exes)})
+    return Pipeline(table=ProcessTable(), recorder=recorder, filters=filters)
+
+
+def _ready(source: LiveSource) -> None:
+    print(f"sysgram: ready (pid {os.getpid()}, {len(source.tracer.attached) if source.tracer else 0} "
+          "detail tracepoints)", file=sys.stderr, flush=True)
+
+
+def run_live(pipeline: Pipeline, *, seconds: float = 0.0, detail_syscalls: set[str] | None = None,
+             enforce: bool = False, flush_interval: float = 0.02) -> int:
+    """Capture until SIGINT/SIGTERM (or ``seconds``); print ``sysgram: stats {json}`` last; exit 0."""
+    from agent.capture._decode import SPECS
+
+    details = set(SPECS) if detail_syscalls is None else detail_syscalls
+    source = LiveSource(detail_syscalls=details, enforce=enforce, flush_interval=flush_interval)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        pipeline.seed()
+        source.start()
+        if enforce and pipeline.enforcer is None and hasattr(pipeline, "make_enforcer"):
+            pass
+        if getattr(pipeline, "attach_tracer", None):
+            pipeline.attach_tracer(source.tracer)  # type: ignore[attr-defined]
+        _ready(source)
+        deadline = time.monotonic() + seconds if seconds > 0 else None
+        last_reap = time.monotonic()
+        while not stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            group = source.get(0.1)
+            if group:
+                pipeline.handle(group)
+            if time.monotonic() - last_reap > 1.0:
+                pipeline.table.reap(time.monotonic_ns())
+                last_reap = time.monotonic()
+        source.stop()
+        while (group := source.get(0.0)) is not None:
+            pipeline.handle(group)
+        drops = source.drops()
+    finally:
+        source.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return _finish(pipeline, drops)
+
+
+def _finish(pipeline: Pipeline, drops: dict[str, int]) -> int:
+    if pipeline.recorder is not None:
+        pipeline.recorder.close(drops)
+    if pipeline.outputs is not None:
+        pipeline.outputs.close()
+    print(f"sysgram: stats {json.dumps(pipeline.stats(drops))}", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_replay(pipeline: Pipeline, path: str) -> int:
+    source = ReplaySource(path)
+    source.start()
+    for info in source.recording.processes:
+        pipeline.table.apply(ProcEvent("fork", info.start_ns, info.pid, info.pid, ppid=info.ppid, comm=info.comm))
+    print("sysgram: ready (replay)", file=sys.stderr, flush=True)
+    for group in source.chunks():
+        pipeline.handle(group)
+    return _finish(pipeline, source.drops())
