@@ -55,6 +55,7 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self._matched: set[int] = set()
+        self._comms = {c[:15] for c in self.filters.comms}  # the kernel keeps 15 characters of a comm
         self._lock = threading.Lock()
         self.latencies_ns: list[int] = []
 
@@ -67,7 +68,7 @@ class Pipeline:
         info = self.table.get(pid)
         if info is None:
             return False
-        if info.comm in self.filters.comms or info.exe in self.filters.exes or pid in self.filters.pids:
+        if info.comm in self._comms or info.exe in self.filters.exes or pid in self.filters.pids:
             self._matched.add(pid)
             return True
         return False

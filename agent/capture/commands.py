@@ -102,7 +102,8 @@ def process_events(rec: Recording, pid: int) -> list[dict[str, Any]]:
             out.append((event.ts, 0, {"ts": event.ts, "tid": event.tid, "syscall": event.syscall, "res": event.res,
                                       "detail": True, **event.args}))
         elif isinstance(event, ProcEvent) and (event.pid == pid or (event.kind == "fork" and event.ppid == pid)):
-            out.append((event.ts, 0, {"ts": event.ts, "tid": event.tid, "event": event.kind, "pid": event.pid,
+            out.append((event.ts, 0, {"ts": event.ts, "tid": event.tid, "syscall": f"sched_process_{event.kind}",
+                                      "event": event.kind, "pid": event.pid,
                                       "ppid": event.ppid, "comm": event.comm, "filename": event.filename}))
     out.sort(key=lambda t: (t[0], t[1]))
     return [o for _, _, o in out]

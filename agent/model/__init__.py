@@ -1,0 +1,55 @@
+"""The anomaly model at runtime: per-thread syscall windows, the ONNX scorer with its cache, explanations.
+
+Public API (numpy + onnxruntime only; training lives in ``training/``)::
+
+    model = load_model("models/sysgram-default.onnx")        # ModelError naming the file on any problem
+    detector = AnomalyDetector(model, cache_size=65536)
+    anomalies = detector.push(batch, exe_of)                  # batch: SYSCALL_DTYPE array; exe_of: tgid -> exe
+    detector.on_exec(tgid, tids); detector.on_exit(tid)
+    detector.state(pid) -> AnomalyState | None
+"""
+
+from agent.model._detector import Anomaly, AnomalyDetector, AnomalyState, ScoreCache, window_keys
+from agent.model._model import Model, file_sha256, load_model
+from agent.model._sidecar import (
+    FORMAT,
+    GENERIC_PROGRAM,
+    MASK,
+    PAD,
+    SPECIALS,
+    UNK,
+    VERSION,
+    Sidecar,
+    Thresholds,
+    parse_sidecar,
+    read_sidecar,
+    sidecar_path,
+)
+from agent.model._windows import ThreadWindows, Windows, tokens_of_batch, windows_of_trace
+
+__all__ = [
+    "FORMAT",
+    "GENERIC_PROGRAM",
+    "MASK",
+    "PAD",
+    "SPECIALS",
+    "UNK",
+    "VERSION",
+    "Anomaly",
+    "AnomalyDetector",
+    "AnomalyState",
+    "Model",
+    "ScoreCache",
+    "Sidecar",
+    "ThreadWindows",
+    "Thresholds",
+    "Windows",
+    "file_sha256",
+    "load_model",
+    "parse_sidecar",
+    "read_sidecar",
+    "sidecar_path",
+    "tokens_of_batch",
+    "window_keys",
+    "windows_of_trace",
+]

@@ -1,0 +1,174 @@
+"""Per-event evaluation state: the fd table entries, the event context, anomaly and container facts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.events import DetailEvent
+from agent.proc.info import ProcessInfo
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyFields:
+    """The model's view of one process, for the sysgram.anomaly.* fields."""
+
+    score: float
+    threshold: float
+    window: str = ""
+    is_anomalous: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerInfo:
+    """What is known about a container, for container.* fields (anything unknown stays None -> missing)."""
+
+    id: str
+    name: str | None = None
+    image: str | None = None
+    repository: str | None = None
+    tag: str | None = None
+    image_id: str | None = None
+    privileged: bool | None = None
+    start_ts: int | None = None
+    type: str | None = None
+
+
+AnomalyLookup = Callable[[int], AnomalyFields | None]
+ContainerLookup = Callable[[str], ContainerInfo | None]
+
+# fd.type -> fd.typechar, as libscap prints them.
+TYPECHARS = {
+    "file": "f", "directory": "d", "ipv4": "4", "ipv6": "6", "unix": "u", "pipe": "p", "event": "e",
+    "signalfd": "s", "eventpoll": "l", "inotify": "i", "timerfd": "t", "netlink": "n", "bpf": "b",
+    "userfaultfd": "u", "memfd": "m", "pidfd": "P", "io_uring": "r",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FdInfo:
+    """One open file descriptor as the fd.* fields see it. Immutable: a change makes a new one, so a
+    table copied at fork never sees the other process's changes."""
+
+    num: int
+    type: str  # fd.type: file, directory, ipv4, ipv6, unix, memfd, ...
+    name: str = ""
+    nameraw: str = ""
+    l4proto: str = ""  # tcp, udp, raw, icmp ("" when not an IP socket)
+    lip: str | None = None
+    lport: int | None = None
+    rip: str | None = None
+    rport: int | None = None
+    is_server: bool = False
+    connected: bool = False
+    name_changed: bool = False
+    cloexec: bool = False
+    sock_type: int = 0
+
+    @property
+    def is_ip(self) -> bool:
+        return self.type in ("ipv4", "ipv6")
+
+    @property
+    def sip(self) -> str | None:
+        return self.lip if self.is_server else self.rip
+
+    @property
+    def sport(self) -> int | None:
+        return self.lport if self.is_server else self.rport
+
+    @property
+    def cip(self) -> str | None:
+        return self.rip if self.is_server else self.lip
+
+    @property
+    def cport(self) -> int | None:
+        return self.rport if self.is_server else self.lport
+
+
+def socket_name(fd: FdInfo) -> str:
+    """fd.name of an IP socket: ``lip:lport->rip:rport`` (unknown parts print as 0.0.0.0 / 0)."""
+    local = f"{fd.lip or '0.0.0.0'}:{fd.lport or 0}"
+    if fd.rip is None:
+        return local
+    return f"{local}->{fd.rip}:{fd.rport or 0}"
+
+
+class Ctx:
+    """The one mutable object rules look at: reset for each event, never handed out."""
+
+    __slots__ = ("_anc", "_anom", "_cont", "_parent", "engine", "ev", "fd", "num", "proc")
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.ev: DetailEvent = DetailEvent(0, 0, 0, "", 0, 0)
+        self.proc: ProcessInfo | None = None
+        self.fd: FdInfo | None = None
+        self.num = 0
+        self._anc: list[ProcessInfo] | None = None
+        self._parent: Any = _UNSET
+        self._anom: Any = _UNSET
+        self._cont: Any = _UNSET
+
+    def reset(self, ev: DetailEvent, proc: ProcessInfo | None, fd: FdInfo | None, num: int) -> None:
+        self.ev = ev
+        self.proc = proc
+        self.fd = fd
+        self.num = num
+        self._anc = None
+        self._parent = _UNSET
+        self._anom = _UNSET
+        self._cont = _UNSET
+
+    def parent(self) -> ProcessInfo | None:
+        p = self._parent
+        if p is _UNSET:
+            proc = self.proc
+            p = self.engine.lookup(proc.ppid) if proc is not None and proc.ppid > 0 else None
+            self._parent = p
+        return p  # type: ignore[no-any-return]
+
+    def ancestors(self) -> list[ProcessInfo]:
+        """Parent, grandparent, ... up to init (cycle-safe)."""
+        anc = self._anc
+        if anc is None:
+            anc = []
+            proc = self.proc
+            seen = set()
+            lookup = self.engine.lookup
+            while proc is not None and proc.ppid > 0 and proc.ppid not in seen and len(anc) < 64:
+                seen.add(proc.pid)
+                proc = lookup(proc.ppid)
+                if proc is not None:
+                    anc.append(proc)
+            self._anc = anc
+        return anc
+
+    def ancestor(self, n: int) -> ProcessInfo | None:
+        if n == 0:
+            return self.proc
+        if n == 1:
+            return self.parent()
+        anc = self.ancestors()
+        return anc[n - 1] if 0 < n <= len(anc) else None
+
+    def anomaly(self) -> AnomalyFields | None:
+        a = self._anom
+        if a is _UNSET:
+            fn = self.engine.anomaly_lookup
+            a = fn(self.ev.tgid) if fn is not None else None
+            self._anom = a
+        return a  # type: ignore[no-any-return]
+
+    def container(self) -> ContainerInfo | None:
+        c = self._cont
+        if c is _UNSET:
+            fn = self.engine.container_lookup
+            proc = self.proc
+            c = fn(proc.container_id) if fn is not None and proc is not None else None
+            self._cont = c
+        return c  # type: ignore[no-any-return]
+
+
+_UNSET: Any = object()

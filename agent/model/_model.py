@@ -1,0 +1,125 @@
+"""A loaded model: the onnxruntime session, its sidecar, and syscall-number -> token tables."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.capture.names import name_table
+from agent.errors import ModelError
+from agent.model._sidecar import GENERIC_PROGRAM, PAD, UNK, Sidecar, read_sidecar
+
+INPUT_TOKENS, INPUT_PROGRAM, OUTPUT_NLL = "tokens", "program", "nll"
+_RUN_CHUNK = 8192  # windows per session run: big enough to amortise, small enough for cache-friendly tensors
+
+
+@dataclass
+class Model:
+    """The ONNX scorer and what its numbers mean. Build with :func:`load_model`."""
+
+    path: str
+    sidecar: Sidecar
+    session: ort.InferenceSession
+    session_runs: int = 0
+    _token_of: dict[str, int] = field(default_factory=dict)
+    _program_of: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._token_of = {name: i for i, name in enumerate(self.sidecar.vocabulary)}
+        self._program_of = {exe: i for i, exe in enumerate(self.sidecar.programs)}
+        self.nr_tokens = {compat: self._nr_table(compat) for compat in (False, True)}
+
+    @property
+    def n(self) -> int:
+        return self.sidecar.n
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        return self.sidecar.vocabulary
+
+    def _nr_table(self, compat: bool) -> np.ndarray:
+        names = name_table(compat)
+        return np.array([self._token_of.get(str(nm), UNK) for nm in names], dtype=np.int64)
+
+    def tokens_of_names(self, names: tuple[str, ...] | list[str]) -> np.ndarray:
+        return np.array([self._token_of.get(nm, UNK) for nm in names], dtype=np.int64)
+
+    def program_id(self, exe: str) -> int:
+        """The program slot of ``exe``; 0 (generic) for programs the model never saw."""
+        return self._program_of.get(exe, 0)
+
+    def program_name(self, program: int) -> str:
+        return self.sidecar.programs[program] if 0 <= program < len(self.sidecar.programs) else GENERIC_PROGRAM
+
+    def score(self, tokens: np.ndarray, programs: np.ndarray) -> np.ndarray:
+        """Per-position NLL [B, n] (float32) of windows [B, n]; unknown syscalls cost ``unk_cost``."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        programs = np.ascontiguousarray(programs, dtype=np.int64)
+        out = np.empty(tokens.shape, dtype=np.float32)
+        for start in range(0, len(tokens), _RUN_CHUNK):
+            stop = start + _RUN_CHUNK
+            (out[start:stop],) = self.session.run(
+                [OUTPUT_NLL], {INPUT_TOKENS: tokens[start:stop], INPUT_PROGRAM: programs[start:stop]}
+            )
+            self.session_runs += 1
+        # the net never predicts UNK, so its NLL there is huge and would drown the rest of the window
+        out[tokens == UNK] = self.sidecar.unk_cost
+        out[tokens == PAD] = 0.0
+        return out
+
+    def window_scores(self, nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Mean NLL over the real (non-PAD) positions of each window."""
+        real = np.maximum((tokens != PAD).sum(axis=1), 1)
+        return nll.sum(axis=1) / real
+
+
+def _session(path: str, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own untyped errors for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"not a loadable ONNX model (corrupt or truncated?): {first[:200]}", path=path) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path, *, threads: int = 1) -> Model:
+    """Load ``path`` (.onnx) and its sidecar (same stem, .json), checking that they belong together."""
+    onnx_path = str(path)
+    if not Path(onnx_path).is_file():
+        raise ModelError("no such model file", path=onnx_path)
+    sidecar = read_sidecar(onnx_path)
+    expected = sidecar.raw.get("onnx_sha256")
+    if isinstance(expected, str) and expected != file_sha256(onnx_path):
+        raise ModelError(f"model file does not match its sidecar {Path(sidecar.path).name} (sha256 differs; "
+                         "truncated, replaced or retrained without its sidecar?)", path=onnx_path)
+    session = _session(onnx_path, threads)
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    if set(inputs) != {INPUT_TOKENS, INPUT_PROGRAM} or outputs != [OUTPUT_NLL]:
+        raise ModelError(f"ONNX inputs {sorted(inputs)} / outputs {outputs} are not "
+                         f"{[INPUT_PROGRAM, INPUT_TOKENS]} / {[OUTPUT_NLL]}", path=onnx_path)
+    width = inputs[INPUT_TOKENS].shape[-1] if inputs[INPUT_TOKENS].shape else None
+    if width != sidecar.n:
+        raise ModelError(f"ONNX window width {width} does not match sidecar n={sidecar.n}", path=onnx_path)
+    meta = session.get_modelmeta().custom_metadata_map
+    for key, want in (("vocab_size", sidecar.vocab_size), ("programs", len(sidecar.programs)),
+                      ("n", sidecar.n)):
+        got = meta.get(f"sysgram.{key}")
+        if got is None or got != str(want):
+            raise ModelError(f"ONNX {key}={got} does not match sidecar {key}={want}", path=onnx_path)
+    return Model(path=onnx_path, sidecar=sidecar, session=session)

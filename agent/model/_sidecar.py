@@ -1,0 +1,125 @@
+"""The JSON sidecar that travels next to the .onnx (same stem): what the numbers in the graph mean."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ModelError
+
+FORMAT = "sysgram-model"
+VERSION = 1
+GENERIC_PROGRAM = "*"  # program slot 0: any executable the model was not trained on
+SPECIALS = ("<pad>", "<unk>", "<mask>")
+PAD, UNK, MASK = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per program (``*`` = any other): a window's score and a process's aggregate over a span."""
+
+    window: dict[str, float]
+    process: dict[str, float]
+    min_windows: int
+    target_window_far: float
+    target_process_far: float
+
+    def window_for(self, exe: str) -> float:
+        return self.window.get(exe, self.window[GENERIC_PROGRAM])
+
+    def process_for(self, exe: str) -> float:
+        return self.process.get(exe, self.process[GENERIC_PROGRAM])
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    path: str
+    n: int
+    passes: int
+    vocabulary: tuple[str, ...]
+    programs: tuple[str, ...]
+    unk_cost: float
+    aggregate: str
+    thresholds: Thresholds
+    raw: dict[str, Any]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocabulary)
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    return Path(onnx_path).with_suffix(".json")
+
+
+def _need(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str) -> Any:
+    if key not in raw:
+        raise ModelError(f"sidecar has no {key!r}", path=path)
+    value = raw[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ModelError(f"sidecar field {key!r} has the wrong type ({type(value).__name__})", path=path)
+    return value
+
+
+def _float_map(raw: Any, key: str, path: str) -> dict[str, float]:
+    if not isinstance(raw, dict) or GENERIC_PROGRAM not in raw:
+        raise ModelError(f"sidecar thresholds.{key} must map programs to numbers, with '*'", path=path)
+    try:
+        return {str(k): float(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise ModelError(f"sidecar thresholds.{key} holds a non-number", path=path) from None
+
+
+def parse_sidecar(raw: Any, path: str) -> Sidecar:
+    if not isinstance(raw, dict):
+        raise ModelError("sidecar is not a JSON object", path=path)
+    if raw.get("format") != FORMAT:
+        raise ModelError(f"not a sysgram model sidecar (format {raw.get('format')!r})", path=path)
+    if raw.get("version") != VERSION:
+        raise ModelError(
+            f"unknown sidecar version {raw.get('version')!r} (this sysgram reads version {VERSION})", path=path
+        )
+    n = _need(raw, "n", int, path)
+    passes = _need(raw, "passes", int, path)
+    vocab = _need(raw, "vocabulary", list, path)
+    programs = _need(raw, "programs", list, path)
+    if n < 2 or passes < 1 or n % passes:
+        raise ModelError(f"sidecar n={n} / passes={passes} are inconsistent", path=path)
+    if tuple(vocab[:3]) != SPECIALS or not all(isinstance(v, str) for v in vocab) or len(set(vocab)) != len(vocab):
+        raise ModelError(f"sidecar vocabulary must be unique names starting with {list(SPECIALS)}", path=path)
+    if not programs or programs[0] != GENERIC_PROGRAM or not all(isinstance(p, str) for p in programs):
+        raise ModelError(f"sidecar programs must be names starting with {GENERIC_PROGRAM!r}", path=path)
+    th = _need(raw, "thresholds", dict, path)
+    try:
+        thresholds = Thresholds(
+            window=_float_map(th.get("window"), "window", path),
+            process=_float_map(th.get("process"), "process", path),
+            min_windows=int(th["min_windows"]),
+            target_window_far=float(th["target_window_far"]),
+            target_process_far=float(th["target_process_far"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelError(f"sidecar thresholds malformed ({err})", path=path) from None
+    return Sidecar(
+        path=path, n=n, passes=passes, vocabulary=tuple(vocab), programs=tuple(programs),
+        unk_cost=float(_need(raw, "unk_cost", (int, float), path)),
+        aggregate=str(raw.get("aggregate", "mean")), thresholds=thresholds, raw=raw,
+    )
+
+
+def read_sidecar(onnx_path: str | Path) -> Sidecar:
+    path = sidecar_path(onnx_path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ModelError(f"model sidecar missing (expected next to {Path(onnx_path).name})", path=str(path)) from None
+    except OSError as err:
+        raise ModelError(f"cannot read model sidecar: {err.strerror}", path=str(path)) from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelError(f"sidecar is not valid JSON: {err.msg}", path=str(path), line=err.lineno,
+                         col=err.colno) from None
+    return parse_sidecar(raw, str(path))

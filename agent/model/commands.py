@@ -1,0 +1,104 @@
+"""``sysgram train`` (offline retraining from recordings) and ``sysgram eval adfa`` (the ADFA-LD protocol)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    train = subparsers.add_parser("train", help="train the anomaly model from recordings (needs the train extras)")
+    train.add_argument("--input", "-i", nargs="+", required=True, metavar="REC", help="sysgram recordings")
+    train.add_argument("-o", "--output", required=True, metavar="MODEL.onnx",
+                       help="model to write (the sidecar goes next to it, same stem + .json)")
+    train.add_argument("--exe", action="append", default=[], metavar="PATH",
+                       help="train only on these executables (repeatable; default: every program recorded)")
+    train.add_argument("--epochs", type=_positive, default=8)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--window", type=_positive, default=None, help="window length n (default: measured)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train)
+
+    ev = subparsers.add_parser("eval", help="evaluate the model on a public dataset")
+    which = ev.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    adfa = which.add_parser("adfa", help="ADFA-LD: train on Training, test Validation (normal) vs Attack")
+    adfa.add_argument("directory", metavar="DIR", help="ADFA-LD root (Training_Data_Master/ ...)")
+    adfa.add_argument("--json", action="store_true", help="print the results as JSON")
+    adfa.add_argument("--plot", metavar="PNG", help="write both ROC curves to this PNG")
+    adfa.add_argument("--quick", action="store_true", help="a subset of traces and few epochs (smoke test)")
+    adfa.add_argument("--epochs", type=_positive, default=None)
+    adfa.add_argument("--window", type=_positive, default=None, help="window length n")
+    adfa.add_argument("--seed", type=int, default=0)
+    adfa.add_argument("--save-model", metavar="MODEL.onnx", help="keep the trained model")
+    adfa.set_defaults(handler=_eval_adfa)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _need_training() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError("training needs the train extras (pip install 'sysgram[train]')") from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    _need_training()
+    from training.train import DEFAULT_N, train_from_recordings
+
+    if not args.output.endswith(".onnx"):
+        raise ConfigError("the model file must end in .onnx", path=args.output)
+    report = train_from_recordings(args.input, args.output, exes=args.exe, epochs=args.epochs, seed=args.seed,
+                                   progress=not args.no_progress, n=args.window or DEFAULT_N)
+    print(f"wrote {report.onnx_path} and {report.sidecar_path}: {report.traces} traces, {report.windows:,} windows, "
+          f"{len(report.programs) - 1} programs + generic, {report.vocabulary_size} tokens, "
+          f"best epoch {report.best_epoch}/{report.epochs_run}, holdout NLL {report.holdout_nll:.3f}, "
+          f"{report.seconds:.0f}s")
+    return 0
+
+
+def _eval_adfa(args: argparse.Namespace) -> int:
+    _need_training()
+    from training.evaluate import evaluate_adfa, plot_roc
+    from training.train import DEFAULT_N, TrainConfig
+
+    if not Path(args.directory).is_dir():
+        raise ConfigError("no such directory", path=args.directory)
+    cfg = TrainConfig(n=args.window or DEFAULT_N, seed=args.seed,
+                      **({"epochs": args.epochs} if args.epochs else {}))
+    result = evaluate_adfa(args.directory, cfg, quick=args.quick, progress=not args.json,
+                           model_out=args.save_model)
+    if args.plot:
+        plot_roc(result, args.plot)
+    roc = result.pop("roc")
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("detector", "AUC", "FAR@DR90", "DR@FAR1%", "DR@FAR5%", title="ADFA-LD, Validation vs Attack")
+    for name in ("model", "stide"):
+        r = result[name]
+        table.add_row(name, f"{r['auc']:.3f}", f"{r['far_at_dr90']:.1%}", f"{r['dr_at_far1']:.1%}",
+                      f"{r['dr_at_far5']:.1%}")
+    Console().print(table)
+    m = result["model"]
+    print(f"{m['normal_traces']} normal and {m['attack_traces']} attack traces; window n={m['n']}, "
+          f"{m['epochs_run']} epochs; {result['seconds']:.0f}s" + (f"; ROC curves in {args.plot}" if args.plot else ""))
+    del roc
+    return 0

@@ -1,0 +1,411 @@
+"""Reading one process from /proc, cheaply and without mixing two processes.
+
+Every file is read relative to one open descriptor of ``/proc/PID``: that descriptor stays bound to the
+process it was opened for, so if the pid dies and is reused mid-read the reads fail (ESRCH) instead of
+returning the newcomer's data. Each file is opened once and parsed minimally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import stat as stat_mod
+import time
+from dataclasses import dataclass
+
+from agent.proc._cache import BoundedCache
+from agent.proc._container import parse_container_id
+from agent.proc.info import HOST_CONTAINER_ID, ProcessInfo
+
+_PF_KTHREAD = 0x00200000  # task flags (stat field 9): a kernel thread, which has no exe, argv or cwd
+_UNSET_LOGINUID = 4294967295
+_CAP_DAC_OVERRIDE = 1 << 1
+_ST_RDONLY = 1
+_ELF_MAGIC = b"\x7fELF"
+_ELFCLASS32 = 1
+_EM_386 = 3
+_DELETED = " (deleted)"
+
+
+def elf_is_i386(header: bytes) -> bool:
+    """True when ``header`` (the first 20 bytes of a file) is a 32-bit x86 (i386) ELF."""
+    if len(header) < 20 or header[:4] != _ELF_MAGIC or header[4] != _ELFCLASS32:
+        return False
+    machine = int.from_bytes(header[18:20], "big" if header[5] == 2 else "little")
+    return machine == _EM_386
+
+
+def _unescape_mount_field(text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\\" and i + 3 < len(text) and text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def root_overlay_upperdir(mountinfo: str) -> str:
+    """The upper directory of the overlayfs mounted at ``/`` in a mountinfo text, or ``""``."""
+    upper = ""
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 10 or fields[4] != "/":
+            continue
+        try:
+            sep = fields.index("-", 6)
+        except ValueError:
+            continue
+        if len(fields) < sep + 4:
+            continue
+        # The last mount on "/" is the one the process sees.
+        upper = ""
+        if fields[sep + 1] == "overlay":
+            for option in fields[sep + 3].split(","):
+                if option.startswith("upperdir="):
+                    upper = _unescape_mount_field(option[len("upperdir=") :])
+    return upper
+
+
+@dataclass(frozen=True, slots=True)
+class StatLine:
+    """The fields of /proc/PID/stat the table uses."""
+
+    comm: str
+    state: str
+    ppid: int
+    pgid: int
+    sid: int
+    tty: int
+    flags: int
+    start_ticks: int
+
+
+def parse_stat(text: str) -> StatLine | None:
+    # comm may hold spaces and parentheses: it ends at the last ')'.
+    open_paren = text.find("(")
+    close_paren = text.rfind(")")
+    if open_paren < 0 or close_paren < open_paren:
+        return None
+    rest = text[close_paren + 2 :].split(" ")
+    if len(rest) < 20:
+        return None
+    try:
+        return StatLine(
+            comm=text[open_paren + 1 : close_paren],
+            state=rest[0],
+            ppid=int(rest[1]),
+            pgid=int(rest[2]),
+            sid=int(rest[3]),
+            tty=int(rest[4]),
+            flags=int(rest[6]),
+            start_ticks=int(rest[19]),
+        )
+    except ValueError:
+        return None
+
+
+_STATUS_KEYS = ("Tgid", "PPid", "Uid", "Gid", "Groups", "CapEff", "Seccomp")  # never the first line
+
+
+def parse_status(text: str) -> dict[str, str]:
+    """The few /proc/PID/status lines the table uses, by key (found directly, not line by line)."""
+    found: dict[str, str] = {}
+    for key in _STATUS_KEYS:
+        at = text.find(f"\n{key}:")
+        if at < 0:
+            continue
+        at += len(key) + 2
+        end = text.find("\n", at)
+        found[key] = text[at : end if end >= 0 else len(text)].strip()
+    return found
+
+
+def _second_or_first(value: str) -> int:
+    # "Uid: real effective saved fs": the effective id is what permission checks (and Falco) use.
+    parts = value.split()
+    if not parts:
+        return -1
+    return int(parts[1] if len(parts) > 1 else parts[0])
+
+
+def _read_at(dir_fd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        chunk = os.read(fd, 65536)
+        if len(chunk) < 65536:
+            return chunk
+        chunks = [chunk]
+        while chunk:
+            chunk = os.read(fd, 1 << 20)
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _readlink_at(dir_fd: int, name: str) -> str:
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except (FileNotFoundError, PermissionError):
+        return ""
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _boot_offset_ns() -> int:
+    # /proc stat start times count from boot including suspend (CLOCK_BOOTTIME); BPF uses CLOCK_MONOTONIC.
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    return boot - (before + after) // 2
+
+
+class ProcReader:
+    """Reads processes under one proc root, with bounded caches of what is costly to look up."""
+
+    def __init__(self, proc_root: str = "/proc", cache_size: int = 4096) -> None:
+        self.proc_root = proc_root
+        hz = os.sysconf("SC_CLK_TCK")
+        self.tick_ns = 1_000_000_000 // hz
+        self.boot_offset_ns = _boot_offset_ns()
+        self.reads = 0
+        self.failures = 0
+        self.mismatches = 0
+        self._users: BoundedCache[int, str] = BoundedCache(cache_size)
+        self._groups: BoundedCache[int, str] = BoundedCache(cache_size)
+        self._containers: BoundedCache[str, str] = BoundedCache(cache_size)
+        # (st_dev, st_ino, st_mtime_ns) of an executable -> is an i386 ELF
+        self._elf: BoundedCache[tuple[int, int, int], bool] = BoundedCache(cache_size)
+        self._readonly_dev: BoundedCache[int, bool] = BoundedCache(256)
+        # mount namespace inode -> the overlay upper dir of its root ("" when the root is not overlay)
+        self._upperdir: BoundedCache[tuple[int, int], str] = BoundedCache(1024)
+
+    def start_ns(self, start_ticks: int) -> int:
+        return start_ticks * self.tick_ns - self.boot_offset_ns
+
+    def cache_sizes(self) -> dict[str, int]:
+        return {
+            "users_cached": len(self._users) + len(self._groups),
+            "cgroups_cached": len(self._containers),
+            "elf_cached": len(self._elf),
+        }
+
+    def user_name(self, uid: int) -> str:
+        if uid < 0:
+            return ""
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = ""
+            self._users.put(uid, name)
+        return name
+
+    def group_name(self, gid: int) -> str:
+        if gid < 0:
+            return ""
+        name = self._groups.get(gid)
+        if name is None:
+            try:
+                name = grp.getgrgid(gid).gr_name
+            except KeyError:
+                name = ""
+            self._groups.put(gid, name)
+        return name
+
+    def container_id(self, cgroup_text: str) -> str:
+        cid = self._containers.get(cgroup_text)
+        if cid is None:
+            cid = parse_container_id(cgroup_text)
+            self._containers.put(cgroup_text, cid)
+        return cid
+
+    def read_start_ns(self, pid: int) -> int | None:
+        """The start time of ``pid`` now (None when it is gone): one open, used to verify identity."""
+        try:
+            with open(f"{self.proc_root}/{pid}/stat", "rb") as fh:
+                line = parse_stat(_decode(fh.read()))
+        except OSError:
+            return None
+        return None if line is None else self.start_ns(line.start_ticks)
+
+    def same_start(self, a_ns: int, b_ns: int) -> bool:
+        # /proc counts start time in clock ticks; events in ns. Two ticks absorb the rounding.
+        return abs(a_ns - b_ns) <= 2 * self.tick_ns
+
+    def read(self, pid: int, inherit: ProcessInfo | None = None) -> ProcessInfo | None:
+        """Read ``pid``'s thread group; None when it is gone or unreadable.
+
+        The result's ``pid`` is the tgid: asking for a thread id yields its process. With ``inherit``
+        (an exec of a known process) cgroup, login uid and container are taken from it, not re-read,
+        and the read is refused (None, counted in ``mismatches``) unless the start times match: then
+        it is another process under the same pid.
+        """
+        self.reads += 1
+        for _attempt in range(2):
+            try:
+                dir_fd = os.open(f"{self.proc_root}/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                break
+            try:
+                status = parse_status(_decode(_read_at(dir_fd, "status")))
+                tgid = int(status.get("Tgid", pid))
+                if tgid != pid:
+                    pid = tgid  # a thread's directory: read its process instead
+                    continue
+                line = parse_stat(_decode(_read_at(dir_fd, "stat")))
+                if line is None:
+                    break
+                known_start = inherit.start_ns if inherit is not None else 0
+                if known_start and not self.same_start(self.start_ns(line.start_ticks), known_start):
+                    self.mismatches += 1
+                    return None
+                return self._assemble(dir_fd, pid, line, status, inherit)
+            except (OSError, ValueError):
+                break
+            finally:
+                os.close(dir_fd)
+        self.failures += 1
+        return None
+
+    def refresh_clock(self) -> None:
+        """Re-measure the boot/monotonic offset (it grows when the host suspends)."""
+        self.boot_offset_ns = _boot_offset_ns()
+
+    def _assemble(
+        self, dir_fd: int, pid: int, line: StatLine, status: dict[str, str], inherit: ProcessInfo | None
+    ) -> ProcessInfo:
+        uid = _second_or_first(status.get("Uid", ""))
+        gid = _second_or_first(status.get("Gid", ""))
+        cap_eff = int(status.get("CapEff", "0") or "0", 16)
+        kernel_thread = bool(line.flags & _PF_KTHREAD)
+        exe = cwd = ""
+        args: tuple[str, ...] = ()
+        compat = writable = upper = False
+        if not kernel_thread:
+            argv = _read_at(dir_fd, "cmdline")
+            if argv:
+                args = tuple(_decode(a) for a in argv.rstrip(b"\0").split(b"\0"))
+            cwd = _readlink_at(dir_fd, "cwd")
+            exe = _readlink_at(dir_fd, "exe")
+            if exe:
+                groups = {int(g) for g in status.get("Groups", "").split()}
+                groups.add(gid)
+                compat, writable, upper = self._exe_facts(dir_fd, pid, exe, uid, groups, cap_eff)
+        if inherit is not None:
+            loginuid, container = inherit.loginuid, inherit.container_id
+        else:
+            loginuid, container = self._loginuid(dir_fd), HOST_CONTAINER_ID
+            with contextlib.suppress(OSError):
+                container = self.container_id(_decode(_read_at(dir_fd, "cgroup")))
+        return ProcessInfo(
+            pid=pid,
+            ppid=int(status.get("PPid", line.ppid)),
+            comm=line.comm,
+            exe=exe,
+            args=args,
+            cwd=cwd,
+            uid=uid,
+            gid=gid,
+            user=self.user_name(uid),
+            group=self.group_name(gid),
+            loginuid=loginuid,
+            loginname=self.user_name(loginuid),
+            tty=line.tty,
+            sid=line.sid,
+            pgid=line.pgid,
+            # An exec keeps the start time: keep the exact one the table has (a fork event's timestamp).
+            start_ns=inherit.start_ns if inherit and inherit.start_ns else self.start_ns(line.start_ticks),
+            container_id=container,
+            cap_effective=cap_eff,
+            exe_from_memfd=exe.startswith("/memfd:"),
+            exe_writable=writable,
+            exe_upper_layer=upper,
+            compat=compat,
+            seccomp_mode=int(status.get("Seccomp", "0") or "0"),
+        )
+
+    def _loginuid(self, dir_fd: int) -> int:
+        try:
+            value = int(_read_at(dir_fd, "loginuid") or b"-1")
+        except (OSError, ValueError):
+            return -1
+        return -1 if value == _UNSET_LOGINUID else value
+
+    def _exe_facts(
+        self, dir_fd: int, pid: int, exe: str, uid: int, groups: set[int], cap_eff: int
+    ) -> tuple[bool, bool, bool]:
+        """(compat, writable, upper layer) of the process's executable."""
+        try:
+            st = os.stat("exe", dir_fd=dir_fd)
+        except OSError:
+            return False, False, False
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        compat = self._elf.get(key)
+        if compat is None:
+            try:
+                compat = elf_is_i386(_read_at_most(dir_fd, "exe", 20))
+            except OSError:
+                compat = False
+            self._elf.put(key, compat)
+        writable = self._writable(st, pid, uid, groups, cap_eff)
+        upper = self._in_upper_layer(dir_fd, exe)
+        return compat, writable, upper
+
+    def _writable(self, st: os.stat_result, pid: int, uid: int, groups: set[int], cap_eff: int) -> bool:
+        # What the kernel's permission check would say for this process's credentials.
+        readonly = self._readonly_dev.get(st.st_dev)
+        if readonly is None:
+            try:
+                readonly = bool(os.statvfs(f"{self.proc_root}/{pid}/exe").f_flag & _ST_RDONLY)
+            except OSError:
+                readonly = False
+            self._readonly_dev.put(st.st_dev, readonly)
+        if readonly:
+            return False
+        mode = st.st_mode
+        if cap_eff & _CAP_DAC_OVERRIDE:
+            return True
+        if st.st_uid == uid:
+            return bool(mode & stat_mod.S_IWUSR)
+        if st.st_gid in groups:
+            return bool(mode & stat_mod.S_IWGRP)
+        return bool(mode & stat_mod.S_IWOTH)
+
+    def _in_upper_layer(self, dir_fd: int, exe: str) -> bool:
+        if exe.endswith(_DELETED) or not exe.startswith("/"):
+            return False
+        try:
+            ns = os.stat("ns/mnt", dir_fd=dir_fd)
+        except OSError:
+            return False
+        key = (ns.st_dev, ns.st_ino)
+        upperdir = self._upperdir.get(key)
+        if upperdir is None:
+            try:
+                upperdir = root_overlay_upperdir(_decode(_read_at(dir_fd, "mountinfo")))
+            except OSError:
+                upperdir = ""
+            self._upperdir.put(key, upperdir)
+        # A file present in the upper dir shadows the lower layers: it was written in the container.
+        return bool(upperdir) and os.path.isfile(upperdir + exe)
+
+
+def _read_at_most(dir_fd: int, name: str, size: int) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)

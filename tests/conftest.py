@@ -1,0 +1,45 @@
+"""Shared fixtures. BPF tests need root and a kernel that loads BPF: they skip, saying why, elsewhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def bpf_unavailable() -> str:
+    if os.geteuid() != 0:
+        return "BPF tests need root"
+    if not os.path.exists("/sys/kernel/btf/vmlinux") and not os.path.isdir("/sys/kernel/tracing/events"):
+        return "no tracefs/BTF on this kernel"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "python3-bpfcc is not installed"
+    return ""
+
+
+requires_bpf = pytest.mark.skipif(bool(bpf_unavailable()), reason=bpf_unavailable() or "bpf")
+
+
+@pytest.fixture(scope="session")
+def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The compiled tests/workload.c: `workload N PATH` makes N getppid calls, then opens PATH."""
+    out = tmp_path_factory.mktemp("bin") / "sysgram-workload"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    subprocess.run([cc, "-O1", "-o", str(out), str(ROOT / "tests" / "workload.c")], check=True)
+    return out
+
+
+def sysgram(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
+                          **kw)  # type: ignore[call-overload]

@@ -1,0 +1,141 @@
+"""The real tracer on real kernel events: `sysgram record` a workload, then `inspect` it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, requires_bpf, sysgram
+
+pytestmark = [requires_bpf, pytest.mark.bpf]
+
+
+def start_recorder(out: Path, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "record", "-o", str(out), *extra], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "sysgram: ready" in line:
+            return proc
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("recorder never became ready")
+
+
+def stop(proc: subprocess.Popen[str]) -> dict[str, object]:
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sysgram: stats "), last
+    return json.loads(last.removeprefix("sysgram: stats "))
+
+
+@pytest.fixture(scope="module")
+def recorded(workload: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("rec")
+    out = tmp / "rec.parquet"
+    path = f"/tmp/sysgram-test-{uuid.uuid4().hex}"
+    n = 7919
+    proc = start_recorder(out, "--comm", workload.name)
+    child = subprocess.Popen([str(workload), str(n), path])
+    child.wait(timeout=30)
+    time.sleep(0.5)
+    stats = stop(proc)
+    os.unlink(path)
+    return {"out": out, "pid": child.pid, "n": n, "path": path, "stats": stats, "workload": str(workload)}
+
+
+def test_recording_counts_exactly_n_getppid_and_no_drops(recorded: dict[str, object]) -> None:
+    stats = recorded["stats"]
+    assert isinstance(stats, dict) and stats["drops"] == 0 and stats["events"] > 0
+    result = sysgram("inspect", str(recorded["out"]), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["drops"] == 0
+    procs = {p["pid"]: p for p in summary["processes"]}
+    me = procs[recorded["pid"]]
+    assert me["syscalls"]["getppid"] == recorded["n"]
+    assert me["exe"] == recorded["workload"]
+    assert me["comm"] == Path(str(recorded["workload"])).name[:15]
+    assert me["ppid"] == os.getpid()
+
+
+def test_open_is_decoded_with_path_and_flags(recorded: dict[str, object]) -> None:
+    result = sysgram("inspect", str(recorded["out"]), "--pid", str(recorded["pid"]), "--events", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    opens = [e for e in events if e.get("detail") and e["syscall"] in ("open", "openat")
+             and e.get("name") == recorded["path"]]
+    assert len(opens) == 1
+    assert opens[0]["flags"] & os.O_CREAT and opens[0]["flags"] & os.O_WRONLY
+    assert opens[0]["res"] >= 0
+    assert sum(1 for e in events if e["syscall"] == "getppid") == recorded["n"]
+
+
+def test_exec_chain_gives_ppid_ancestors_comm_cmdline(tmp_path: Path, workload: Path) -> None:
+    out = tmp_path / "chain.parquet"
+    proc = start_recorder(out)
+    marker = f"/tmp/sysgram-chain-{uuid.uuid4().hex}"
+    shell = subprocess.Popen(["/bin/sh", "-c", f"{workload} 3 {marker}; true"])
+    shell.wait(timeout=30)
+    time.sleep(0.5)
+    stop(proc)
+    os.unlink(marker)
+    from agent.capture.recording import read_recording
+    from agent.proc import ProcessTable
+
+    rec = read_recording(str(out))
+    table = ProcessTable()
+    child_pid = None
+    for event in rec.events:
+        from agent.events import DetailEvent, ProcEvent
+
+        if isinstance(event, ProcEvent):
+            table.apply(event)
+            if event.kind == "exec" and event.filename == str(workload):
+                child_pid = event.pid
+        elif isinstance(event, DetailEvent) and event.syscall == "execve" and event.res == 0:
+            table.apply_exec_detail(event)
+            if event.args.get("filename") == str(workload):
+                info = table.get(event.tgid)
+                assert info is not None
+                assert info.args == (str(workload), "3", marker)
+                assert info.ppid == shell.pid
+                assert info.comm == workload.name[:15]
+    assert child_pid is not None
+    ancestors = [a.pid for a in table.ancestors(child_pid)]
+    assert ancestors[:1] == [shell.pid]
+
+
+def test_bad_recordings_are_one_line_exit_2(tmp_path: Path) -> None:
+    truncated = tmp_path / "trunc.parquet"
+    foreign = tmp_path / "foreign.parquet"
+    good = tmp_path / "good.parquet"
+    from agent.capture.recording import RecordingWriter
+
+    w = RecordingWriter(str(good))
+    w.close({})
+    data = good.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1, 2]}), foreign)
+    for path, words in ((truncated, "truncated"), (foreign, "not a sysgram recording")):
+        result = sysgram("inspect", str(path))
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert str(path) in result.stderr and words in result.stderr

@@ -1,0 +1,228 @@
+"""Falco ingestion (http_output endpoint, file_output tail) and /metrics, over real sockets and files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.errors import ConfigError
+from agent.respond import FalcoAlert, FalcoFileTail, IngestServer, Metrics, parse_falco_alert
+
+# The shape Falco's http_output and json_output write (Falco 0.4x).
+FALCO_PAYLOAD: dict[str, Any] = {
+    "hostname": "node-1",
+    "output": "13:45:02.123456789: Warning Sensitive file opened for reading by non-trusted program "
+    "(file=/etc/shadow gparent=systemd ggparent=<NA> evt_type=openat user=root user_uid=0 "
+    "process=cat proc_exepath=/usr/bin/cat parent=bash command=cat /etc/shadow terminal=34816)",
+    "output_fields": {
+        "evt.time": 1795701902123456789,
+        "fd.name": "/etc/shadow",
+        "proc.cmdline": "cat /etc/shadow",
+        "proc.exepath": "/usr/bin/cat",
+        "proc.name": "cat",
+        "proc.pid": 4242,
+        "user.name": "root",
+        "user.uid": 0,
+    },
+    "priority": "Warning",
+    "rule": "Read sensitive file untrusted",
+    "source": "syscall",
+    "tags": ["T1555", "container", "filesystem", "host", "maturity_stable", "mitre_credential_access"],
+    "time": "2026-11-26T13:45:02.123456789Z",
+}
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.alerts: list[FalcoAlert] = []
+
+    def __call__(self, alert: FalcoAlert) -> None:
+        self.alerts.append(alert)
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[IngestServer, Collected, Metrics]]:
+    got, metrics = Collected(), Metrics()
+    srv = IngestServer(got, metrics, address="127.0.0.1", port=0).start()
+    yield srv, got, metrics
+    srv.close()
+
+
+def test_a_falco_http_output_post_reaches_the_callback_parsed(
+    server: tuple[IngestServer, Collected, Metrics],
+) -> None:
+    srv, got, metrics = server
+    response = httpx.post(srv.url + "/", json=FALCO_PAYLOAD)
+    assert response.status_code == 200
+    [alert] = got.alerts
+    assert alert.rule == "Read sensitive file untrusted"
+    assert alert.priority == "Warning"
+    assert alert.time == "2026-11-26T13:45:02.123456789Z"
+    assert alert.time_ns == int(datetime(2026, 11, 26, 13, 45, 2, tzinfo=UTC).timestamp()) * 10**9 + 123456789
+    assert alert.output_fields["proc.pid"] == 4242
+    assert alert.tags[0] == "T1555" and alert.hostname == "node-1" and alert.source == "syscall"
+    assert metrics.value("sysgram_falco_alerts_ingested_total", via="http") == 1
+
+
+def test_a_falcosidekick_style_post_with_uuid_and_lowercase_priority(
+    server: tuple[IngestServer, Collected, Metrics],
+) -> None:
+    srv, got, _ = server
+    payload = {**FALCO_PAYLOAD, "uuid": "2b3c1a43-2f3c-4d9e-9a55-2f1ba7b0c2d1", "priority": "critical",
+               "time": "2026-11-26T13:45:02.1234Z"}
+    assert httpx.post(srv.url + "/falco", json=payload).status_code == 200
+    [alert] = got.alerts
+    assert alert.priority == "Critical" and alert.uuid == payload["uuid"]
+    assert alert.time == "2026-11-26T13:45:02.123400000Z"
+    assert alert.to_alert().uuid == payload["uuid"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (json.dumps({**FALCO_PAYLOAD, "priority": "Loud"}).encode(), "unknown priority"),
+        (json.dumps({k: v for k, v in FALCO_PAYLOAD.items() if k != "rule"}).encode(), "'rule'"),
+        (json.dumps({**FALCO_PAYLOAD, "time": "yesterday"}).encode(), "'time'"),
+    ],
+)
+def test_malformed_payloads_get_400_with_a_one_line_reason(
+    server: tuple[IngestServer, Collected, Metrics], body: bytes, reason: str
+) -> None:
+    srv, got, metrics = server
+    response = httpx.post(srv.url + "/", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert reason in response.text and response.text.count("\n") == 1
+    assert got.alerts == []
+    assert metrics.value("sysgram_falco_ingest_errors_total", reason="malformed") == 1
+
+
+def test_non_loopback_bind_without_a_token_is_refused() -> None:
+    with pytest.raises(ConfigError, match="token"):
+        IngestServer(Collected(), Metrics(), address="0.0.0.0", port=0)
+
+
+def test_with_a_token_every_request_must_carry_it() -> None:
+    got = Collected()
+    srv = IngestServer(got, Metrics(), address="0.0.0.0", port=0, token="s3cret-token").start()
+    try:
+        url = f"http://127.0.0.1:{srv.address[1]}"
+        assert httpx.post(url + "/", json=FALCO_PAYLOAD).status_code == 401
+        wrong = {"authorization": "Bearer nope"}
+        assert httpx.post(url + "/", json=FALCO_PAYLOAD, headers=wrong).status_code == 401
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert got.alerts == []
+        right = {"authorization": "Bearer s3cret-token"}
+        assert httpx.post(url + "/", json=FALCO_PAYLOAD, headers=right).status_code == 200
+        assert httpx.get(url + "/metrics", headers=right).status_code == 200
+        assert len(got.alerts) == 1
+    finally:
+        srv.close()
+
+
+def test_metrics_page_serves_prometheus_text(server: tuple[IngestServer, Collected, Metrics]) -> None:
+    srv, _, metrics = server
+    metrics.events.inc(5)
+    metrics.drop("ringbuf", 2)
+    metrics.alert("Read sensitive file untrusted", "Warning")
+    metrics.block("kill")
+    response = httpx.get(srv.url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for name in (
+        "sysgram_events_total 5.0",
+        'sysgram_drops_total{stage="ringbuf"} 2.0',
+        "sysgram_windows_scored_total",
+        "sysgram_score_cache_hits_total",
+        "sysgram_rules_evaluated_total",
+        'sysgram_blocks_total{action="kill"}',
+        'sysgram_alerts_total{priority="Warning",rule="Read sensitive file untrusted"} 1.0',
+        "sysgram_webhook_deliveries_total",
+        "sysgram_webhook_failures_total",
+        "sysgram_webhook_spool_depth",
+        "sysgram_webhook_spool_overflow_total",
+        "sysgram_falco_alerts_ingested_total",
+    ):
+        assert name in text, name
+    assert "python_gc" not in text  # our own registry, not the process-global one
+
+
+def append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def line(rule: str) -> str:
+    return json.dumps({**FALCO_PAYLOAD, "rule": rule}) + "\n"
+
+
+def test_file_tail_follows_appends_partial_lines_and_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "events.json"
+    path.write_text(line("old, before the tail started"))
+    got, metrics = Collected(), Metrics()
+    tail = FalcoFileTail(path, got, metrics)
+    assert tail.poll() == 0
+    append(path, line("one"))
+    half = line("two")
+    append(path, half[:40])
+    assert tail.poll() == 1
+    append(path, half[40:] + "not json at all\n")
+    assert tail.poll() == 1
+    assert metrics.value("sysgram_falco_ingest_errors_total", reason="malformed") == 1
+    # logrotate: the file is renamed, Falco writes its last line to the old one, then reopens a new one.
+    os.rename(path, tmp_path / "events.json.1")
+    append(tmp_path / "events.json.1", line("three, late into the rotated file"))
+    assert tail.poll() == 1
+    path.write_text(line("four") + line("five"))
+    assert tail.poll() == 2
+    append(path, line("six"))
+    assert tail.poll() == 1
+    tail.close()
+    assert [a.rule for a in got.alerts] == [
+        "one", "two", "three, late into the rotated file", "four", "five", "six"
+    ]
+    assert metrics.value("sysgram_falco_alerts_ingested_total", via="file") == 6
+
+
+def test_file_tail_handles_truncation_and_a_file_that_appears_later(tmp_path: Path) -> None:
+    path = tmp_path / "events.json"
+    got = Collected()
+    tail = FalcoFileTail(path, got, Metrics())
+    assert tail.poll() == 0
+    path.write_text(line("a") + line("b"))
+    assert tail.poll() == 2
+    path.write_text(line("c"))  # truncated and rewritten in place (copytruncate)
+    assert tail.poll() == 1
+    tail.close()
+    assert [a.rule for a in got.alerts] == ["a", "b", "c"]
+
+
+def test_file_tail_thread_picks_up_lines(tmp_path: Path) -> None:
+    import time
+
+    path = tmp_path / "events.json"
+    path.write_text("")
+    got = Collected()
+    tail = FalcoFileTail(path, got, Metrics(), poll_interval=0.01).start()
+    append(path, line("threaded"))
+    end = time.monotonic() + 10
+    while not got.alerts and time.monotonic() < end:
+        time.sleep(0.01)
+    tail.close()
+    assert [a.rule for a in got.alerts] == ["threaded"]
+
+
+def test_parse_accepts_null_fields_and_rejects_bad_tags() -> None:
+    alert = parse_falco_alert({**FALCO_PAYLOAD, "output_fields": None, "tags": None, "hostname": None})
+    assert alert.output_fields == {} and alert.tags == () and alert.hostname == ""
+    with pytest.raises(ValueError, match="tags"):
+        parse_falco_alert({**FALCO_PAYLOAD, "tags": "T1555"})
