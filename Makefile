@@ -22,7 +22,7 @@ system-deps:
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $${PIP_FIND_LINKS:+} $$(test -d /opt/wheels && echo --find-links /opt/wheels) 'torch==2.13.0'
+	$(PY) -m pip install -q --disable-pip-version-check $$(test -d /opt/wheels && echo --find-links /opt/wheels) 'torch==2.13.0'
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,test]'
 	@touch $(STAMP)
 
@@ -36,6 +36,7 @@ bench: install
 # Install the systemd unit (documented in README): the agent as a host service.
 install-service: install
 	install -m 0644 deploy/sysgram.service /etc/systemd/system/sysgram.service
+	install -d /etc/sysgram && test -f /etc/sysgram/config.yaml || install -m 0644 deploy/config.yaml /etc/sysgram/config.yaml
 	sed -i "s#@PREFIX@#$(CURDIR)#g" /etc/systemd/system/sysgram.service
 	systemctl daemon-reload
 	@echo "now: systemctl enable --now sysgram"

@@ -1,0 +1,182 @@
+"""``sysgram run``, ``sysgram replay`` and ``sysgram learn``: the agent itself."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig, EnforceConfig, load_config
+from agent.errors import ConfigError, NotYetAvailable
+from agent.pipeline import Pipeline, run_live, run_replay
+from agent.proc import ProcessTable
+from agent.verdict import DecisionTable
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "sysgram-default.onnx"
+DEFAULT_RULES = ROOT / "rules" / "sysgram_rules.yaml"
+DEFAULT_SECCOMP = {"host": str(ROOT / "rules" / "seccomp" / "host-default.json")}
+
+
+def register(subparsers: Any) -> None:
+    run = subparsers.add_parser("run", help="run the agent: capture, score, cross-check, alert (and block)")
+    _agent_options(run)
+    run.set_defaults(handler=_run)
+    rep = subparsers.add_parser("replay", help="feed a recording through the same pipeline as live capture")
+    rep.add_argument("file")
+    _agent_options(rep)
+    rep.set_defaults(handler=_replay)
+    learn = subparsers.add_parser("learn", help="record this host's normal behaviour, then train a model on it")
+    learn.add_argument("--seconds", type=float, required=True)
+    learn.add_argument("-o", "--output", required=True, help="the model to write (.onnx; sidecar beside it)")
+    learn.add_argument("--exe", action="append", default=[], help="only these executables")
+    learn.add_argument("--epochs", type=int, default=0, help="training epochs (default: the trainer's)")
+    learn.add_argument("--keep-recording", help="also keep the recording at this path")
+    learn.set_defaults(handler=_learn)
+
+
+def _agent_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--state-dir", help="state directory (spool, alerts) [/var/lib/sysgram]")
+    p.add_argument("--model", help="ONNX model (sidecar beside it) [models/sysgram-default.onnx]")
+    p.add_argument("--no-model", action="store_true", help="run without the anomaly model")
+    p.add_argument("--rules", action="append", default=[], help="Falco-format rules file, added to the defaults")
+    p.add_argument("--no-default-rules", action="store_true", help="do not load rules/sysgram_rules.yaml")
+    p.add_argument("--alerts-jsonl", help="also write alerts as JSON lines to this file")
+    p.add_argument("--webhook", help="POST alerts to this URL (Falco JSON)")
+    p.add_argument("--webhook-secret", help="sign webhooks (Standard Webhooks); whsec_ secrets are base64")
+    p.add_argument("--listen", help="ingestion + /metrics address HOST:PORT (default off; 127.0.0.1 if no host)")
+    p.add_argument("--enforce", action="store_true", help="turn blocking on (off by default)")
+    p.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no console alerts")
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    cfg = load_config(args.config) if args.config else AgentConfig()
+    enforce = cfg.enforce
+    if args.enforce and not enforce.enabled:
+        enforce = EnforceConfig(**{**{f: getattr(enforce, f) for f in enforce.__dataclass_fields__}, "enabled": True})
+    from dataclasses import replace
+
+    return replace(cfg, enforce=enforce, state_dir=args.state_dir or cfg.state_dir,
+                   model="" if args.no_model else (args.model or cfg.model or str(DEFAULT_MODEL)),
+                   rules=(*cfg.rules, *args.rules),
+                   default_rules=cfg.default_rules and not args.no_default_rules)
+
+
+def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, Any]:
+    section: dict[str, Any] = {k: v for k, v in cfg.outputs.items()}
+    if args.quiet:
+        section["console"] = None
+    if args.alerts_jsonl:
+        section["jsonl"] = {**(section.get("jsonl") or {}), "path": args.alerts_jsonl}
+    if args.webhook:
+        section["webhook"] = {**(section.get("webhook") or {}), "url": args.webhook}
+    if args.webhook_secret:
+        if not args.webhook:
+            raise ConfigError("--webhook-secret needs --webhook")
+        section["webhook"]["secret"] = args.webhook_secret
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        section["listen"] = {**(section.get("listen") or {}), "host": host or "127.0.0.1", "port": int(port)}
+    return section
+
+
+def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline, set[str]]:
+    """Every room the config turns on, wired; and the syscalls that need details."""
+    table = ProcessTable()
+    pipeline = Pipeline(table=table, decisions=DecisionTable.from_mapping(cfg.verdict, cfg.enforce,
+                                                                          source=cfg.source))
+    details: set[str] = set(cfg.detail_syscalls)
+    rule_files = [*([str(DEFAULT_RULES)] if cfg.default_rules and DEFAULT_RULES.exists() else []), *cfg.rules]
+    if rule_files:
+        from agent.falco import Engine, load_rules
+
+        ruleset, diagnostics = load_rules(rule_files, rule_matching=cfg.rule_matching)
+        errors = [d for d in diagnostics if getattr(d, "severity", "error") == "error"]
+        if errors:
+            first = errors[0]
+            raise ConfigError(f"rules: {first.message}", path=first.path, line=first.line, col=first.col)
+        pipeline.engine = Engine(ruleset, table.get, anomaly_lookup=None)
+        details |= set(ruleset.interesting_syscalls())
+    if cfg.model:
+        from agent.model import AnomalyDetector, load_model
+
+        pipeline.detector = AnomalyDetector(load_model(cfg.model))
+        if pipeline.engine is not None:
+            pipeline.engine.anomaly_lookup = _anomaly_fields(pipeline.detector)
+    seccomp_section = dict(cfg.seccomp) or {k: v for k, v in DEFAULT_SECCOMP.items() if os.path.exists(v)}
+    if seccomp_section:
+        from agent.seccomp import PolicyEvaluator, SeccompConfig
+
+        pipeline.policy = PolicyEvaluator(SeccompConfig.from_dict(seccomp_section, source=cfg.source))
+        details |= set(pipeline.policy.interesting_syscalls())
+    from agent.respond import OutputConfig, build_outputs
+
+    out_cfg = OutputConfig.from_mapping(_outputs_section(cfg, args), source=cfg.source)
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    pipeline.outputs = build_outputs(out_cfg, state_dir=cfg.state_dir, on_falco_alert=pipeline.on_falco_alert)
+    return pipeline, details
+
+
+def _anomaly_fields(detector: Any) -> Any:
+    from agent.falco import AnomalyFields
+
+    def lookup(pid: int) -> Any:
+        state = detector.state(pid)
+        if state is None:
+            return None
+        return AnomalyFields(score=state.score, threshold=state.threshold, window=" ".join(state.window),
+                             is_anomalous=state.is_anomalous)
+
+    return lookup
+
+
+class _EnforcingPipeline(Pipeline):
+    pass
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    pipeline, details = build_pipeline(cfg, args)
+    enforce_cfg = cfg.enforce
+
+    def attach(tracer: Any) -> None:
+        if enforce_cfg.enabled:
+            from agent.enforce import Enforcer
+
+            pipeline.enforcer = Enforcer(tracer.bpf, enforce_cfg, pipeline.table.get)
+            pipeline.enforcer.protect_processes(pipeline.table.snapshot())
+
+    pipeline.attach_tracer = attach  # type: ignore[attr-defined]
+    return run_live(pipeline, seconds=args.seconds, detail_syscalls=details, enforce=enforce_cfg.enabled,
+                    flush_interval=cfg.flush_interval)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    if args.enforce:
+        raise ConfigError("--enforce makes no sense on a replay")
+    cfg = _config(args)
+    pipeline, _ = build_pipeline(cfg, args)
+    return run_replay(pipeline, args.file)
+
+
+def _learn(args: argparse.Namespace) -> int:
+    try:
+        from training import train_from_recordings  # type: ignore[attr-defined]
+    except ImportError as err:
+        raise NotYetAvailable(f"training is not installed ({err}): pip install -e '.[train]'") from None
+    from agent.pipeline import Filters, build_recorder_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="sysgram-learn-") as tmp:
+        recording = args.keep_recording or os.path.join(tmp, "learn.parquet")
+        pipeline = build_recorder_pipeline(recording, Filters(exes=frozenset(args.exe)))
+        run_live(pipeline, seconds=args.seconds)
+        kwargs: dict[str, Any] = {"exes": tuple(args.exe)}
+        if args.epochs:
+            kwargs["epochs"] = args.epochs
+        report = train_from_recordings([recording], args.output, **kwargs)
+    print(f"sysgram: learned {args.output}: {report}")
+    return 0

@@ -1,0 +1,70 @@
+"""The Python decoder's dtypes mirror bpf/sysgram.h byte for byte (compiled here with the C compiler)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.capture import _layout as L
+from tests.conftest import ROOT
+
+PROGRAM = r"""
+#include <linux/types.h>
+#include <stddef.h>
+#include <stdio.h>
+#include "sysgram.h"
+int main(void) {
+    printf("%zu %zu %zu %zu %zu %zu %zu\n", sizeof(struct sc_rec), offsetof(struct sc_batch, recs),
+           sizeof(struct sc_detail), sizeof(struct exec_args), sizeof(struct proc_event),
+           sizeof(struct arg_spec), offsetof(struct sc_detail, str));
+    return 0;
+}
+"""
+
+
+def test_dtypes_match_the_c_structs(tmp_path: Path) -> None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "sizes.c"
+    src.write_text(PROGRAM)
+    exe = tmp_path / "sizes"
+    subprocess.run([cc, "-I", str(ROOT / "bpf"), "-o", str(exe), str(src)], check=True)
+    sizes = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
+    assert sizes == [
+        L.SC_REC.itemsize,
+        L.BATCH_HEADER.itemsize,
+        L.SC_DETAIL.itemsize,
+        L.EXEC_ARGS.itemsize,
+        L.PROC_EVENT.itemsize,
+        L.ARG_SPEC.itemsize,
+        L.SC_DETAIL.fields["str"][1],
+    ]
+
+
+def test_sockaddr_decoding() -> None:
+    import socket
+    import struct
+
+    from agent.capture._decode import decode_sockaddr
+
+    v4 = struct.pack("<H", socket.AF_INET) + struct.pack(">H", 443) + bytes([10, 1, 2, 3]) + b"\0" * 8
+    assert decode_sockaddr(v4) == {"family": socket.AF_INET, "port": 443, "addr": "10.1.2.3"}
+    v6 = struct.pack("<H", socket.AF_INET6) + struct.pack(">H", 22) + b"\0" * 4 + bytes(15) + b"\x01" + b"\0" * 4
+    assert decode_sockaddr(v6) == {"family": socket.AF_INET6, "port": 22, "addr": "::1"}
+    unix = struct.pack("<H", socket.AF_UNIX) + b"/run/x.sock\0"
+    assert decode_sockaddr(unix)["addr"] == "/run/x.sock"
+    assert decode_sockaddr(b"") == {}
+
+
+def test_compat_names_come_from_libseccomp() -> None:
+    from agent.capture.names import syscall_name, syscall_number
+
+    assert syscall_name(5, compat=True) == "open"
+    assert syscall_name(2) == "open"
+    assert syscall_name(102, compat=True) == "socketcall"
+    assert syscall_number("socketcall") == -1  # no such syscall on x86_64
+    assert syscall_name(1000) == "sys_1000"
