@@ -21,6 +21,7 @@ PARTS = {
     "rules": "agent.falco.bench",
     "alerts": "agent.respond.bench",
     "e2e": "agent.pipeline_bench",
+    "proc": "agent.proc.bench",
 }
 
 

@@ -3,7 +3,7 @@
 set -euo pipefail
 need=()
 for pkg in bpfcc-tools python3-bpfcc python3-seccomp python3-venv linux-headers-cloud-amd64 \
-           gcc libc6-dev; do
+           gcc libc6-dev gcc-multilib; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # Headers for the running kernel when Debian has them; otherwise the cloud headers above are merged
