@@ -139,3 +139,26 @@ def test_bad_recordings_are_one_line_exit_2(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert str(path) in result.stderr and words in result.stderr
+
+
+def test_32bit_process_syscalls_are_named_with_i386_numbers(tmp_path: Path, workload: Path) -> None:
+    import shutil
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    exe32 = tmp_path / "workload32"
+    built = subprocess.run([cc or "cc", "-m32", "-O1", "-o", str(exe32), str(ROOT / "tests" / "workload.c")],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"no 32-bit toolchain (gcc-multilib): {built.stderr.strip()[:200]}")
+    out = tmp_path / "compat.parquet"
+    proc = start_recorder(out, "--comm", exe32.name)
+    marker = f"/tmp/sysgram-compat-{uuid.uuid4().hex}"
+    child = subprocess.Popen([str(exe32), "4321", marker])
+    child.wait(timeout=30)
+    time.sleep(0.5)
+    stop(proc)
+    os.unlink(marker)
+    summary = json.loads(sysgram("inspect", str(out), "--json").stdout)
+    me = {p["pid"]: p for p in summary["processes"]}[child.pid]
+    # i386 getppid is 64 (x86_64: 110); i386 64 would be 'getppid' only if named on the i386 table.
+    assert me["syscalls"].get("getppid") == 4321
