@@ -17,7 +17,7 @@ from agent.verdict import DecisionTable
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "sysgram-default.onnx"
 DEFAULT_RULES = ROOT / "rules" / "sysgram_rules.yaml"
-DEFAULT_SECCOMP = {"host": str(ROOT / "rules" / "seccomp" / "host-default.json")}
+DEFAULT_SECCOMP = {"host_default": str(ROOT / "rules" / "seccomp" / "host-default.json")}
 
 
 def register(subparsers: Any) -> None:
@@ -80,7 +80,7 @@ def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, An
         section["webhook"]["secret"] = args.webhook_secret
     if args.listen:
         host, _, port = args.listen.rpartition(":")
-        section["listen"] = {**(section.get("listen") or {}), "host": host or "127.0.0.1", "port": int(port)}
+        section["listen"] = {**(section.get("listen") or {}), "address": host or "127.0.0.1", "port": int(port)}
     return section
 
 
@@ -89,7 +89,8 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
     table = ProcessTable()
     pipeline = Pipeline(table=table, decisions=DecisionTable.from_mapping(cfg.verdict, cfg.enforce,
                                                                           source=cfg.source))
-    details: set[str] = set(cfg.detail_syscalls)
+    # The process table always needs exec (exact argv) and cwd changes (resolving relative paths).
+    details: set[str] = {"execve", "execveat", "chdir", "fchdir", *cfg.detail_syscalls}
     rule_files = [*([str(DEFAULT_RULES)] if cfg.default_rules and DEFAULT_RULES.exists() else []), *cfg.rules]
     if rule_files:
         from agent.falco import Engine, load_rules
@@ -111,7 +112,8 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
     if seccomp_section:
         from agent.seccomp import PolicyEvaluator, SeccompConfig
 
-        pipeline.policy = PolicyEvaluator(SeccompConfig.from_dict(seccomp_section, source=cfg.source))
+        base = os.path.dirname(os.path.abspath(cfg.source)) if os.path.exists(cfg.source) else "."
+        pipeline.policy = PolicyEvaluator(SeccompConfig.from_dict(seccomp_section, base_dir=base, source=cfg.source))
         details |= set(pipeline.policy.interesting_syscalls())
     from agent.respond import OutputConfig, build_outputs
 

@@ -74,7 +74,10 @@ static __always_inline int is_denied(__u32 policy_id, __u32 nr) {
     struct deny_bitmap *bm = deny_bitmaps.lookup(&policy_id);
     if (!bm || nr >= 512)
         return 0;
-    return (bm->bits[(nr >> 6) & 7] >> (nr & 63)) & 1;
+    __u32 word = nr >> 6;
+    asm volatile("" : "+r"(word)); /* keep the mask below: the verifier needs it */
+    word &= 7;
+    return (bm->bits[word] >> (nr & 63)) & 1;
 }
 
 static __always_inline void enforce_check(__u32 tgid, __u32 tid, __u32 nr) {

@@ -181,6 +181,8 @@ class _Reader:
         return data
 
     def console(self, value: Any) -> ConsoleConfig | None:
+        if value is None:  # ``console:`` with nothing after it, like any other sink, is off
+            return None
         if isinstance(value, bool):
             return ConsoleConfig() if value else None
         data = self.section(value, "outputs.console", {"enabled", "stream", "format"})
@@ -248,8 +250,11 @@ class _Reader:
 
     def listen(self, value: Any) -> ListenConfig:
         key = "outputs.listen"
-        data = self.section(value, key, {"address", "port", "token"})
-        address = self.string(data.get("address", LOOPBACK), f"{key}.address")
+        data = self.section(value, key, {"address", "host", "port", "token"})
+        if "address" in data and "host" in data:
+            raise self.fail(f"{key}.host", "give address or host (the same thing), not both")
+        name = "host" if "host" in data else "address"
+        address = self.string(data.get(name, LOOPBACK), f"{key}.{name}")
         port = self.integer(data.get("port", DEFAULT_PORT), f"{key}.port", minimum=0)
         if port > 65535:
             raise self.fail(f"{key}.port", f"must be at most 65535, got {port}")

@@ -204,18 +204,16 @@ class IngestServer:
         token: str | None = None,
     ) -> None:
         if token is None and not is_loopback(address):
-            raise ConfigError(
-                f"outputs.listen.token: required when listening on {address} (not a loopback address)"
-            )
+            raise ConfigError(f"listen: a bearer token is required to listen on {address} (not loopback)")
         if token is not None and not token:
-            raise ConfigError("outputs.listen.token: must not be empty")
+            raise ConfigError("listen: the bearer token must not be empty")
         self.callback = callback
         self.metrics = metrics
         self.token = token
         try:
             self._server = _Server((address, port), _Handler)
         except OSError as err:
-            raise ConfigError(f"outputs.listen: cannot listen on {address}:{port}: {err.strerror}") from None
+            raise ConfigError(f"listen: cannot listen on {address}:{port}: {err.strerror}") from None
         self._server.ingest = self
         self._thread: threading.Thread | None = None
 

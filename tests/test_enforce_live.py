@@ -1,0 +1,78 @@
+"""Blocking on the real kernel: a rule tagged sysgram.block kills the process that matched it (SIGKILL
+from the BPF program at its next syscall); other processes and allow-listed ones live on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, requires_bpf
+
+pytestmark = [requires_bpf, pytest.mark.bpf]
+
+
+@pytest.fixture(scope="module")
+def opener(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bin") / "sysgram-opener"
+    subprocess.run([shutil.which("cc") or "cc", "-O1", "-o", str(out), str(ROOT / "tests" / "open_and_wait.c")],
+                   check=True)
+    return out
+
+
+def test_sysgram_block_rule_kills_only_the_offender(tmp_path: Path, opener: Path) -> None:
+    blocked = f"/tmp/sysgram-block-{uuid.uuid4().hex}"
+    other = f"/tmp/sysgram-other-{uuid.uuid4().hex}"
+    allowed_copy = tmp_path / "allowed-opener"
+    shutil.copy(opener, allowed_copy)
+    rules = tmp_path / "block.yaml"
+    rules.write_text(
+        "- rule: Test open of a forbidden file\n"
+        "  desc: a file no process may open\n"
+        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
+        "  output: forbidden open of %fd.name by %proc.name (pid %proc.pid)\n"
+        "  priority: CRITICAL\n"
+        "  tags: [sysgram.block]\n"
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(f"enforce:\n  enabled: true\n  allow_exes: [{allowed_copy}]\n")
+    alerts = tmp_path / "alerts.jsonl"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--no-model", "--no-default-rules", "--rules", str(rules),
+         "--config", str(config), "--state-dir", str(tmp_path / "state"), "--alerts-jsonl", str(alerts),
+         "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert agent.stderr is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = agent.stderr.readline()
+            if "sysgram: ready" in line or (not line and agent.poll() is not None):
+                break
+        assert agent.poll() is None, agent.stderr.read()
+        victim = subprocess.Popen([str(opener), blocked, "3"])
+        bystander = subprocess.Popen([str(opener), other, "1"])
+        allowed = subprocess.Popen([str(allowed_copy), blocked, "1"])
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+        assert bystander.wait(timeout=30) == 0
+        assert allowed.wait(timeout=30) == 0
+    finally:
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=60)
+        for p in (blocked, other):
+            Path(p).unlink(missing_ok=True)
+    assert agent.returncode == 0, err
+    stats = json.loads(err.strip().splitlines()[-1].removeprefix("sysgram: stats "))
+    assert stats["blocks"] >= 1
+    records = [json.loads(line) for line in alerts.read_text().splitlines()]
+    blocks = [r for r in records if r["rule"] == "Sysgram blocked a process"]
+    assert any(r["output_fields"]["proc.pid"] == victim.pid for r in blocks)
+    assert all(r["output_fields"]["proc.pid"] != allowed.pid or "allow" in r["output_fields"]["sysgram.action"]
+               for r in blocks)
+    assert any(r["rule"] == "Test open of a forbidden file" for r in records)

@@ -1,0 +1,65 @@
+"""``sysgram alerts ...`` through the real CLI entry point, and the alerts benchmark at its quick size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.respond import Alert, OutputConfig, WebhookSink
+
+
+def test_alerts_test_writes_the_console_and_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "alerts.jsonl"
+    assert main(["alerts", "test", "--jsonl", str(path), "--format", "ocsf"]) == 0
+    assert "Sysgram test alert" in capsys.readouterr().out
+    finding = json.loads(path.read_text())
+    assert finding["class_uid"] == 2004 and finding["finding_info"]["title"] == "Sysgram test alert"
+
+
+def test_alerts_test_with_a_bad_secret_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["alerts", "test", "--webhook", "http://127.0.0.1:1/", "--secret", "whsec_***"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sysgram: error: --secret") and err.count("\n") == 1
+
+
+def test_alerts_spool_reports_and_re_enables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sink = WebhookSink("http://127.0.0.1:1/", state_dir=tmp_path, close_timeout=0)
+    sink.emit(Alert.new("r", "Notice", "o"))
+    sink.spool.set_meta("disabled_url", "http://127.0.0.1:1/")  # as a 410 would have left it
+    sink.close(timeout=0)
+    assert main(["alerts", "spool", str(tmp_path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["pending"] == 1 and status["disabled_endpoint"] == "http://127.0.0.1:1/"
+    assert main(["alerts", "spool", str(tmp_path), "--enable"]) == 0
+    assert "re-enabled" in capsys.readouterr().out
+    assert main(["alerts", "spool", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["disabled_endpoint"] is None
+
+
+def test_alerts_spool_without_a_spool_names_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["alerts", "spool", str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_listen_host_alias_and_null_console() -> None:
+    data = {"console": None, "listen": {"host": "127.0.0.1", "port": 1}}
+    config = OutputConfig.from_mapping(data, source="x")
+    assert config.console is None and config.listen is not None and config.listen.address == "127.0.0.1"
+
+
+def test_bench_quick_delivers_everything() -> None:
+    from agent.respond.bench import run
+
+    figures = {f.name: f for f in run(quick=True)}
+    assert figures["alerts not received"].value == 0
+    rates = [f.value for name, f in figures.items() if name != "alerts not received"]
+    assert len(rates) == 5 and all(isinstance(v, float) and v > 0 for v in rates)
