@@ -38,7 +38,9 @@ class Figure:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="measure capture, scoring, rules, alerts, end to end")
-    parser.add_argument("parts", nargs="*", metavar="PART", help=f"one or more of: {', '.join(PARTS)} (default: all)")
+    parser.add_argument(
+        "parts", nargs="*", metavar="PART", help=f"one or more of: {', '.join(PARTS)} (default: all)"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--quick", action="store_true", help="smaller runs (for smoke tests)")
     parser.set_defaults(handler=_main)

@@ -29,7 +29,9 @@ class EnforceConfig:
     block_min_priority: str = ""  # e.g. "Critical": rules at or above block; "" = only by name/tag
     block_anomaly_score: float = 0.0  # >0: an anomaly at or above this score (with a rule match) blocks
     action: str = "kill"  # kill | stop
-    deny_syscalls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # exe -> syscalls killed in-kernel
+    deny_syscalls: Mapping[str, tuple[str, ...]] = field(
+        default_factory=dict
+    )  # exe -> syscalls killed in-kernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +62,28 @@ class AgentConfig:
 
 
 _TOP = {
-    "state_dir": str, "model": str, "rules": list, "default_rules": bool, "rule_matching": str,
-    "flush_interval": float, "detail_syscalls": list, "enforce": dict, "outputs": dict, "seccomp": dict,
+    "state_dir": str,
+    "model": str,
+    "rules": list,
+    "default_rules": bool,
+    "rule_matching": str,
+    "flush_interval": float,
+    "detail_syscalls": list,
+    "enforce": dict,
+    "outputs": dict,
+    "seccomp": dict,
     "verdict": dict,
 }
 _ENFORCE = {
-    "enabled": bool, "allow_exes": list, "allow_pids": list, "block_rules": list, "block_tags": list,
-    "block_min_priority": str, "block_anomaly_score": float, "action": str, "deny_syscalls": dict,
+    "enabled": bool,
+    "allow_exes": list,
+    "allow_pids": list,
+    "block_rules": list,
+    "block_tags": list,
+    "block_min_priority": str,
+    "block_anomaly_score": float,
+    "action": str,
+    "deny_syscalls": dict,
 }
 
 
@@ -78,20 +95,26 @@ def _marks(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
             _marks(value, path, out)
 
 
-def _check(section: Mapping[str, Any], schema: Mapping[str, type], prefix: str, source: str,
-           marks: Mapping[str, int]) -> None:
+def _check(
+    section: Mapping[str, Any], schema: Mapping[str, type], prefix: str, source: str, marks: Mapping[str, int]
+) -> None:
     for key, value in section.items():
         path = f"{prefix}{key}"
         line = marks.get(path)
         if key not in schema:
-            raise ConfigError(f"unknown key {path!r} (known: {', '.join(sorted(schema))})", path=source, line=line)
+            raise ConfigError(
+                f"unknown key {path!r} (known: {', '.join(sorted(schema))})", path=source, line=line
+            )
         want = schema[key]
         ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            raise ConfigError(f"{path}: expected {want.__name__}, got {type(value).__name__} {value!r}",
-                              path=source, line=line)
+            raise ConfigError(
+                f"{path}: expected {want.__name__}, got {type(value).__name__} {value!r}",
+                path=source,
+                line=line,
+            )
 
 
 def load_config(path: str) -> AgentConfig:
@@ -107,7 +130,9 @@ def load_config(path: str) -> AgentConfig:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
-        raise ConfigError(f"invalid YAML: {getattr(err, 'problem', err)}", path=path, line=line, col=col) from None
+        raise ConfigError(
+            f"invalid YAML: {getattr(err, 'problem', err)}", path=path, line=line, col=col
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -123,9 +148,13 @@ def load_config(path: str) -> AgentConfig:
             if not isinstance(item, str):
                 raise ConfigError(f"{key}[{i}]: expected a string", path=path, line=marks.get(key))
     if data.get("rule_matching", "all") not in ("all", "first"):
-        raise ConfigError("rule_matching: expected 'all' or 'first'", path=path, line=marks.get("rule_matching"))
+        raise ConfigError(
+            "rule_matching: expected 'all' or 'first'", path=path, line=marks.get("rule_matching")
+        )
     if enforce_raw.get("action", "kill") not in ("kill", "stop"):
-        raise ConfigError("enforce.action: expected 'kill' or 'stop'", path=path, line=marks.get("enforce.action"))
+        raise ConfigError(
+            "enforce.action: expected 'kill' or 'stop'", path=path, line=marks.get("enforce.action")
+        )
     enforce = EnforceConfig(
         enabled=bool(enforce_raw.get("enabled", False)),
         allow_exes=tuple(enforce_raw.get("allow_exes", ())),
@@ -139,7 +168,7 @@ def load_config(path: str) -> AgentConfig:
     )
     return AgentConfig(
         source=path,
-        state_dir=data.get("state_dir", AgentConfig.state_dir),
+        state_dir=data.get("state_dir", "/var/lib/sysgram"),
         model=data.get("model", ""),
         rules=tuple(data.get("rules", ()) or ()),
         default_rules=data.get("default_rules", True),

@@ -57,7 +57,9 @@ def is_kernel_thread(pid: int) -> bool:
 
 
 class Enforcer:
-    def __init__(self, bpf: object, config: EnforceConfig, lookup: Callable[[int], ProcessInfo | None]) -> None:
+    def __init__(
+        self, bpf: object, config: EnforceConfig, lookup: Callable[[int], ProcessInfo | None]
+    ) -> None:
         self.bpf = bpf
         self.config = config
         self.lookup = lookup

@@ -115,7 +115,12 @@ class Pipeline:
 
     def _proc(self, event: ProcEvent) -> None:
         self.counters["proc_events"] += 1
-        if event.kind == "fork" and not event.is_thread and self.filters.active and event.ppid in self._matched:
+        if (
+            event.kind == "fork"
+            and not event.is_thread
+            and self.filters.active
+            and event.ppid in self._matched
+        ):
             self._matched.add(event.pid)
         self.table.apply(event)
         if self.engine is not None:
@@ -154,28 +159,40 @@ class Pipeline:
             if info is not None:
                 decision = self.policy.evaluate(info, event.syscall, event.raw_args)
                 if decision is not None and decision.violation:
-                    evidence.append(Evidence("seccomp", decision.rule, detail=os.path.basename(decision.profile)))
+                    evidence.append(
+                        Evidence("seccomp", decision.rule, detail=os.path.basename(decision.profile))
+                    )
         if evidence:
             state = self.detector.state(event.tgid) if self.detector is not None else None
             if state is not None and state.is_anomalous:
-                evidence.append(Evidence("anomaly", ANOMALY_RULE, score=state.score, detail=f"score {state.score:.2f}"))
+                evidence.append(
+                    Evidence("anomaly", ANOMALY_RULE, score=state.score, detail=f"score {state.score:.2f}")
+                )
             verdict = self.decisions.decide(evidence)
             if verdict is not None:
                 self._emit(verdict, event.tgid, event.ts, matches)
 
     def _anomaly(self, anomaly: Any) -> None:
-        verdict = self.decisions.decide([Evidence("anomaly", ANOMALY_RULE, score=anomaly.process_score,
-                                                  detail=anomaly.explanation)])
+        verdict = self.decisions.decide(
+            [Evidence("anomaly", ANOMALY_RULE, score=anomaly.process_score, detail=anomaly.explanation)]
+        )
         if verdict is None or self.outputs is None:
             return
         fields = dict(anomaly.output_fields())
         info = self.table.get(anomaly.pid)
         fields["proc.ppid"] = info.ppid if info else None
         fields["proc.cmdline"] = info.cmdline if info else None
-        fields.update({"sysgram.verdict.severity": verdict.severity, "sysgram.verdict.action": verdict.action,
-                       "sysgram.verdict.explanation": verdict.explanation})
-        output = (f"Anomalous syscall sequence by {anomaly.name} (pid={anomaly.pid} exe={anomaly.exe} "
-                  f"score={anomaly.process_score:.2f} threshold={anomaly.process_threshold:.2f}): {anomaly.explanation}")
+        fields.update(
+            {
+                "sysgram.verdict.severity": verdict.severity,
+                "sysgram.verdict.action": verdict.action,
+                "sysgram.verdict.explanation": verdict.explanation,
+            }
+        )
+        output = (
+            f"Anomalous syscall sequence by {anomaly.name} (pid={anomaly.pid} exe={anomaly.exe} "
+            f"score={anomaly.process_score:.2f} threshold={anomaly.process_threshold:.2f}): {anomaly.explanation}"
+        )
         self._send(ANOMALY_RULE, verdict.severity, output, fields, ("sysgram", "anomaly"), anomaly.ts)
 
     def _emit(self, verdict: Verdict, pid: int, ts: int, matches: list[Any]) -> None:
@@ -187,24 +204,35 @@ class Pipeline:
             rule, output, tags = top.rule, top.output, tuple(top.tags)
             fields.update(top.output_fields)
         fields.setdefault("proc.pid", pid)
-        fields.update({"sysgram.verdict.severity": verdict.severity, "sysgram.verdict.action": verdict.action,
-                       "sysgram.verdict.reasons": list(verdict.reasons),
-                       "sysgram.verdict.explanation": verdict.explanation})
+        fields.update(
+            {
+                "sysgram.verdict.severity": verdict.severity,
+                "sysgram.verdict.action": verdict.action,
+                "sysgram.verdict.reasons": list(verdict.reasons),
+                "sysgram.verdict.explanation": verdict.explanation,
+            }
+        )
         if verdict.action == "block" and self.enforcer is not None:
             record = self.enforcer.block(pid, f"{rule}: {verdict.explanation}")
             self.counters["blocks" if record.done else "blocks_refused"] += 1
             fields["sysgram.action"] = f"{record.signal} sent" if record.done else record.reason
             self.latencies_ns.append(time.monotonic_ns() - ts)
-            self._send(BLOCK_RULE, "Critical",
-                       f"Sysgram {'blocked' if record.done else 'did not block'} pid {pid} ({record.signal}): "
-                       f"{rule}" + ("" if record.done else f"; {record.reason}"),
-                       dict(fields), ("sysgram", "enforcement"), ts)
+            self._send(
+                BLOCK_RULE,
+                "Critical",
+                f"Sysgram {'blocked' if record.done else 'did not block'} pid {pid} ({record.signal}): "
+                f"{rule}" + ("" if record.done else f"; {record.reason}"),
+                dict(fields),
+                ("sysgram", "enforcement"),
+                ts,
+            )
         if verdict.action == "log":
             return
         self._send(rule, verdict.severity, output, fields, tags, ts)
 
-    def _send(self, rule: str, priority: str, output: str, fields: dict[str, Any], tags: tuple[str, ...],
-              ts: int) -> None:
+    def _send(
+        self, rule: str, priority: str, output: str, fields: dict[str, Any], tags: tuple[str, ...], ts: int
+    ) -> None:
         self.counters["alerts"] += 1
         if self.outputs is None:
             return
@@ -218,8 +246,11 @@ class Pipeline:
         """A real Falco's alert, ingested: cross-checked with the process's anomaly state."""
         self.counters["falco_alerts"] += 1
         pid = falco_alert.output_fields.get("proc.pid")
-        evidence = [Evidence("falco", falco_alert.rule, falco_alert.priority, tuple(falco_alert.tags),
-                             falco_alert.output)]
+        evidence = [
+            Evidence(
+                "falco", falco_alert.rule, falco_alert.priority, tuple(falco_alert.tags), falco_alert.output
+            )
+        ]
         state = None
         if isinstance(pid, int) and self.detector is not None:
             state = self.detector.state(pid)
@@ -229,21 +260,35 @@ class Pipeline:
         if verdict is None:
             return
         fields = dict(falco_alert.output_fields)
-        fields.update({"sysgram.verdict.severity": verdict.severity, "sysgram.verdict.action": verdict.action,
-                       "sysgram.verdict.explanation": verdict.explanation, "sysgram.source": "falco",
-                       "sysgram.anomaly.score": state.score if state else None,
-                       "sysgram.anomaly.is_anomalous": bool(state and state.is_anomalous)})
+        fields.update(
+            {
+                "sysgram.verdict.severity": verdict.severity,
+                "sysgram.verdict.action": verdict.action,
+                "sysgram.verdict.explanation": verdict.explanation,
+                "sysgram.source": "falco",
+                "sysgram.anomaly.score": state.score if state else None,
+                "sysgram.anomaly.is_anomalous": bool(state and state.is_anomalous),
+            }
+        )
         with self._lock:
             if verdict.action == "block" and self.enforcer is not None and isinstance(pid, int):
                 record = self.enforcer.block(pid, f"falco: {falco_alert.rule}")
                 fields["sysgram.action"] = f"{record.signal} sent" if record.done else record.reason
-            self._send(falco_alert.rule, verdict.severity, falco_alert.output, fields,
-                       tuple(falco_alert.tags), time.monotonic_ns())
+            self._send(
+                falco_alert.rule,
+                verdict.severity,
+                falco_alert.output,
+                fields,
+                tuple(falco_alert.tags),
+                time.monotonic_ns(),
+            )
 
     def stats(self, drops: dict[str, int]) -> dict[str, Any]:
-        out: dict[str, Any] = {"events": self.counters["syscalls"] + self.counters["details"]
-                               + self.counters["proc_events"], "drops": sum(drops.values()),
-                               "drops_by_stage": drops}
+        out: dict[str, Any] = {
+            "events": self.counters["syscalls"] + self.counters["details"] + self.counters["proc_events"],
+            "drops": sum(drops.values()),
+            "drops_by_stage": drops,
+        }
         out.update({k: v for k, v in sorted(self.counters.items())})
         out["processes"] = len(self.table)
         if self.detector is not None:
@@ -252,18 +297,30 @@ class Pipeline:
 
 
 def build_recorder_pipeline(output: str, filters: Filters) -> Pipeline:
-    recorder = RecordingWriter(output, filters={"pids": sorted(filters.pids), "comms": sorted(filters.comms),
-                                                "exes": sorted(filters.exes)})
+    recorder = RecordingWriter(
+        output,
+        filters={"pids": sorted(filters.pids), "comms": sorted(filters.comms), "exes": sorted(filters.exes)},
+    )
     return Pipeline(table=ProcessTable(), recorder=recorder, filters=filters)
 
 
 def _ready(source: LiveSource) -> None:
-    print(f"sysgram: ready (pid {os.getpid()}, {len(source.tracer.attached) if source.tracer else 0} "
-          "detail tracepoints)", file=sys.stderr, flush=True)
+    print(
+        f"sysgram: ready (pid {os.getpid()}, {len(source.tracer.attached) if source.tracer else 0} "
+        "detail tracepoints)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
-def run_live(pipeline: Pipeline, *, seconds: float = 0.0, detail_syscalls: set[str] | None = None,
-             enforce: bool = False, flush_interval: float = 0.02) -> int:
+def run_live(
+    pipeline: Pipeline,
+    *,
+    seconds: float = 0.0,
+    detail_syscalls: set[str] | None = None,
+    enforce: bool = False,
+    flush_interval: float = 0.02,
+) -> int:
     """Capture until SIGINT/SIGTERM (or ``seconds``); print ``sysgram: stats {json}`` last; exit 0."""
     from agent.capture._decode import SPECS
 
@@ -314,7 +371,9 @@ def run_replay(pipeline: Pipeline, path: str) -> int:
     source = ReplaySource(path)
     source.start()
     for info in source.recording.processes:
-        pipeline.table.apply(ProcEvent("fork", info.start_ns, info.pid, info.pid, ppid=info.ppid, comm=info.comm))
+        pipeline.table.apply(
+            ProcEvent("fork", info.start_ns, info.pid, info.pid, ppid=info.ppid, comm=info.comm)
+        )
     print("sysgram: ready (replay)", file=sys.stderr, flush=True)
     for group in source.chunks():
         pipeline.handle(group)

@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
     rep.add_argument("file")
     _agent_options(rep)
     rep.set_defaults(handler=_replay)
-    learn = subparsers.add_parser("learn", help="record this host's normal behaviour, then train a model on it")
+    learn = subparsers.add_parser(
+        "learn", help="record this host's normal behaviour, then train a model on it"
+    )
     learn.add_argument("--seconds", type=float, required=True)
     learn.add_argument("-o", "--output", required=True, help="the model to write (.onnx; sidecar beside it)")
     learn.add_argument("--exe", action="append", default=[], help="only these executables")
@@ -42,12 +44,16 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="state directory (spool, alerts) [/var/lib/sysgram]")
     p.add_argument("--model", help="ONNX model (sidecar beside it) [models/sysgram-default.onnx]")
     p.add_argument("--no-model", action="store_true", help="run without the anomaly model")
-    p.add_argument("--rules", action="append", default=[], help="Falco-format rules file, added to the defaults")
+    p.add_argument(
+        "--rules", action="append", default=[], help="Falco-format rules file, added to the defaults"
+    )
     p.add_argument("--no-default-rules", action="store_true", help="do not load rules/sysgram_rules.yaml")
     p.add_argument("--alerts-jsonl", help="also write alerts as JSON lines to this file")
     p.add_argument("--webhook", help="POST alerts to this URL (Falco JSON)")
     p.add_argument("--webhook-secret", help="sign webhooks (Standard Webhooks); whsec_ secrets are base64")
-    p.add_argument("--listen", help="ingestion + /metrics address HOST:PORT (default off; 127.0.0.1 if no host)")
+    p.add_argument(
+        "--listen", help="ingestion + /metrics address HOST:PORT (default off; 127.0.0.1 if no host)"
+    )
     p.add_argument("--enforce", action="store_true", help="turn blocking on (off by default)")
     p.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no console alerts")
@@ -57,13 +63,19 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     cfg = load_config(args.config) if args.config else AgentConfig()
     enforce = cfg.enforce
     if args.enforce and not enforce.enabled:
-        enforce = EnforceConfig(**{**{f: getattr(enforce, f) for f in enforce.__dataclass_fields__}, "enabled": True})
+        enforce = EnforceConfig(
+            **{**{f: getattr(enforce, f) for f in enforce.__dataclass_fields__}, "enabled": True}
+        )
     from dataclasses import replace
 
-    return replace(cfg, enforce=enforce, state_dir=args.state_dir or cfg.state_dir,
-                   model="" if args.no_model else (args.model or cfg.model or str(DEFAULT_MODEL)),
-                   rules=(*cfg.rules, *args.rules),
-                   default_rules=cfg.default_rules and not args.no_default_rules)
+    return replace(
+        cfg,
+        enforce=enforce,
+        state_dir=args.state_dir or cfg.state_dir,
+        model="" if args.no_model else (args.model or cfg.model or str(DEFAULT_MODEL)),
+        rules=(*cfg.rules, *args.rules),
+        default_rules=cfg.default_rules and not args.no_default_rules,
+    )
 
 
 def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -80,15 +92,20 @@ def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, An
         section["webhook"]["secret"] = args.webhook_secret
     if args.listen:
         host, _, port = args.listen.rpartition(":")
-        section["listen"] = {**(section.get("listen") or {}), "address": host or "127.0.0.1", "port": int(port)}
+        section["listen"] = {
+            **(section.get("listen") or {}),
+            "address": host or "127.0.0.1",
+            "port": int(port),
+        }
     return section
 
 
 def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline, set[str]]:
     """Every room the config turns on, wired; and the syscalls that need details."""
     table = ProcessTable()
-    pipeline = Pipeline(table=table, decisions=DecisionTable.from_mapping(cfg.verdict, cfg.enforce,
-                                                                          source=cfg.source))
+    pipeline = Pipeline(
+        table=table, decisions=DecisionTable.from_mapping(cfg.verdict, cfg.enforce, source=cfg.source)
+    )
     # The process table always needs exec (exact argv) and cwd changes (resolving relative paths).
     details: set[str] = {"execve", "execveat", "chdir", "fchdir", *cfg.detail_syscalls}
     rule_files = [*([str(DEFAULT_RULES)] if cfg.default_rules and DEFAULT_RULES.exists() else []), *cfg.rules]
@@ -99,7 +116,7 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         errors = [d for d in diagnostics if getattr(d, "severity", "error") == "error"]
         if errors:
             first = errors[0]
-            raise ConfigError(f"rules: {first.message}", path=first.path, line=first.line, col=first.col)
+            raise ConfigError(f"rules: {first.message}", path=first.file, line=first.line, col=first.col)
         pipeline.engine = Engine(ruleset, table.get, anomaly_lookup=None)
         details |= set(ruleset.interesting_syscalls())
     if cfg.model:
@@ -113,7 +130,9 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         from agent.seccomp import PolicyEvaluator, SeccompConfig
 
         base = os.path.dirname(os.path.abspath(cfg.source)) if os.path.exists(cfg.source) else "."
-        pipeline.policy = PolicyEvaluator(SeccompConfig.from_dict(seccomp_section, base_dir=base, source=cfg.source))
+        pipeline.policy = PolicyEvaluator(
+            SeccompConfig.from_dict(seccomp_section, base_dir=base, source=cfg.source)
+        )
         details |= set(pipeline.policy.interesting_syscalls())
     from agent.respond import OutputConfig, build_outputs
 
@@ -130,8 +149,12 @@ def _anomaly_fields(detector: Any) -> Any:
         state = detector.state(pid)
         if state is None:
             return None
-        return AnomalyFields(score=state.score, threshold=state.threshold, window=" ".join(state.window),
-                             is_anomalous=state.is_anomalous)
+        return AnomalyFields(
+            score=state.score,
+            threshold=state.threshold,
+            window=" ".join(state.window),
+            is_anomalous=state.is_anomalous,
+        )
 
     return lookup
 
@@ -153,8 +176,13 @@ def _run(args: argparse.Namespace) -> int:
             pipeline.enforcer.protect_processes(pipeline.table.snapshot())
 
     pipeline.attach_tracer = attach  # type: ignore[attr-defined]
-    return run_live(pipeline, seconds=args.seconds, detail_syscalls=details, enforce=enforce_cfg.enabled,
-                    flush_interval=cfg.flush_interval)
+    return run_live(
+        pipeline,
+        seconds=args.seconds,
+        detail_syscalls=details,
+        enforce=enforce_cfg.enabled,
+        flush_interval=cfg.flush_interval,
+    )
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -167,7 +195,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _learn(args: argparse.Namespace) -> int:
     try:
-        from training import train_from_recordings  # type: ignore[attr-defined]
+        from training import train_from_recordings
     except ImportError as err:
         raise NotYetAvailable(f"training is not installed ({err}): pip install -e '.[train]'") from None
     from agent.pipeline import Filters, build_recorder_pipeline

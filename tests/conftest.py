@@ -41,5 +41,6 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sysgram(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
-                          **kw)  # type: ignore[call-overload]
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT, **kw
+    )  # type: ignore[call-overload]

@@ -33,7 +33,9 @@ def test_dtypes_match_the_c_structs(tmp_path: Path) -> None:
     src.write_text(PROGRAM)
     exe = tmp_path / "sizes"
     subprocess.run([cc, "-I", str(ROOT / "bpf"), "-o", str(exe), str(src)], check=True)
-    sizes = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
+    sizes = [
+        int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    ]
     assert sizes == [
         L.SC_REC.itemsize,
         L.BATCH_HEADER.itemsize,
@@ -53,7 +55,14 @@ def test_sockaddr_decoding() -> None:
 
     v4 = struct.pack("<H", socket.AF_INET) + struct.pack(">H", 443) + bytes([10, 1, 2, 3]) + b"\0" * 8
     assert decode_sockaddr(v4) == {"family": socket.AF_INET, "port": 443, "addr": "10.1.2.3"}
-    v6 = struct.pack("<H", socket.AF_INET6) + struct.pack(">H", 22) + b"\0" * 4 + bytes(15) + b"\x01" + b"\0" * 4
+    v6 = (
+        struct.pack("<H", socket.AF_INET6)
+        + struct.pack(">H", 22)
+        + b"\0" * 4
+        + bytes(15)
+        + b"\x01"
+        + b"\0" * 4
+    )
     assert decode_sockaddr(v6) == {"family": socket.AF_INET6, "port": 22, "addr": "::1"}
     unix = struct.pack("<H", socket.AF_UNIX) + b"/run/x.sock\0"
     assert decode_sockaddr(unix)["addr"] == "/run/x.sock"

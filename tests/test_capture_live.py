@@ -19,8 +19,12 @@ pytestmark = [requires_bpf, pytest.mark.bpf]
 
 
 def start_recorder(out: Path, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "record", "-o", str(out), *extra], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "record", "-o", str(out), *extra],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -76,8 +80,11 @@ def test_open_is_decoded_with_path_and_flags(recorded: dict[str, object]) -> Non
     result = sysgram("inspect", str(recorded["out"]), "--pid", str(recorded["pid"]), "--events", "--json")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    opens = [e for e in events if e.get("detail") and e["syscall"] in ("open", "openat")
-             and e.get("name") == recorded["path"]]
+    opens = [
+        e
+        for e in events
+        if e.get("detail") and e["syscall"] in ("open", "openat") and e.get("name") == recorded["path"]
+    ]
     assert len(opens) == 1
     assert opens[0]["flags"] & os.O_CREAT and opens[0]["flags"] & os.O_WRONLY
     assert opens[0]["res"] >= 0
@@ -146,8 +153,11 @@ def test_32bit_process_syscalls_are_named_with_i386_numbers(tmp_path: Path, work
 
     cc = shutil.which("gcc") or shutil.which("cc")
     exe32 = tmp_path / "workload32"
-    built = subprocess.run([cc or "cc", "-m32", "-O1", "-o", str(exe32), str(ROOT / "tests" / "workload.c")],
-                           capture_output=True, text=True)
+    built = subprocess.run(
+        [cc or "cc", "-m32", "-O1", "-o", str(exe32), str(ROOT / "tests" / "workload.c")],
+        capture_output=True,
+        text=True,
+    )
     if built.returncode != 0:
         pytest.skip(f"no 32-bit toolchain (gcc-multilib): {built.stderr.strip()[:200]}")
     out = tmp_path / "compat.parquet"

@@ -22,8 +22,10 @@ pytestmark = [requires_bpf, pytest.mark.bpf]
 @pytest.fixture(scope="module")
 def opener(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bin") / "sysgram-opener"
-    subprocess.run([shutil.which("cc") or "cc", "-O1", "-o", str(out), str(ROOT / "tests" / "open_and_wait.c")],
-                   check=True)
+    subprocess.run(
+        [shutil.which("cc") or "cc", "-O1", "-o", str(out), str(ROOT / "tests" / "open_and_wait.c")],
+        check=True,
+    )
     return out
 
 
@@ -45,9 +47,27 @@ def test_sysgram_block_rule_kills_only_the_offender(tmp_path: Path, opener: Path
     config.write_text(f"enforce:\n  enabled: true\n  allow_exes: [{allowed_copy}]\n")
     alerts = tmp_path / "alerts.jsonl"
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--no-model", "--no-default-rules", "--rules", str(rules),
-         "--config", str(config), "--state-dir", str(tmp_path / "state"), "--alerts-jsonl", str(alerts),
-         "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--no-model",
+            "--no-default-rules",
+            "--rules",
+            str(rules),
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--alerts-jsonl",
+            str(alerts),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert agent.stderr is not None
         deadline = time.monotonic() + 120
@@ -73,6 +93,8 @@ def test_sysgram_block_rule_kills_only_the_offender(tmp_path: Path, opener: Path
     records = [json.loads(line) for line in alerts.read_text().splitlines()]
     blocks = [r for r in records if r["rule"] == "Sysgram blocked a process"]
     assert any(r["output_fields"]["proc.pid"] == victim.pid for r in blocks)
-    assert all(r["output_fields"]["proc.pid"] != allowed.pid or "allow" in r["output_fields"]["sysgram.action"]
-               for r in blocks)
+    assert all(
+        r["output_fields"]["proc.pid"] != allowed.pid or "allow" in r["output_fields"]["sysgram.action"]
+        for r in blocks
+    )
     assert any(r["rule"] == "Test open of a forbidden file" for r in records)

@@ -111,9 +111,30 @@ CLONE_SPECS: dict[str, ArgSpec] = {
     "fork": _s(""),
     "vfork": _s(""),
 }
-SIGNED_ARGS = frozenset({"dirfd", "olddir", "newdir", "olddirfd", "newdirfd", "linkdirfd", "fd", "oldfd",
-                         "newfd", "pid", "tid", "tgid", "uid", "gid", "ruid", "euid", "suid", "rgid", "egid",
-                         "sgid"})
+SIGNED_ARGS = frozenset(
+    {
+        "dirfd",
+        "olddir",
+        "newdir",
+        "olddirfd",
+        "newdirfd",
+        "linkdirfd",
+        "fd",
+        "oldfd",
+        "newfd",
+        "pid",
+        "tid",
+        "tgid",
+        "uid",
+        "gid",
+        "ruid",
+        "euid",
+        "suid",
+        "rgid",
+        "egid",
+        "sgid",
+    }
+)
 
 
 def spec_table(detail_syscalls: set[str]) -> tuple[np.ndarray, dict[int, str]]:
@@ -189,8 +210,16 @@ def decode_detail(rec: np.void) -> DetailEvent:
             args[spec.deref_name] = int(rec["deref"])
         if spec.sockaddr != NONE and rec["len"][2]:
             args.update(decode_sockaddr(bytes(rec["str"][2])[: int(rec["len"][2])]))
-    return DetailEvent(ts=int(h["ts"]), tgid=int(h["tgid"]), tid=int(h["tid"]), syscall=name, nr=nr,
-                       res=int(rec["ret"]), args=args, raw_args=tuple(raw_args))
+    return DetailEvent(
+        ts=int(h["ts"]),
+        tgid=int(h["tgid"]),
+        tid=int(h["tid"]),
+        syscall=name,
+        nr=nr,
+        res=int(rec["ret"]),
+        args=args,
+        raw_args=tuple(raw_args),
+    )
 
 
 def decode_exec_args(rec: np.void) -> tuple[int, str, tuple[str, ...]]:
@@ -207,13 +236,30 @@ def decode_proc(rec: np.void) -> ProcEvent:
     comm = _cstr(bytes(rec["comm"]))
     if kind == L.K_FORK:
         parent_nr = syscall_name(int(h["nr"])) if h["flags"] else ""
-        is_thread = bool(h["flags"]) and parent_nr in ("clone", "clone3") and bool(
-            int(rec["clone_flags"]) & CLONE_THREAD)
+        is_thread = (
+            bool(h["flags"])
+            and parent_nr in ("clone", "clone3")
+            and bool(int(rec["clone_flags"]) & CLONE_THREAD)
+        )
         child_tid = int(h["aux"])
-        return ProcEvent("fork", int(h["ts"]), pid=int(h["tgid"]) if is_thread else child_tid, tid=child_tid,
-                         ppid=int(h["tgid"]), comm=comm, is_thread=is_thread)
+        return ProcEvent(
+            "fork",
+            int(h["ts"]),
+            pid=int(h["tgid"]) if is_thread else child_tid,
+            tid=child_tid,
+            ppid=int(h["tgid"]),
+            comm=comm,
+            is_thread=is_thread,
+        )
     if kind == L.K_EXEC:
-        return ProcEvent("exec", int(h["ts"]), pid=int(h["tgid"]), tid=int(h["tid"]), comm=comm,
-                         filename=_cstr(bytes(rec["filename"])))
-    return ProcEvent("exit", int(h["ts"]), pid=int(h["tgid"]), tid=int(h["tid"]), comm=comm,
-                     is_thread=not bool(h["aux"]))
+        return ProcEvent(
+            "exec",
+            int(h["ts"]),
+            pid=int(h["tgid"]),
+            tid=int(h["tid"]),
+            comm=comm,
+            filename=_cstr(bytes(rec["filename"])),
+        )
+    return ProcEvent(
+        "exit", int(h["ts"]), pid=int(h["tgid"]), tid=int(h["tid"]), comm=comm, is_thread=not bool(h["aux"])
+    )

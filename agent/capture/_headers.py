@@ -31,8 +31,9 @@ def ensure_tracefs() -> None:
         return
     result = subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS], capture_output=True, text=True)
     if result.returncode != 0:
-        raise CaptureError(f"tracefs is not mounted and mounting it failed: {result.stderr.strip()}",
-                           path=TRACEFS)
+        raise CaptureError(
+            f"tracefs is not mounted and mounting it failed: {result.stderr.strip()}", path=TRACEFS
+        )
 
 
 def ensure_kernel_headers(cache_dir: Path | None = None) -> str | None:
@@ -46,7 +47,9 @@ def ensure_kernel_headers(cache_dir: Path | None = None) -> str | None:
     if not arch_trees:
         raise CaptureError(
             f"no kernel headers for {release}: install linux-headers-{release} or linux-headers-cloud-amd64 "
-            "(make install does)", path="/usr/src")
+            "(make install does)",
+            path="/usr/src",
+        )
     arch_tree = Path(arch_trees[-1])
     version = arch_tree.name.removeprefix("linux-headers-").rsplit("-", 2)[0]  # e.g. 6.1.0-56
     common_tree = Path(f"/usr/src/linux-headers-{version}-common")

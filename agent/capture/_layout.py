@@ -16,7 +16,15 @@ SC_REC = np.dtype([("tgid", "<u4"), ("tid", "<u4"), ("nr", "<u2"), ("flags", "<u
 BATCH_HEADER = np.dtype([("base_ts", "<u8"), ("count", "<u4"), ("cpu", "<u4")])
 
 DETAIL_HDR = np.dtype(
-    [("kind", "u1"), ("flags", "u1"), ("nr", "<u2"), ("tgid", "<u4"), ("tid", "<u4"), ("aux", "<u4"), ("ts", "<u8")]
+    [
+        ("kind", "u1"),
+        ("flags", "u1"),
+        ("nr", "<u2"),
+        ("tgid", "<u4"),
+        ("tid", "<u4"),
+        ("aux", "<u4"),
+        ("ts", "<u8"),
+    ]
 )
 SC_DETAIL = np.dtype(
     [
@@ -30,12 +38,35 @@ SC_DETAIL = np.dtype(
     ]
 )
 EXEC_ARGS = np.dtype(
-    [("h", DETAIL_HDR), ("argc", "<u4"), ("argv_len", "<u4"), ("filename", f"S{STR_LEN}"), ("argv", f"V{ARGV_LEN + ARG_CHUNK}")]
+    [
+        ("h", DETAIL_HDR),
+        ("argc", "<u4"),
+        ("argv_len", "<u4"),
+        ("filename", f"S{STR_LEN}"),
+        ("argv", f"V{ARGV_LEN + ARG_CHUNK}"),
+    ]
 )
-PROC_EVENT = np.dtype([("h", DETAIL_HDR), ("clone_flags", "<u8"), ("comm", "S16"), ("filename", f"S{STR_LEN}")])
+PROC_EVENT = np.dtype(
+    [("h", DETAIL_HDR), ("clone_flags", "<u8"), ("comm", "S16"), ("filename", f"S{STR_LEN}")]
+)
 ARG_SPEC = np.dtype(
-    [("str0", "u1"), ("str1", "u1"), ("sockaddr", "u1"), ("sockaddr_len", "u1"), ("deref_u64", "u1"),
-     ("enabled", "u1"), ("pad", "u1", (2,))]
+    [
+        ("str0", "u1"),
+        ("str1", "u1"),
+        ("sockaddr", "u1"),
+        ("sockaddr_len", "u1"),
+        ("deref_u64", "u1"),
+        ("enabled", "u1"),
+        ("pad", "u1", (2,)),
+    ]
 )
-STATS = ("compact_lost", "detail_lost", "pending_full", "proc_lost", "batches", "signals", "syscalls",
-         "exec_args_lost")
+STATS = (
+    "compact_lost",
+    "detail_lost",
+    "pending_full",
+    "proc_lost",
+    "batches",
+    "signals",
+    "syscalls",
+    "exec_args_lost",
+)

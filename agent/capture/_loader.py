@@ -26,15 +26,23 @@ def _import_bcc() -> Any:
     except ImportError as err:
         raise CaptureError(
             "bcc is not importable: install Debian's python3-bpfcc and build the venv with "
-            f"--system-site-packages ({err})") from None
+            f"--system-site-packages ({err})"
+        ) from None
     return bcc
 
 
 class Tracer:
     """The loaded BPF object: compact and detail ring buffers, stats, enforcement maps."""
 
-    def __init__(self, *, self_tgid: int, detail_syscalls: set[str], enforce: bool = False,
-                 compact_rb_pages: int = 4096, detail_rb_pages: int = 2048) -> None:
+    def __init__(
+        self,
+        *,
+        self_tgid: int,
+        detail_syscalls: set[str],
+        enforce: bool = False,
+        compact_rb_pages: int = 4096,
+        detail_rb_pages: int = 2048,
+    ) -> None:
         if os.geteuid() != 0:
             raise CaptureError("the tracer needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN)")
         ensure_tracefs()
@@ -52,7 +60,9 @@ class Tracer:
         try:
             self.bpf = bcc.BPF(src_file=str(BPF_DIR / "sysgram.bpf.c"), cflags=cflags)
         except Exception as err:  # bcc raises plain Exception on compile/load failure
-            raise CaptureError(f"loading the BPF program failed: {err}", path=str(BPF_DIR / "sysgram.bpf.c")) from None
+            raise CaptureError(
+                f"loading the BPF program failed: {err}", path=str(BPF_DIR / "sysgram.bpf.c")
+            ) from None
         table, self.attached = spec_table(detail_syscalls)
         spec_map = self.bpf["arg_spec"]
         for nr in self.attached:
@@ -61,15 +71,18 @@ class Tracer:
 
     def _attach_details(self) -> None:
         tracing = "/sys/kernel/tracing/events/syscalls"
-        for nr, name in sorted(self.attached.items()):
+        for name in sorted(self.attached.values()):
             if not os.path.isdir(f"{tracing}/sys_enter_{name}"):
                 continue  # not a syscall on this kernel (e.g. an arch without it)
-            enter = {"execve": "on_execve_enter", "execveat": "on_execveat_enter"}.get(name, "on_detail_enter")
+            enter = {"execve": "on_execve_enter", "execveat": "on_execveat_enter"}.get(
+                name, "on_detail_enter"
+            )
             self.bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}", fn_name=enter)
             self.bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name="on_detail_exit")
 
-    def open_ring_buffers(self, on_compact: Callable[[Any, Any, int], int],
-                          on_detail: Callable[[Any, Any, int], int]) -> None:
+    def open_ring_buffers(
+        self, on_compact: Callable[[Any, Any, int], int], on_detail: Callable[[Any, Any, int], int]
+    ) -> None:
         self.bpf["compact_rb"].open_ring_buffer(on_compact)
         self.bpf["detail_rb"].open_ring_buffer(on_detail)
 

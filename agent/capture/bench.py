@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from agent.bench import Figure
 from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
 from agent.capture._loader import BPF_DIR, _import_bcc
@@ -62,7 +64,7 @@ def run(quick: bool = False) -> list[Figure]:
             while not stop.is_set():
                 group = source.get(0.05)
                 if group:
-                    consumed[0] += sum(len(c) for c in group if hasattr(c, "dtype"))
+                    consumed[0] += sum(len(c) for c in group if isinstance(c, np.ndarray))
 
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
@@ -89,7 +91,9 @@ def run(quick: bool = False) -> list[Figure]:
         Figure(PART, "getppid + sysgram capture", round(ours_ns, 1), "ns/syscall"),
         Figure(PART, "floor added", round(floor_added, 1), "ns/syscall"),
         Figure(PART, "sysgram added", round(ours_added, 1), "ns/syscall"),
-        Figure(PART, "sysgram added / floor added", round(ours_added / floor_added, 2), "x", "<= 1.5 (goal 1.3)"),
+        Figure(
+            PART, "sysgram added / floor added", round(ours_added / floor_added, 2), "x", "<= 1.5 (goal 1.3)"
+        ),
         Figure(PART, "syscall rate under capture", round(1e3 / ours_ns, 2), "M/s"),
         Figure(PART, "events consumed", events, "events"),
         Figure(PART, "drops (all stages)", sum(drops.values()), "events", "0"),

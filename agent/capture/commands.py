@@ -18,8 +18,12 @@ from agent.events import FLAG_COMPAT, DetailEvent, ProcEvent
 def register(subparsers: Any) -> None:
     rec = subparsers.add_parser("record", help="record this host's syscalls to a file (Parquet)")
     rec.add_argument("-o", "--output", required=True, help="the recording to write")
-    rec.add_argument("--seconds", type=float, default=0.0, help="stop after N seconds (default: until SIGINT)")
-    rec.add_argument("--pid", type=int, action="append", default=[], help="only this process and its descendants")
+    rec.add_argument(
+        "--seconds", type=float, default=0.0, help="stop after N seconds (default: until SIGINT)"
+    )
+    rec.add_argument(
+        "--pid", type=int, action="append", default=[], help="only this process and its descendants"
+    )
     rec.add_argument("--comm", action="append", default=[], help="only processes with this comm")
     rec.add_argument("--exe", action="append", default=[], help="only processes running this executable")
     rec.add_argument("--state-dir", default="/var/lib/sysgram", help=argparse.SUPPRESS)
@@ -29,7 +33,9 @@ def register(subparsers: Any) -> None:
     ins.add_argument("file")
     ins.add_argument("--json", action="store_true")
     ins.add_argument("--pid", type=int, help="only this process")
-    ins.add_argument("--events", action="store_true", help="print the process's events (one JSON object a line)")
+    ins.add_argument(
+        "--events", action="store_true", help="print the process's events (one JSON object a line)"
+    )
     ins.set_defaults(handler=_inspect)
 
 
@@ -95,16 +101,48 @@ def process_events(rec: Recording, pid: int) -> list[dict[str, Any]]:
     sc = rec.syscalls[rec.syscalls["tgid"] == pid]
     names = _names(rec, sc) if len(sc) else np.zeros(0, dtype=object)
     for i, (row, name) in enumerate(zip(sc, names, strict=True)):
-        out.append((int(row["ts"]), 1, {"ts": int(row["ts"]), "tid": int(row["tid"]), "syscall": str(name),
-                                         "seq": i}))
+        out.append(
+            (
+                int(row["ts"]),
+                1,
+                {"ts": int(row["ts"]), "tid": int(row["tid"]), "syscall": str(name), "seq": i},
+            )
+        )
     for event in rec.events:
         if isinstance(event, DetailEvent) and event.tgid == pid:
-            out.append((event.ts, 0, {"ts": event.ts, "tid": event.tid, "syscall": event.syscall, "res": event.res,
-                                      "detail": True, **event.args}))
-        elif isinstance(event, ProcEvent) and (event.pid == pid or (event.kind == "fork" and event.ppid == pid)):
-            out.append((event.ts, 0, {"ts": event.ts, "tid": event.tid, "syscall": f"sched_process_{event.kind}",
-                                      "event": event.kind, "pid": event.pid,
-                                      "ppid": event.ppid, "comm": event.comm, "filename": event.filename}))
+            out.append(
+                (
+                    event.ts,
+                    0,
+                    {
+                        "ts": event.ts,
+                        "tid": event.tid,
+                        "syscall": event.syscall,
+                        "res": event.res,
+                        "detail": True,
+                        **event.args,
+                    },
+                )
+            )
+        elif isinstance(event, ProcEvent) and (
+            event.pid == pid or (event.kind == "fork" and event.ppid == pid)
+        ):
+            out.append(
+                (
+                    event.ts,
+                    0,
+                    {
+                        "ts": event.ts,
+                        "tid": event.tid,
+                        "syscall": f"sched_process_{event.kind}",
+                        "event": event.kind,
+                        "pid": event.pid,
+                        "ppid": event.ppid,
+                        "comm": event.comm,
+                        "filename": event.filename,
+                    },
+                )
+            )
     out.sort(key=lambda t: (t[0], t[1]))
     return [o for _, _, o in out]
 

@@ -118,18 +118,55 @@ class RecordingWriter:
 
     def add_event(self, event: DetailEvent | ProcEvent) -> None:
         self._flush_syscalls()
+        row: tuple[Any, ...]
         if isinstance(event, DetailEvent):
-            row = (KIND_DETAIL, event.ts, event.tgid, event.tid, event.nr, FLAG_COMPAT if event.compat else 0,
-                   event.res, event.syscall, json.dumps(_jsonable({**event.args, "raw_args": list(event.raw_args)})))
+            row = (
+                KIND_DETAIL,
+                event.ts,
+                event.tgid,
+                event.tid,
+                event.nr,
+                FLAG_COMPAT if event.compat else 0,
+                event.res,
+                event.syscall,
+                json.dumps(_jsonable({**event.args, "raw_args": list(event.raw_args)})),
+            )
         elif event.kind == "fork":
-            row = (KIND_FORK, event.ts, event.pid, event.tid, 0, 0, None, event.comm,
-                   json.dumps({"ppid": event.ppid, "is_thread": event.is_thread}))
+            row = (
+                KIND_FORK,
+                event.ts,
+                event.pid,
+                event.tid,
+                0,
+                0,
+                None,
+                event.comm,
+                json.dumps({"ppid": event.ppid, "is_thread": event.is_thread}),
+            )
         elif event.kind == "exec":
-            row = (KIND_EXEC, event.ts, event.pid, event.tid, 0, 0, None, event.comm,
-                   json.dumps({"filename": event.filename}))
+            row = (
+                KIND_EXEC,
+                event.ts,
+                event.pid,
+                event.tid,
+                0,
+                0,
+                None,
+                event.comm,
+                json.dumps({"filename": event.filename}),
+            )
         else:
-            row = (KIND_EXIT, event.ts, event.pid, event.tid, 0, 0, None, event.comm,
-                   json.dumps({"exit_code": event.exit_code}))
+            row = (
+                KIND_EXIT,
+                event.ts,
+                event.pid,
+                event.tid,
+                0,
+                0,
+                None,
+                event.comm,
+                json.dumps({"exit_code": event.exit_code}),
+            )
         self._rows.append(row)
         self.events += 1
         self._note_ts(event.ts, event.ts)
@@ -138,8 +175,19 @@ class RecordingWriter:
 
     def add_process(self, info: ProcessInfo) -> None:
         self._flush_syscalls()
-        self._rows.append((KIND_PROCESS, info.start_ns, info.pid, info.pid, 0, FLAG_COMPAT if info.compat else 0,
-                           None, info.comm, json.dumps(dataclasses.asdict(info))))
+        self._rows.append(
+            (
+                KIND_PROCESS,
+                info.start_ns,
+                info.pid,
+                info.pid,
+                0,
+                FLAG_COMPAT if info.compat else 0,
+                None,
+                info.comm,
+                json.dumps(dataclasses.asdict(info)),
+            )
+        )
 
     def close(self, drops: dict[str, int]) -> None:
         self._flush_syscalls()
@@ -181,8 +229,9 @@ class RecordingWriter:
             return
         columns = list(zip(*self._rows, strict=True))
         self._rows = []
-        table = pa.table([pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA, strict=True)],
-                         schema=SCHEMA)
+        table = pa.table(
+            [pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA
+        )
         self._writer.write_table(table)
 
 
@@ -223,7 +272,9 @@ def read_recording(path: str) -> Recording:
     except FileNotFoundError:
         raise RecordingError("no such recording", path=path) from None
     except (pa.ArrowException, OSError) as err:
-        raise RecordingError(f"not a sysgram recording (truncated or foreign file: {err})", path=path) from None
+        raise RecordingError(
+            f"not a sysgram recording (truncated or foreign file: {err})", path=path
+        ) from None
     raw_meta = (pf.schema_arrow.metadata or {}).get(b"sysgram")
     if raw_meta is None:
         raise RecordingError("not a sysgram recording (no 'sysgram' metadata)", path=path)
@@ -271,17 +322,44 @@ def _decode(path: str, meta: dict[str, Any], table: pa.Table) -> Recording:
             if k == KIND_DETAIL:
                 raw_args = tuple(int(a) for a in args.pop("raw_args", ()))
                 event: DetailEvent | ProcEvent = DetailEvent(
-                    ts=row["ts"], tgid=row["tgid"], tid=row["tid"], syscall=row["name"], nr=row["nr"],
-                    res=row["res"], args=args, compat=bool(row["flags"] & FLAG_COMPAT), raw_args=raw_args)
+                    ts=row["ts"],
+                    tgid=row["tgid"],
+                    tid=row["tid"],
+                    syscall=row["name"],
+                    nr=row["nr"],
+                    res=row["res"],
+                    args=args,
+                    compat=bool(row["flags"] & FLAG_COMPAT),
+                    raw_args=raw_args,
+                )
             elif k == KIND_FORK:
-                event = ProcEvent("fork", row["ts"], row["tgid"], row["tid"], ppid=args["ppid"],
-                                  comm=row["name"] or "", is_thread=args["is_thread"])
+                event = ProcEvent(
+                    "fork",
+                    row["ts"],
+                    row["tgid"],
+                    row["tid"],
+                    ppid=args["ppid"],
+                    comm=row["name"] or "",
+                    is_thread=args["is_thread"],
+                )
             elif k == KIND_EXEC:
-                event = ProcEvent("exec", row["ts"], row["tgid"], row["tid"], comm=row["name"] or "",
-                                  filename=args["filename"])
+                event = ProcEvent(
+                    "exec",
+                    row["ts"],
+                    row["tgid"],
+                    row["tid"],
+                    comm=row["name"] or "",
+                    filename=args["filename"],
+                )
             elif k == KIND_EXIT:
-                event = ProcEvent("exit", row["ts"], row["tgid"], row["tid"], comm=row["name"] or "",
-                                  exit_code=args.get("exit_code", 0))
+                event = ProcEvent(
+                    "exit",
+                    row["ts"],
+                    row["tgid"],
+                    row["tid"],
+                    comm=row["name"] or "",
+                    exit_code=args.get("exit_code", 0),
+                )
             elif k == KIND_PROCESS:
                 args["args"] = tuple(args.get("args", ()))
                 processes.append(ProcessInfo(**args))
@@ -296,7 +374,11 @@ def _decode(path: str, meta: dict[str, Any], table: pa.Table) -> Recording:
         events.append(event)
         event_positions.append(int(positions[idx]))
     return Recording(
-        path=path, meta=meta, syscalls=syscalls, events=events, processes=processes,
+        path=path,
+        meta=meta,
+        syscalls=syscalls,
+        events=events,
+        processes=processes,
         drops={k: int(v) for k, v in summary.get("drops", {}).items()},
         duration_ns=int(summary.get("duration_ns", 0)),
         event_positions=np.asarray(event_positions, dtype=np.int64),
@@ -330,7 +412,13 @@ def iter_thread_traces(rec: Recording, exes: Sequence[str] = ()) -> Iterator[Thr
         elif event.syscall in ("execve", "execveat") and event.res == 0:
             exe = str(event.args.get("filename", ""))
             spans = program.setdefault(event.tgid, [])
-            if exe and spans and spans[-1][0] <= event.ts and spans[-1][1] != exe and not spans[-1][1].startswith("/"):
+            if (
+                exe
+                and spans
+                and spans[-1][0] <= event.ts
+                and spans[-1][1] != exe
+                and not spans[-1][1].startswith("/")
+            ):
                 spans[-1] = (spans[-1][0], exe, spans[-1][2])
     sc = rec.syscalls
     if not len(sc):

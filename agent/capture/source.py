@@ -75,8 +75,14 @@ class LiveSource:
     failed reservations, pending map full) and userspace (queue overflow).
     """
 
-    def __init__(self, *, detail_syscalls: set[str], enforce: bool = False, flush_interval: float = 0.02,
-                 queue_max_events: int = 8_000_000) -> None:
+    def __init__(
+        self,
+        *,
+        detail_syscalls: set[str],
+        enforce: bool = False,
+        flush_interval: float = 0.02,
+        queue_max_events: int = 8_000_000,
+    ) -> None:
         self.detail_syscalls = detail_syscalls
         self.enforce = enforce
         self.flush_interval = flush_interval
@@ -95,7 +101,9 @@ class LiveSource:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.tracer = Tracer(self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce)
+        self.tracer = Tracer(
+            self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce
+        )
         self.tracer.open_ring_buffers(self._on_compact, self._on_detail)
         for target, name in ((self._read_loop, "sysgram-reader"), (self._tick_loop, "sysgram-ticker")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -119,7 +127,8 @@ class LiveSource:
         stats = self.tracer.kernel_stats() if self.tracer else {}
         return {
             "ringbuf_full": stats.get("compact_lost", 0),
-            "detail_reserve_failed": stats.get("detail_lost", 0) + stats.get("exec_args_lost", 0)
+            "detail_reserve_failed": stats.get("detail_lost", 0)
+            + stats.get("exec_args_lost", 0)
             + stats.get("proc_lost", 0),
             "pending_full": stats.get("pending_full", 0),
             "userspace_queue_overflow": self.queue_overflow,
@@ -163,9 +172,16 @@ class LiveSource:
             event = decode_detail(np.frombuffer(raw, dtype=L.SC_DETAIL, count=1)[0])
             if event.syscall in ("execve", "execveat"):
                 filename, argv = self._exec_args.pop(event.tid, ("", ()))
-                event = DetailEvent(event.ts, event.tgid, event.tid, event.syscall, event.nr, event.res,
-                                    {**event.args, "filename": event.args.get("filename") or filename,
-                                     "argv": list(argv)}, raw_args=event.raw_args)
+                event = DetailEvent(
+                    event.ts,
+                    event.tgid,
+                    event.tid,
+                    event.syscall,
+                    event.nr,
+                    event.res,
+                    {**event.args, "filename": event.args.get("filename") or filename, "argv": list(argv)},
+                    raw_args=event.raw_args,
+                )
             self._details.append(event)
         elif kind == L.K_EXEC_ARGS:
             tid, filename, argv = decode_exec_args(np.frombuffer(raw, dtype=L.EXEC_ARGS, count=1)[0])
@@ -182,8 +198,15 @@ class LiveSource:
             self._details.append(proc)
         elif kind == L.K_ENFORCED:
             h = np.frombuffer(raw, dtype=L.DETAIL_HDR, count=1)[0]
-            event = DetailEvent(int(h["ts"]), int(h["tgid"]), int(h["tid"]), "sysgram_enforced", int(h["nr"]),
-                                0, {"signal": int(h["aux"])})
+            event = DetailEvent(
+                int(h["ts"]),
+                int(h["tgid"]),
+                int(h["tid"]),
+                "sysgram_enforced",
+                int(h["nr"]),
+                0,
+                {"signal": int(h["aux"])},
+            )
             self.enforced.append(event)
             self._details.append(event)
         return 0

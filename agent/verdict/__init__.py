@@ -75,16 +75,28 @@ class DecisionTable:
     enforce: EnforceConfig = field(default_factory=EnforceConfig)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], enforce: EnforceConfig, *, source: str = "<config>") -> DecisionTable:
-        known = {"anomaly_priority", "seccomp_priority", "anomaly_seccomp_priority", "escalate", "min_priority"}
+    def from_mapping(
+        cls, data: Mapping[str, Any], enforce: EnforceConfig, *, source: str = "<config>"
+    ) -> DecisionTable:
+        known = {
+            "anomaly_priority",
+            "seccomp_priority",
+            "anomaly_seccomp_priority",
+            "escalate",
+            "min_priority",
+        }
         for key, value in data.items():
             if key not in known:
-                raise ConfigError(f"verdict.{key}: unknown key (known: {', '.join(sorted(known))})", path=source)
+                raise ConfigError(
+                    f"verdict.{key}: unknown key (known: {', '.join(sorted(known))})", path=source
+                )
             if key == "escalate":
                 if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 7:
                     raise ConfigError("verdict.escalate: expected an integer 0..7", path=source)
             elif not isinstance(value, str) or value.capitalize() not in (*PRIORITIES, "Info"):
-                raise ConfigError(f"verdict.{key}: expected a priority ({', '.join(PRIORITIES)})", path=source)
+                raise ConfigError(
+                    f"verdict.{key}: expected a priority ({', '.join(PRIORITIES)})", path=source
+                )
         return cls(enforce=enforce, **dict(data))
 
     def _blocks(self, ev: Evidence, anomalous_score: float | None) -> bool:
@@ -95,7 +107,9 @@ class DecisionTable:
             return True
         if e.block_min_priority and _rank(ev.priority) <= _rank(e.block_min_priority):
             return True
-        return bool(e.block_anomaly_score and anomalous_score is not None and anomalous_score >= e.block_anomaly_score)
+        return bool(
+            e.block_anomaly_score and anomalous_score is not None and anomalous_score >= e.block_anomaly_score
+        )
 
     def decide(self, evidence: Sequence[Evidence]) -> Verdict | None:
         if not evidence:
@@ -125,5 +139,10 @@ class DecisionTable:
             why = f"seccomp policy violation: {seccomp[0].name}"
         if _rank(severity) > _rank(self.min_priority):
             action = "log"
-        return Verdict(severity=severity.capitalize() if severity.lower() != "info" else "Informational",
-                       action=action, reasons=tuple(reasons), explanation=why, evidence=tuple(evidence))
+        return Verdict(
+            severity=severity.capitalize() if severity.lower() != "info" else "Informational",
+            action=action,
+            reasons=tuple(reasons),
+            explanation=why,
+            evidence=tuple(evidence),
+        )
