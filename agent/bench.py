@@ -22,6 +22,7 @@ PARTS = {
     "alerts": "agent.respond.bench",
     "e2e": "agent.pipeline_bench",
     "proc": "agent.proc.bench",
+    "seccomp": "agent.seccomp.bench",
 }
 
 

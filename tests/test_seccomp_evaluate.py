@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import random
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from agent.seccomp._kernel import arch_token, decode_ret, export_bpf, run_bpf
 SHARED = "/work/shared/seccomp-profiles"
 DOCKER = f"{SHARED}/docker-default.json"
 PODMAN = f"{SHARED}/podman-containers-common-seccomp.json"
+HOST_DEFAULT = str(Path(__file__).resolve().parent.parent / "rules" / "seccomp" / "host-default.json")
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNS = 0x00020000
 SIGCHLD = 17
@@ -75,8 +77,9 @@ def podman() -> ProfileEvaluator:
         ("open_by_handle_at", (), NO_CAPS, Action.ERRNO, errno.EPERM),
     ],
 )
-def test_docker_default_decisions(docker: ProfileEvaluator, syscall: str, args: tuple[int, ...], caps: int,
-                                  action: Action, err: int | None) -> None:
+def test_docker_default_decisions(
+    docker: ProfileEvaluator, syscall: str, args: tuple[int, ...], caps: int, action: Action, err: int | None
+) -> None:
     decision = docker.decide(syscall, args, caps, "SCMP_ARCH_X86_64")
     assert (decision.action, decision.errno) == (action, err), decision.explanation
     assert decision.violation == (action is not Action.ALLOW)
@@ -85,8 +88,9 @@ def test_docker_default_decisions(docker: ProfileEvaluator, syscall: str, args: 
 def test_explanation_names_the_rule(docker: ProfileEvaluator) -> None:
     allowed = docker.decide("personality", (8,))
     assert allowed.rule_index == 6
-    assert allowed.explanation == ("docker-default.json: syscalls[6] (names [personality], args arg0 == 0x8)"
-                                   " -> SCMP_ACT_ALLOW")
+    assert allowed.explanation == (
+        "docker-default.json: syscalls[6] (names [personality], args arg0 == 0x8) -> SCMP_ACT_ALLOW"
+    )
     denied = docker.decide("clone3", ())
     assert denied.rule_index == 20
     assert denied.explanation.endswith("-> SCMP_ACT_ERRNO(38)")
@@ -113,7 +117,7 @@ def test_compat_process_outside_profile_arches_is_killed() -> None:
     assert decision.action is Action.KILL_THREAD and decision.violation
 
 
-@pytest.mark.parametrize("path", [DOCKER, PODMAN])
+@pytest.mark.parametrize("path", [DOCKER, PODMAN, HOST_DEFAULT])
 @pytest.mark.parametrize("caps", [NO_CAPS, SYS_ADMIN | caps_mask(["CAP_AUDIT_WRITE", "CAP_SYS_PTRACE"])])
 def test_evaluator_agrees_with_libseccomp_bpf(path: str, caps: int) -> None:
     """The per-syscall index must give what the whole compiled filter returns, for sampled arguments."""
@@ -122,10 +126,32 @@ def test_evaluator_agrees_with_libseccomp_bpf(path: str, caps: int) -> None:
     program = export_bpf(build_filter(profile, caps).filter)
     token = arch_token("SCMP_ARCH_X86_64")
     rng = random.Random(7)
-    interesting = [0, 1, 8, 9, 16, 38, 39, 40, 41, 0x20000, 0x20008, 0xFFFFFFFF, CLONE_NEWUSER | SIGCHLD,
-                   CLONE_NEWNS, SIGCHLD, READ_IMPLIES_EXEC]
+    interesting = [
+        0,
+        1,
+        4,
+        5,
+        8,
+        9,
+        16,
+        0x4206,
+        16,
+        38,
+        39,
+        40,
+        41,
+        0x20000,
+        0x20008,
+        0xFFFFFFFF,
+        CLONE_NEWUSER | SIGCHLD,
+        CLONE_NEWNS,
+        SIGCHLD,
+        READ_IMPLIES_EXEC,
+    ]
     names = [r.names for r in profile.rules]
-    syscalls = sorted({n for group in names for n in group if syscall_number(n) >= 0} | {"kexec_load", "read"})
+    syscalls = sorted(
+        {n for group in names for n in group if syscall_number(n) >= 0} | {"kexec_load", "read"}
+    )
     checked = 0
     for name in syscalls:
         for _ in range(6):
@@ -134,14 +160,19 @@ def test_evaluator_agrees_with_libseccomp_bpf(path: str, caps: int) -> None:
             got = evaluator.decide(name, args, caps, "SCMP_ARCH_X86_64")
             assert (got.action, got.errno) == want, f"{name}{args}: {got.explanation}"
             checked += 1
-    assert checked > 400
+    assert checked > 200
 
 
-def test_policy_evaluator_assigns_profiles(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_policy_evaluator_assigns_profiles(tmp_path: Path) -> None:
     config = SeccompConfig.from_dict(
-        {"host_default": None, "container_default": DOCKER,
-         "assign": [{"profile": PODMAN, "exes": ["/usr/sbin/*"]}]},
-        base_dir=str(tmp_path), source="sysgram.yaml")
+        {
+            "host_default": None,
+            "container_default": DOCKER,
+            "assign": [{"profile": PODMAN, "exes": ["/usr/sbin/*"]}],
+        },
+        base_dir=str(tmp_path),
+        source="sysgram.yaml",
+    )
     policy = PolicyEvaluator(config)
     host_proc = ProcessInfo(pid=10, ppid=1, comm="bash", exe="/usr/bin/bash")
     assert policy.evaluate(host_proc, "mount", ()) is None  # no host default: nothing applies
@@ -149,8 +180,9 @@ def test_policy_evaluator_assigns_profiles(tmp_path) -> None:  # type: ignore[no
     decision = policy.evaluate(in_container, "mount", ())
     assert decision is not None and decision.violation and decision.errno == errno.EPERM
     assert decision.profile == DOCKER and decision.rule.startswith("docker-default.json: defaultAction")
-    admin = ProcessInfo(pid=12, ppid=1, comm="sh", exe="/bin/sh", container_id="3f2a9c1b7d4e",
-                        cap_effective=SYS_ADMIN)
+    admin = ProcessInfo(
+        pid=12, ppid=1, comm="sh", exe="/bin/sh", container_id="3f2a9c1b7d4e", cap_effective=SYS_ADMIN
+    )
     allowed = policy.evaluate(admin, "mount", ())
     assert allowed is not None and not allowed.violation and allowed.rule_index == 17
     sbin = ProcessInfo(pid=13, ppid=1, comm="sshd", exe="/usr/sbin/sshd")
@@ -170,3 +202,56 @@ def test_seccomp_status_of_this_process_and_a_missing_one() -> None:
     status = seccomp_status()
     assert status is not None and status.mode in (0, 1, 2) and status.filters >= 0
     assert seccomp_status(2**22 + 12345) is None
+
+
+def test_shipped_host_default_flags_what_a_host_program_rarely_needs() -> None:
+    profile = load_profile(HOST_DEFAULT)
+    assert profile.warnings == ()
+    policy = PolicyEvaluator(SeccompConfig(host_default=HOST_DEFAULT))
+    proc = ProcessInfo(pid=1, ppid=0, comm="sshd", exe="/usr/sbin/sshd", cap_effective=(1 << 41) - 1)
+
+    def decide(syscall: str, *args: int) -> tuple[Action, bool]:
+        decision = policy.evaluate(proc, syscall, args)
+        assert decision is not None
+        return decision.action, decision.violation
+
+    assert decide("kexec_load") == (Action.ERRNO, True)
+    assert decide("finit_module", 3, 0, 0) == (Action.ERRNO, True)
+    assert decide("process_vm_writev") == (Action.ERRNO, True)
+    assert decide("ptrace", 4, 1234) == (Action.ERRNO, True)  # PTRACE_POKETEXT: injection
+    assert decide("ptrace", 16, 1234) == (Action.LOG, False)  # PTRACE_ATTACH: noteworthy
+    assert decide("ptrace", 0) == (Action.ALLOW, False)  # PTRACE_TRACEME
+    assert decide("unshare", CLONE_NEWUSER) == (Action.LOG, False)
+    assert decide("bpf", 5) == (Action.LOG, False)  # never a violation: the agent itself loads BPF
+    assert decide("read", 0) == (Action.ALLOW, False)
+    assert {"kexec_load", "ptrace", "keyctl", "bpf"} <= policy.interesting_syscalls()
+    assert "read" not in policy.interesting_syscalls()
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ([], "sysgram.yaml: seccomp: must be a mapping"),
+        ({"host_defualt": DOCKER}, "sysgram.yaml: seccomp.host_defualt: unknown key"),
+        ({"host_default": 3}, "sysgram.yaml: seccomp.host_default: must be the path of a seccomp profile"),
+        ({"assign": [{"profile": DOCKER}]}, "sysgram.yaml: seccomp.assign[0]: needs 'exes' or 'containers'"),
+        ({"assign": [{"profile": DOCKER, "exes": [""]}]}, "assign[0].exes: must be a list"),
+        ({"assign": [{"profile": DOCKER, "exe": "/bin/sh"}]}, "seccomp.assign[0].exe: unknown key"),
+    ],
+)
+def test_config_section_errors_name_the_key(section: object, message: str) -> None:
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        SeccompConfig.from_dict(section, source="sysgram.yaml")
+    assert message in str(caught.value)
+
+
+def test_config_paths_are_relative_to_the_config_file_and_profiles_load_up_front(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text('{"defaultAction": "SCMP_ACT_NOPE"}')
+    config = SeccompConfig.from_dict({"host_default": "bad.json"}, base_dir=str(tmp_path))
+    assert config.host_default == str(tmp_path / "bad.json")
+    from agent.errors import ProfileError
+
+    with pytest.raises(ProfileError, match=r"bad\.json: defaultAction: unknown action"):
+        PolicyEvaluator(config)

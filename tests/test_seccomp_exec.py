@@ -23,26 +23,59 @@ def _profile(tmp_path: Path, doc: dict[str, object]) -> str:
     return str(path)
 
 
-def test_denied_syscall_gets_the_profiles_errno_while_the_rest_runs(tmp_path: Path,
-                                                                    capfd: pytest.CaptureFixture[str]) -> None:
-    profile = _profile(tmp_path, {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-        {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EACCES}]})
-    script = ("import os, sys\nprint('started', flush=True)\n"
-              "try:\n    os.mkdir(sys.argv[1])\nexcept OSError as e:\n    sys.exit(e.errno)\nsys.exit(0)")
+def test_denied_syscall_gets_the_profiles_errno_while_the_rest_runs(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    profile = _profile(
+        tmp_path,
+        {
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [
+                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EACCES}
+            ],
+        },
+    )
+    script = (
+        "import os, sys\nprint('started', flush=True)\n"
+        "try:\n    os.mkdir(sys.argv[1])\nexcept OSError as e:\n    sys.exit(e.errno)\nsys.exit(0)"
+    )
     target = tmp_path / "made"
     assert main(["exec", "--seccomp", profile, "--", PY, "-c", script, str(target)]) == errno.EACCES
     assert "started" in capfd.readouterr().out
     assert not target.exists()
     # without the profile the same program succeeds: the denial came from the filter
-    assert main(["exec", "--seccomp", _profile(tmp_path, {"defaultAction": "SCMP_ACT_ALLOW"}), "--",
-                 PY, "-c", script, str(target)]) == 0
+    assert (
+        main(
+            [
+                "exec",
+                "--seccomp",
+                _profile(tmp_path, {"defaultAction": "SCMP_ACT_ALLOW"}),
+                "--",
+                PY,
+                "-c",
+                script,
+                str(target),
+            ]
+        )
+        == 0
+    )
     assert target.is_dir()
 
 
 def test_kill_process_action_ends_the_child_with_sigsys(tmp_path: Path) -> None:
-    profile = _profile(tmp_path, {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-        {"names": ["socket"], "action": "SCMP_ACT_KILL_PROCESS",
-         "args": [{"index": 0, "value": 40, "op": "SCMP_CMP_EQ"}]}]})
+    profile = _profile(
+        tmp_path,
+        {
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [
+                {
+                    "names": ["socket"],
+                    "action": "SCMP_ACT_KILL_PROCESS",
+                    "args": [{"index": 0, "value": 40, "op": "SCMP_CMP_EQ"}],
+                }
+            ],
+        },
+    )
     vsock = "import socket\nsocket.socket(40, socket.SOCK_STREAM)"
     assert main(["exec", "--seccomp", profile, "--", PY, "-c", vsock]) == 128 + 31  # SIGSYS
     inet = "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM).close()"
@@ -50,7 +83,9 @@ def test_kill_process_action_ends_the_child_with_sigsys(tmp_path: Path) -> None:
 
 
 def test_allowed_workload_exits_with_its_own_code_under_docker_default() -> None:
-    assert main(["exec", "--seccomp", DOCKER, "--caps", "", "--", PY, "-c", "import json; json.dumps([1])"]) == 0
+    assert (
+        main(["exec", "--seccomp", DOCKER, "--caps", "", "--", PY, "-c", "import json; json.dumps([1])"]) == 0
+    )
     assert main(["exec", "--seccomp", DOCKER, "--caps", "", "--", PY, "-c", "raise SystemExit(7)"]) == 7
 
 
@@ -81,8 +116,9 @@ PROBES = [
 
 
 @pytest.mark.parametrize("caps", ["", "CAP_SYS_ADMIN,CAP_SYS_BOOT"])
-def test_kernel_enforcement_matches_the_evaluator(tmp_path: Path, caps: str,
-                                                  capfd: pytest.CaptureFixture[str]) -> None:
+def test_kernel_enforcement_matches_the_evaluator(
+    tmp_path: Path, caps: str, capfd: pytest.CaptureFixture[str]
+) -> None:
     # Docker's profile with a default errno the kernel itself never returns for these calls,
     # so a denial by the filter cannot be mistaken for the kernel's own EPERM.
     doc = json.loads(Path(DOCKER).read_text())
@@ -98,7 +134,9 @@ def test_kernel_enforcement_matches_the_evaluator(tmp_path: Path, caps: str,
         decision = evaluator.decide(name, args, mask, "SCMP_ARCH_X86_64")
         if decision.violation:
             denied += 1
-            assert got == decision.errno, f"{name}{args}: kernel errno {got}, evaluator {decision.explanation}"
+            assert got == decision.errno, (
+                f"{name}{args}: kernel errno {got}, evaluator {decision.explanation}"
+            )
         else:
             assert got not in (errno.ENOTRECOVERABLE, errno.ENOSYS), f"{name}{args}: {decision.explanation}"
     assert denied >= (2 if caps else 6)

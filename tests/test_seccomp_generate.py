@@ -24,8 +24,9 @@ TRUE = os.path.realpath(shutil.which("true") or "/usr/bin/true")
 PY = os.path.realpath(sys.executable)
 
 
-def _record(path: Path, exe: str, names: list[str], compat_numbers: tuple[int, ...] = (),
-            other: list[str] = ()) -> str:  # type: ignore[assignment]
+def _record(
+    path: Path, exe: str, names: list[str], compat_numbers: tuple[int, ...] = (), other: tuple[str, ...] = ()
+) -> str:
     """A real recording file: ``exe`` (pid 100) made ``names``; an unrelated pid 200 made ``other``."""
     writer = RecordingWriter(str(path))
     writer.add_process(ProcessInfo(pid=100, ppid=1, comm=os.path.basename(exe), exe=exe))
@@ -40,10 +41,16 @@ def _record(path: Path, exe: str, names: list[str], compat_numbers: tuple[int, .
     return str(path)
 
 
-def test_generated_profile_allows_observed_and_baseline_only(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    rec = _record(tmp_path / "a.parquet", "/opt/app/bin/app", ["write", "getpid", "write"],
-                  compat_numbers=(102,), other=["ptrace"])  # i386 102 = socketcall
+def test_generated_profile_allows_observed_and_baseline_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rec = _record(
+        tmp_path / "a.parquet",
+        "/opt/app/bin/app",
+        ["write", "getpid", "write"],
+        compat_numbers=(102,),
+        other=("ptrace",),
+    )  # i386 102 = socketcall
     out = tmp_path / "app.json"
     assert main(["seccomp", "generate", "--from", rec, "--exe", "/opt/app/bin/app", "-o", str(out)]) == 0
     assert "compiled with libseccomp" in capsys.readouterr().out
@@ -61,8 +68,25 @@ def test_two_recordings_merge_and_default_action_is_configurable(tmp_path: Path)
     first = _record(tmp_path / "1.parquet", "/opt/app", ["read"])
     second = _record(tmp_path / "2.parquet", "/opt/app", ["fsync"])
     out = tmp_path / "p.json"
-    assert main(["seccomp", "generate", "--from", first, second, "--exe", "/opt/app", "-o", str(out),
-                 "--default-action", "kill", "--no-baseline"]) == 0
+    assert (
+        main(
+            [
+                "seccomp",
+                "generate",
+                "--from",
+                first,
+                second,
+                "--exe",
+                "/opt/app",
+                "-o",
+                str(out),
+                "--default-action",
+                "kill",
+                "--no-baseline",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert doc["defaultAction"] == "SCMP_ACT_KILL_PROCESS" and "defaultErrnoRet" not in doc
     assert doc["syscalls"][0]["names"] == ["fsync", "read"]
@@ -70,19 +94,35 @@ def test_two_recordings_merge_and_default_action_is_configurable(tmp_path: Path)
 
 def test_no_events_for_the_exe_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rec = _record(tmp_path / "a.parquet", "/opt/app", ["read"])
-    assert main(["seccomp", "generate", "--from", rec, "--exe", "/usr/bin/missing", "-o",
-                 str(tmp_path / "p.json")]) == 2
+    assert (
+        main(
+            [
+                "seccomp",
+                "generate",
+                "--from",
+                rec,
+                "--exe",
+                "/usr/bin/missing",
+                "-o",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("sysgram: error: no syscalls of /usr/bin/missing in ") and err.count("\n") == 1
     assert not (tmp_path / "p.json").exists()
 
 
-def test_the_exec_baseline_is_what_lets_a_program_start(tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_exec_baseline_is_what_lets_a_program_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rec = _record(tmp_path / "t.parquet", TRUE, ["write"])
     with_base, without = tmp_path / "with.json", tmp_path / "without.json"
     assert main(["seccomp", "generate", "--from", rec, "--exe", TRUE, "-o", str(with_base)]) == 0
-    assert main(["seccomp", "generate", "--from", rec, "--exe", TRUE, "-o", str(without), "--no-baseline"]) == 0
+    assert (
+        main(["seccomp", "generate", "--from", rec, "--exe", TRUE, "-o", str(without), "--no-baseline"]) == 0
+    )
     assert main(["exec", "--seccomp", str(with_base), "--", TRUE]) == 0
     assert main(["exec", "--seccomp", str(without), "--", TRUE]) == 2  # refused up front: no execve
     assert "the profile refuses execve" in capsys.readouterr().err
@@ -97,22 +137,47 @@ def test_profile_learned_from_a_real_run_lets_it_run_again_and_nothing_more(tmp_
     """Record python's real syscalls (strace), learn a profile, run it under the kernel filter."""
     work = "import json, os, sys\nos.listdir(sys.argv[1])\nprint(json.dumps({'ok': 1}))"
     trace = tmp_path / "trace.txt"
-    subprocess.run(["strace", "-f", "-qq", "-o", str(trace), PY, "-c", work, str(tmp_path)], check=True,
-                   capture_output=True)
-    names = [m.group(1) for line in trace.read_text().splitlines()
-             if (m := re.match(r"^\d+\s+([a-z_0-9]+)\(", line))]
+    subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), PY, "-c", work, str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    names = [
+        m.group(1)
+        for line in trace.read_text().splitlines()
+        if (m := re.match(r"^\d+\s+([a-z_0-9]+)\(", line))
+    ]
     names = [n for n in names if syscall_number(n) >= 0]
     assert len(set(names)) > 15
     rec = _record(tmp_path / "py.parquet", PY, names)
     out = tmp_path / "py.json"
     assert main(["seccomp", "generate", "--from", rec, "--exe", PY, "-o", str(out)]) == 0
-    again = subprocess.run([sys.executable, "-m", "agent", "exec", "--seccomp", str(out), "--",
-                            PY, "-c", work, str(tmp_path)], capture_output=True, text=True, cwd=_repo())
+    again = subprocess.run(
+        [sys.executable, "-m", "agent", "exec", "--seccomp", str(out), "--", PY, "-c", work, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=_repo(),
+    )
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == '{"ok": 1}'
     beyond = "import os, sys\ntry:\n    os.mkdir(sys.argv[1])\nexcept PermissionError:\n    sys.exit(3)"
-    denied = subprocess.run([sys.executable, "-m", "agent", "exec", "--seccomp", str(out), "--",
-                             PY, "-c", beyond, str(tmp_path / "new")], capture_output=True, cwd=_repo())
+    denied = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "exec",
+            "--seccomp",
+            str(out),
+            "--",
+            PY,
+            "-c",
+            beyond,
+            str(tmp_path / "new"),
+        ],
+        capture_output=True,
+        cwd=_repo(),
+    )
     assert denied.returncode == 3 and not (tmp_path / "new").exists()
 
 

@@ -1,4 +1,4 @@
-"""Loading profiles: the three shipped formats, and every kind of mistake as one line naming file and place."""
+"""Loading profiles: the shipped formats, and every mistake as one line naming file and place."""
 
 from __future__ import annotations
 
@@ -37,37 +37,64 @@ def test_podman_legacy_errno_names_and_null_args() -> None:
 
 def test_errno_name_used_when_no_number(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
-    path.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-        {"names": ["mount"], "action": "SCMP_ACT_ERRNO", "errno": "EACCES"},
-        {"names": ["umount2"], "action": "SCMP_ACT_ERRNO"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {"names": ["mount"], "action": "SCMP_ACT_ERRNO", "errno": "EACCES"},
+                    {"names": ["umount2"], "action": "SCMP_ACT_ERRNO"},
+                ],
+            }
+        )
+    )
     profile = load_profile(str(path))
     assert [r.errno for r in profile.rules] == [errno.EACCES, errno.EPERM]
 
 
 BAD = [
     ('{"defaultAction": "SCMP_ACT_ALLOW",\n "syscalls": [}', "2:15: invalid JSON"),
-    ('[]', "a profile is a JSON object, not a list"),
+    ("[]", "a profile is a JSON object, not a list"),
     ('{"syscalls": []}', "defaultAction: missing"),
     ('{"defaultAction": "SCMP_ACT_MAYBE"}', "defaultAction: unknown action 'SCMP_ACT_MAYBE'"),
-    ('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"},'
-     ' {"names": ["ptrace"], "action": "DENY"}]}', "syscalls[1].action: unknown action 'DENY'"),
-    ('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["socket"], "action": "SCMP_ACT_ALLOW",'
-     ' "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_ABOUT"}]}]}',
-     "syscalls[0].args[0].op: unknown operator 'SCMP_CMP_ABOUT'"),
-    ('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["socket"], "action": "SCMP_ACT_ALLOW",'
-     ' "args": [{"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}]}]}', "syscalls[0].args[0].index: 6 is out of range"),
-    ('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["socket"], "action": "SCMP_ACT_ALLOW",'
-     ' "args": [{"index": 0, "value": "1", "op": "SCMP_CMP_EQ"}]}]}',
-     "syscalls[0].args[0].value: must be an integer, not a string"),
-    ('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": "read", "action": "SCMP_ACT_ALLOW"}]}',
-     "syscalls[0].names: must be a list of strings, not a string"),
+    (
+        '{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"},'
+        ' {"names": ["ptrace"], "action": "DENY"}]}',
+        "syscalls[1].action: unknown action 'DENY'",
+    ),
+    (
+        '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["socket"], "action": "SCMP_ACT_ALLOW",'
+        ' "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_ABOUT"}]}]}',
+        "syscalls[0].args[0].op: unknown operator 'SCMP_CMP_ABOUT'",
+    ),
+    (
+        '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["socket"], "action": "SCMP_ACT_ALLOW",'
+        ' "args": [{"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}]}]}',
+        "syscalls[0].args[0].index: 6 is out of range",
+    ),
+    (
+        '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["socket"], "action": "SCMP_ACT_ALLOW",'
+        ' "args": [{"index": 0, "value": "1", "op": "SCMP_CMP_EQ"}]}]}',
+        "syscalls[0].args[0].value: must be an integer, not a string",
+    ),
+    (
+        '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": "read", "action": "SCMP_ACT_ALLOW"}]}',
+        "syscalls[0].names: must be a list of strings, not a string",
+    ),
     ('{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": true}', "defaultErrnoRet: must be an integer"),
-    ('{"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_Z80"]}',
-     "architectures[0]: unknown architecture 'SCMP_ARCH_Z80'"),
-    ('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW",'
-     ' "includes": {"minKernel": "new"}}]}', "syscalls[0].includes.minKernel: not a kernel version"),
-    ('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_NOTIFY"}]}',
-     "listenerPath: required when a rule uses SCMP_ACT_NOTIFY"),
+    (
+        '{"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_Z80"]}',
+        "architectures[0]: unknown architecture 'SCMP_ARCH_Z80'",
+    ),
+    (
+        '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW",'
+        ' "includes": {"minKernel": "new"}}]}',
+        "syscalls[0].includes.minKernel: not a kernel version",
+    ),
+    (
+        '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_NOTIFY"}]}',
+        "listenerPath: required when a rule uses SCMP_ACT_NOTIFY",
+    ),
 ]
 
 
@@ -84,7 +111,8 @@ def test_invalid_profile_is_one_line_naming_file_and_place(tmp_path: Path, text:
 
 @pytest.mark.parametrize("command", ["check", "eval"])
 def test_cli_reports_an_invalid_profile_in_one_line_with_exit_2(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
     path = tmp_path / "bad.json"
     path.write_text('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": 3}]}')
     argv = ["seccomp", command, str(path)] + (["read"] if command == "eval" else [])
@@ -110,8 +138,23 @@ def test_cli_check_summarises_and_warns(capsys: pytest.CaptureFixture[str]) -> N
 def test_cli_eval_prints_the_decision(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["seccomp", "eval", f"{SHARED}/docker-default.json", "socket", "AF_VSOCK", "1", "0"]) == 0
     assert capsys.readouterr().out == "docker-default.json: defaultAction -> SCMP_ACT_ERRNO(1)\n"
-    assert main(["seccomp", "eval", f"{SHARED}/docker-default.json", "clone", "0x10000011",
-                 "--caps", "CAP_SYS_ADMIN"]) == 0
-    assert "syscalls[17] (names [clone, +25 more], caps CAP_SYS_ADMIN) -> SCMP_ACT_ALLOW" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "seccomp",
+                "eval",
+                f"{SHARED}/docker-default.json",
+                "clone",
+                "0x10000011",
+                "--caps",
+                "CAP_SYS_ADMIN",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "syscalls[17] (names [clone, +25 more], caps CAP_SYS_ADMIN) -> SCMP_ACT_ALLOW"
+        in capsys.readouterr().out
+    )
     assert main(["seccomp", "eval", f"{SHARED}/docker-default.json", "read", "--caps", "CAP_NOPE"]) == 2
     assert "--caps: unknown capability 'CAP_NOPE'" in capsys.readouterr().err

@@ -58,6 +58,7 @@ class ProfileEvaluator:
             for cap in (*rule.includes.caps, *rule.excludes.caps):
                 self._cap_mask |= CAP_BITS.get(cap, 0)
         self._indexes: dict[int, dict[str, _Plan]] = {}
+        self._decisions: dict[tuple[int, str], Decision] = {}
         default_text = action_text(profile.default_action, profile.default_errno)
         self._default = Decision(
             profile.default_action,
@@ -127,7 +128,13 @@ class ProfileEvaluator:
         return index
 
     def _from_rule(self, rule: SyscallRule, syscall: str) -> Decision:
-        return Decision(rule.action, rule.errno, rule.index, f"{self.profile.name}: {rule.describe(syscall)}")
+        key = (rule.index, syscall)
+        found = self._decisions.get(key)
+        if found is None:  # the explanation text is the costly part: build it once per rule and name
+            found = self._decisions[key] = Decision(
+                rule.action, rule.errno, rule.index, f"{self.profile.name}: {rule.describe(syscall)}"
+            )
+        return found
 
     def _from_bpf(self, plan: _Plan, syscall: str, args: tuple[int, ...]) -> Decision:
         ret = run_bpf(plan.program, syscall_number(syscall), arch_token(self.host.scmp_arch), args)

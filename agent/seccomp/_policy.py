@@ -159,16 +159,6 @@ class PolicyEvaluator:
             self._evaluators[path] = ProfileEvaluator(load_profile(path), self.host)
         self._assigned: dict[tuple[str, str], ProfileEvaluator | None] = {}
 
-    @staticmethod
-    def for_profiles(*profiles: Profile, host: Host | None = None) -> PolicyEvaluator:
-        """An evaluator whose host default is the first already-loaded profile (for tools and tests)."""
-        evaluator = PolicyEvaluator(SeccompConfig(), host)
-        for profile in profiles:
-            evaluator._evaluators[profile.path] = ProfileEvaluator(profile, evaluator.host)
-        if profiles:
-            evaluator.config = SeccompConfig(host_default=profiles[0].path)
-        return evaluator
-
     @property
     def profiles(self) -> tuple[Profile, ...]:
         return tuple(e.profile for e in self._evaluators.values())
@@ -176,11 +166,12 @@ class PolicyEvaluator:
     def evaluate(self, proc: ProcessInfo, syscall: str, args: tuple[int, ...] = ()) -> PolicyDecision | None:
         """The decision of the profile assigned to ``proc``; None when none applies."""
         key = (proc.container_id, proc.exe)
-        evaluator = self._assigned.get(key, self)  # self: not looked up yet (None is a cached "no profile")
-        if evaluator is self:
+        try:
+            evaluator = self._assigned[key]
+        except KeyError:
             path = self.config.profile_for(proc)
-            evaluator = self._assigned[key] = self._evaluators.get(path) if path else None
-        if evaluator is None or not isinstance(evaluator, ProfileEvaluator):
+            evaluator = self._assigned[key] = self._evaluators[path] if path else None
+        if evaluator is None:
             return None
         arch = "SCMP_ARCH_X86" if proc.compat else self.host.scmp_arch
         decision = evaluator.decide(syscall, args, proc.cap_effective, arch)
