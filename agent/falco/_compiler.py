@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -62,6 +63,7 @@ class CompileResult:
     fn: Callable[[Any], bool]
     evttypes: frozenset[str] | None  # None: every event type
     unavailable: list[tuple[str, Node]] = field(default_factory=list)  # fields Sysgram cannot fill
+    by_type: dict[str, Callable[[Any], bool]] = field(default_factory=dict)  # specialised per event type
 
 
 # ------------------------------------------------------------------ expansion of macros and lists
@@ -170,10 +172,14 @@ def _evttypes(node: Node, universe: frozenset[str]) -> tuple[frozenset[str] | No
 
 # ------------------------------------------------------------------ code generation
 class _Gen:
-    def __init__(self) -> None:
+    """Generates one expression; with ``evttype`` set, evt.type tests are decided at compile time (the
+    rule is specialised for that event type, as the index only calls it for that type)."""
+
+    def __init__(self, evttype: str | None = None) -> None:
         self.ns: dict[str, Any] = dict(_RUNTIME)
         self.n = 0
         self.unavailable: list[tuple[str, Node]] = []
+        self.evttype = evttype
 
     def const(self, value: Any) -> str:
         name = f"k{self.n}"
@@ -188,11 +194,21 @@ class _Gen:
 
     def expr(self, node: Node) -> str:
         if isinstance(node, BoolOp):
-            joiner = f" {node.op} "
-            return "(" + joiner.join(self.expr(c) for c in node.children) + ")"
+            absorbing, neutral = ("False", "True") if node.op == "and" else ("True", "False")
+            parts = []
+            for child in node.children:
+                code = self.expr(child)
+                if code == absorbing:
+                    return absorbing
+                if code != neutral:
+                    parts.append(code)
+            if not parts:
+                return neutral
+            return parts[0] if len(parts) == 1 else "(" + f" {node.op} ".join(parts) + ")"
         if isinstance(node, Not):
             assert node.child is not None
-            return f"(not {self.expr(node.child)})"
+            inner = self.expr(node.child)
+            return {"True": "False", "False": "True"}.get(inner, f"(not {inner})")
         if isinstance(node, Const):
             return "True" if node.value else "False"
         if isinstance(node, Compare):
@@ -200,7 +216,7 @@ class _Gen:
         raise CompileError("internal: unexpanded node", node, "internal")
 
     def bind(self, fe: FieldExpr) -> tuple[BoundField, str, str, str]:
-        """(bound field, extractor global name, value type after transformers, mode)."""
+        """(bound field, an expression of ``c`` giving the value, value type after transformers, mode)."""
         try:
             bound = bind_field(fe.name, fe.arg)
         except FieldError as err:
@@ -226,35 +242,60 @@ class _Gen:
                 if typ != "str":
                     raise CompileError(f"{tr}() needs a string field, '{fe.name}' is {typ}", fe, "bad-transformer")
                 extractor = _wrap(extractor, _TRANSFORMS[tr], mode)
-        return bound, self.const(extractor), typ, mode
+        if not fe.transformers and bound.fdef.inline is not None and mode == "single":
+            inline = bound.fdef.inline(self.evttype)
+            if inline is not None:
+                return bound, inline, typ, mode
+        return bound, self.const(extractor) + "(c)", typ, mode
+
+    def fold_evttype(self, node: Compare) -> str | None:
+        """With a known event type, evt.type = / != / in are constants."""
+        fe = node.field
+        if self.evttype is None or fe is None or fe.name != EVT_TYPE or fe.transformers:
+            return None
+        rhs = node.rhs
+        if node.op in ("=", "!=") and isinstance(rhs, Literal):
+            hit = rhs.text == self.evttype
+            return str(hit if node.op == "=" else not hit)
+        if node.op in ("in", "intersects") and isinstance(rhs, ListLit):
+            return str(any(i.text == self.evttype for i in rhs.items))
+        return None
 
     def compare(self, node: Compare) -> str:
         assert node.field is not None
+        folded = self.fold_evttype(node)
+        if folded is not None:
+            return folded
         _bound, f, typ, mode = self.bind(node.field)
         op = node.op
         v = self.var()
         if op == "exists":
             if mode == "any":
-                return f"(bool({f}(c)))"
-            return f"({f}(c) is not None)"
+                return f"(bool({f}))"
+            return f"({f} is not None)"
         if mode == "list" and op not in ("in", "intersects"):
             raise CompileError(f"list field '{node.field.text()}' only supports 'exists', 'in' and 'intersects'",
                                node, "bad-operator")
         self.check_op(node, typ)
         rhs = node.rhs
         if isinstance(rhs, FieldExpr):
-            _b2, g, typ2, mode2 = self.bind(rhs)
+            _b2, g, _typ2, mode2 = self.bind(rhs)
             if mode2 != "single":
                 raise CompileError(f"val({rhs.text()}) must be a single-valued field", rhs, "bad-operator")
             w = self.var()
             fn = self.const(_dyn_op(op, typ))
             test = f"{fn}({{x}}, {w})"
             body = self.apply_mode(test, v, mode, op)
-            return f"(({w} := {g}(c)) is not None and ({v} := {f}(c)) is not None and {body})"
-        k = self.const(self.convert(node, typ))
+            return f"(({w} := {g}) is not None and ({v} := {f}) is not None and {body})"
+        value = self.convert(node, typ)
+        k = self.const(value)
+        if _bound.fdef.nonnull and mode == "single" and not node.field.transformers:
+            if typ == "bool" and op in ("=", "!="):
+                return f"({f})" if value == (op == "=") else f"(not {f})"
+            return "(" + _template(op, typ).replace("{k}", k).replace("{x}", f) + ")"
         test = _template(op, typ).replace("{k}", k)
         body = self.apply_mode(test, v, mode, op)
-        return f"(({v} := {f}(c)) is not None and {body})"
+        return f"(({v} := {f}) is not None and {body})"
 
     @staticmethod
     def apply_mode(test: str, v: str, mode: str, op: str) -> str:
@@ -352,12 +393,17 @@ def _dyn_op(op: str, typ: str) -> Callable[[Any, Any], bool]:
     return table[op]
 
 
-def _in_net(addr: str, nets: tuple[Any, ...]) -> bool:
+@functools.lru_cache(maxsize=8192)
+def _parse_ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(addr)
+        return ipaddress.ip_address(addr)
     except ValueError:
-        return False
-    return any(ip.version == n.version and ip in n for n in nets)
+        return None
+
+
+def _in_net(addr: str, nets: tuple[Any, ...]) -> bool:
+    ip = _parse_ip(addr)
+    return ip is not None and any(ip.version == n.version and ip in n for n in nets)
 
 
 class _PathMatcher:
@@ -439,18 +485,35 @@ def _wrap_list_len(extractor: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return get
 
 
-_RUNTIME: dict[str, Any] = {"_in_net": _in_net}
+_RUNTIME: dict[str, Any] = {"_in_net": _in_net, "_FILE_TYPES": ("file", "directory")}
+
+
+def _build(gen: _Gen, body: str, name: str) -> Callable[[Any], bool]:
+    fn_name = "rule_" + re.sub(r"\W", "_", name)[:40]
+    result = body if body in ("True", "False") else f"bool({body})"
+    # The locals the inlined field expressions read.
+    code = f"def {fn_name}(c):\n    ev = c.ev\n    fd = c.fd\n    p = c.proc\n    return {result}\n"
+    ns = gen.ns
+    exec(compile(code, f"<falco rule {name!r}>", "exec"), ns)
+    return ns[fn_name]
 
 
 def compile_condition(ast: Node, name: str, universe: frozenset[str]) -> CompileResult:
-    """Expanded AST -> a fast predicate. Raises CompileError."""
+    """Expanded AST -> a generic predicate plus one specialised per event type. Raises CompileError."""
     gen = _Gen()
-    body = gen.expr(ast)
-    fn_name = "rule_" + re.sub(r"\W", "_", name)[:40]
-    code = f"def {fn_name}(c):\n    return bool({body})\n"
-    ns = gen.ns
-    exec(compile(code, f"<falco rule {name!r}>", "exec"), ns)
-    return CompileResult(ns[fn_name], evttypes_of(ast, universe), gen.unavailable)
+    generic = _build(gen, gen.expr(ast), name)
+    evttypes = evttypes_of(ast, universe)
+    result = CompileResult(generic, evttypes, gen.unavailable)
+    by_body: dict[str, Callable[[Any], bool]] = {}
+    for t in sorted(evttypes or ()):
+        tgen = _Gen(t)
+        body = tgen.expr(ast)
+        if body == "False":
+            continue  # can never match this type (e.g. a `not evt.type=...` branch)
+        if body not in by_body:
+            by_body[body] = _build(tgen, body, name)
+        result.by_type[t] = by_body[body]
+    return result
 
 
 def parse_source(src: Source) -> Node:

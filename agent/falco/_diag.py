@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Severity = Literal["error", "warning"]
+_WIDTH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,12 @@ class Diagnostic:
         start = text.rfind("\n", 0, offset) + 1
         end = text.find("\n", offset)
         line = text[start : end if end >= 0 else len(text)]
-        return [f"    {line}", "    " + " " * (offset - start) + "^"]
+        col = offset - start
+        if len(line) > _WIDTH:  # show a window around the fault of a long line
+            left = max(0, min(col - _WIDTH // 2, len(line) - _WIDTH))
+            line = ("..." if left else "") + line[left : left + _WIDTH] + ("..." if left + _WIDTH < len(line) else "")
+            col = col - left + (3 if left else 0)
+        return [f"    {line}", "    " + " " * col + "^"]
 
     def to_text(self) -> str:
         where = f"{self.file}:{self.line}:{self.col}"

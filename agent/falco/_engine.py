@@ -8,7 +8,7 @@ import posixpath
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from agent.events import DetailEvent, ProcEvent
@@ -19,6 +19,8 @@ from agent.falco._state import (
     ContainerLookup,
     Ctx,
     FdInfo,
+    file_fd,
+    socket_fd,
     socket_name,
 )
 from agent.proc.info import ProcessInfo, ProcessLookup
@@ -42,9 +44,10 @@ class RuleMatch:
 _O_CLOEXEC = os.O_CLOEXEC
 _O_DIRECTORY = os.O_DIRECTORY
 _OPENS = ("open", "openat", "openat2", "creat")
-_L4 = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp", socket.SOCK_RAW: "raw", socket.SOCK_SEQPACKET: "tcp"}
-_FAMILY_TYPE = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.AF_UNIX: "unix",
-                socket.AF_NETLINK: "netlink"}
+_L4: dict[int, str] = {int(socket.SOCK_STREAM): "tcp", int(socket.SOCK_DGRAM): "udp", int(socket.SOCK_RAW): "raw",
+                        int(socket.SOCK_SEQPACKET): "tcp"}
+_FAMILY_TYPE: dict[int, str] = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6",
+                                int(socket.AF_UNIX): "unix", int(socket.AF_NETLINK): "netlink"}
 MAX_FDS_PER_PROCESS = 4096  # a bound on memory for processes we never see close their fds
 
 
@@ -82,17 +85,24 @@ class Engine:
         self._num = 0
         self._ctx = Ctx(self)
         self.eval_errors = 0
-        # Event-type index: each type's rules in file order; types no rule names get the catch-all rules.
-        self._catch_all: tuple[CompiledRule, ...] = tuple(c for c in ruleset.compiled if c.rule.evttypes is None)
-        by_type: dict[str, list[CompiledRule]] = {}
+        # Event-type index: each type's (predicate, rule) pairs in file order, the predicate specialised for
+        # that type; types no rule names get the catch-all rules (those without an evt.type filter).
+        self._catch_all: tuple[tuple[Callable[[Ctx], bool], CompiledRule], ...] = tuple(
+            (c.fn, c) for c in ruleset.compiled if c.rule.evttypes is None)
+        by_type: dict[str, list[tuple[Callable[[Ctx], bool], CompiledRule]]] = {}
         for c in ruleset.compiled:
             for t in c.rule.evttypes or ():
                 by_type.setdefault(t, [])
         for c in ruleset.compiled:
-            targets = by_type.keys() if c.rule.evttypes is None else c.rule.evttypes
-            for t in targets:
-                by_type[t].append(c)
-        self._index: dict[str, tuple[CompiledRule, ...]] = {t: tuple(v) for t, v in by_type.items()}
+            if c.rule.evttypes is None:
+                for entries in by_type.values():
+                    entries.append((c.fn, c))
+            else:
+                for t in c.rule.evttypes:
+                    fn = c.by_type.get(t)
+                    if fn is not None:
+                        by_type[t].append((fn, c))
+        self._index = {t: tuple(v) for t, v in by_type.items()}
 
     # ------------------------------------------------------------------ state the fields read
     def cwd_of(self, proc: ProcessInfo) -> str:
@@ -146,25 +156,33 @@ class Engine:
     def evaluate(self, ev: DetailEvent) -> list[RuleMatch]:
         """Update the fd/cwd state with ``ev``, then return the rules it matches (file order)."""
         self._num += 1
-        handler = _HANDLERS.get(ev.syscall)
+        syscall = ev.syscall
+        handler = _HANDLERS.get(syscall)
         fd = handler(self, ev) if handler is not None else None
-        rules = self._index.get(ev.syscall, self._catch_all)
+        rules = self._index.get(syscall, self._catch_all)
         if not rules:
             return []
         ctx = self._ctx
         ctx.reset(ev, self.lookup(ev.tgid), fd, self._num)
-        matches: list[RuleMatch] = []
-        for cr in rules:
+        try:  # the common path: no rule raises
+            hits = [cr for fn, cr in rules if fn(ctx)]
+        except Exception:  # a rule must never take the pipeline down: retry one by one, skip the faulty
+            hits = self._guarded(rules, ctx)
+        if not hits:
+            return []
+        if self.first:
+            hits = hits[:1]
+        return [self._match(cr, ctx) for cr in hits]
+
+    def _guarded(self, rules: tuple[tuple[Callable[[Ctx], bool], CompiledRule], ...], ctx: Ctx) -> list[CompiledRule]:
+        hits = []
+        for fn, cr in rules:
             try:
-                hit = cr.fn(ctx)
-            except Exception:  # a rule must never take the pipeline down; count it and go on
+                if fn(ctx):
+                    hits.append(cr)
+            except Exception:
                 self.eval_errors += 1
-                continue
-            if hit:
-                matches.append(self._match(cr, ctx))
-                if self.first:
-                    break
-        return matches
+        return hits
 
     def _match(self, cr: CompiledRule, ctx: Ctx) -> RuleMatch:
         text, fields = cr.output.render(ctx)
@@ -183,10 +201,12 @@ class Engine:
         return table
 
     def _put(self, pid: int, fd: FdInfo) -> None:
-        table = self._table(pid)
-        if len(table) >= MAX_FDS_PER_PROCESS and fd.num not in table:
-            table.pop(next(iter(table)))
+        table = self._fds.get(pid)
+        if table is None:
+            table = self._fds[pid] = {}
         table[fd.num] = fd
+        if len(table) > MAX_FDS_PER_PROCESS:
+            del table[next(iter(table))]
 
     def _get(self, pid: int, num: Any) -> FdInfo | None:
         if not isinstance(num, int):
@@ -219,13 +239,18 @@ class Engine:
 # ---------------------------------------------------------------------- per-syscall state handlers
 def _h_open(eng: Engine, ev: DetailEvent) -> FdInfo:
     args = ev.args
-    name, raw = eng.resolve(ev, args.get("name"), args.get("dirfd", AT_FDCWD))
+    path = args.get("name")
+    if isinstance(path, str) and path.startswith("/"):
+        raw = path
+        name = _normalize(path)
+    else:
+        name, raw = eng.resolve(ev, path, args.get("dirfd", AT_FDCWD))
     flags = args.get("flags", 0) if ev.syscall != "creat" else os.O_CREAT | os.O_WRONLY | os.O_TRUNC
     flags = flags if isinstance(flags, int) else 0
     kind = "directory" if flags & _O_DIRECTORY else "file"
     if ev.res < 0:
-        return FdInfo(-1, kind, name, raw)
-    fd = FdInfo(ev.res, kind, name, raw, cloexec=bool(flags & _O_CLOEXEC))
+        return file_fd(-1, kind, name, raw, flags=flags)
+    fd = file_fd(ev.res, kind, name, raw, cloexec=bool(flags & _O_CLOEXEC), flags=flags)
     eng._put(ev.tgid, fd)
     return fd
 
@@ -238,11 +263,10 @@ def _h_socket(eng: Engine, ev: DetailEvent) -> FdInfo | None:
     l4 = _L4.get(stype & 0xF, "") if kind in ("ipv4", "ipv6") else ""
     if kind in ("ipv4", "ipv6") and ev.args.get("proto") == 1:
         l4 = "icmp"
-    fd = FdInfo(ev.res, kind, "", "", l4, sock_type=stype, cloexec=bool(stype & _O_CLOEXEC))
+    fd = socket_fd(ev.res if ev.res >= 0 else -1, kind, l4, stype, bool(stype & _O_CLOEXEC))
     if ev.res >= 0:
         eng._put(ev.tgid, fd)
-        return fd
-    return replace(fd, num=-1)
+    return fd
 
 
 def _sock_for(eng: Engine, ev: DetailEvent) -> FdInfo:
@@ -252,7 +276,7 @@ def _sock_for(eng: Engine, ev: DetailEvent) -> FdInfo:
     if fd is None:
         family = ev.args.get("family")
         kind = _FAMILY_TYPE.get(family, "socket") if isinstance(family, int) else "socket"
-        fd = FdInfo(num if isinstance(num, int) else -1, kind, l4proto="tcp" if kind in ("ipv4", "ipv6") else "")
+        fd = socket_fd(num if isinstance(num, int) else -1, kind, "tcp" if kind in ("ipv4", "ipv6") else "")
     return fd
 
 
@@ -266,10 +290,10 @@ def _h_connect(eng: Engine, ev: DetailEvent) -> FdInfo:
     fd = _sock_for(eng, ev)
     addr, port = _addr(ev)
     if fd.type == "unix":
-        fd = replace(fd, name=addr or fd.name, nameraw=addr or fd.nameraw, connected=ev.res >= 0)
+        fd = fd._replace(name=addr or fd.name, nameraw=addr or fd.nameraw, connected=ev.res >= 0)
     elif addr is not None:
-        fd = replace(fd, rip=addr, rport=port, is_server=False, connected=ev.res >= 0 or ev.res == -115)
-        fd = replace(fd, name=socket_name(fd))
+        fd = fd._replace(rip=addr, rport=port, is_server=False, connected=ev.res >= 0 or ev.res == -115)
+        fd = fd._replace(name=socket_name(fd))
     if fd.num >= 0 and fd.type != "socket":
         eng._put(ev.tgid, fd)
     return fd
@@ -279,10 +303,10 @@ def _h_bind(eng: Engine, ev: DetailEvent) -> FdInfo:
     fd = _sock_for(eng, ev)
     addr, port = _addr(ev)
     if fd.type == "unix":
-        fd = replace(fd, name=addr or "", nameraw=addr or "")
+        fd = fd._replace(name=addr or "", nameraw=addr or "")
     elif addr is not None:
-        fd = replace(fd, lip=addr, lport=port, is_server=True)
-        fd = replace(fd, name=socket_name(fd))
+        fd = fd._replace(lip=addr, lport=port, is_server=True)
+        fd = fd._replace(name=socket_name(fd))
     if ev.res >= 0 and fd.num >= 0:
         eng._put(ev.tgid, fd)
     return fd
@@ -291,7 +315,7 @@ def _h_bind(eng: Engine, ev: DetailEvent) -> FdInfo:
 def _h_listen(eng: Engine, ev: DetailEvent) -> FdInfo | None:
     fd = eng._get(ev.tgid, ev.args.get("fd"))
     if fd is not None and ev.res >= 0 and not fd.is_server:
-        fd = replace(fd, is_server=True)
+        fd = fd._replace(is_server=True)
         eng._put(ev.tgid, fd)
     return fd
 
@@ -301,10 +325,10 @@ def _h_accept(eng: Engine, ev: DetailEvent) -> FdInfo | None:
     addr, port = _addr(ev)
     flags = ev.args.get("flags", 0)
     cloexec = bool(flags & _O_CLOEXEC) if isinstance(flags, int) else False
-    fd = replace(listener, num=ev.res if ev.res >= 0 else -1, rip=addr, rport=port, is_server=True,
-                 connected=ev.res >= 0, name_changed=False, cloexec=cloexec)
+    fd = listener._replace(num=ev.res if ev.res >= 0 else -1, rip=addr, rport=port, is_server=True,
+                           connected=ev.res >= 0, name_changed=False, cloexec=cloexec)
     if fd.is_ip:
-        fd = replace(fd, name=socket_name(fd))
+        fd = fd._replace(name=socket_name(fd))
     if ev.res >= 0:
         eng._put(ev.tgid, fd)
     return fd
@@ -318,15 +342,15 @@ def _h_sendto(eng: Engine, ev: DetailEvent) -> FdInfo | None:
             return None
         fd = _sock_for(eng, ev)
         if fd.is_ip:
-            fd = replace(fd, l4proto="udp")
+            fd = fd._replace(l4proto="udp")
     if addr is None or not fd.is_ip:
         if fd.name_changed:
-            fd = replace(fd, name_changed=False)
+            fd = fd._replace(name_changed=False)
             eng._put(ev.tgid, fd)
         return fd
     changed = (addr, port) != (fd.rip, fd.rport)
-    fd = replace(fd, rip=addr, rport=port, name_changed=changed, is_server=False)
-    fd = replace(fd, name=socket_name(fd))
+    fd = fd._replace(rip=addr, rport=port, name_changed=changed, is_server=False)
+    fd = fd._replace(name=socket_name(fd))
     if fd.num >= 0:
         eng._put(ev.tgid, fd)
     return fd
@@ -336,8 +360,8 @@ def _h_dup(eng: Engine, ev: DetailEvent) -> FdInfo | None:
     old = eng._get(ev.tgid, ev.args.get("oldfd"))
     if old is not None and ev.res >= 0:
         flags = ev.args.get("flags", 0)
-        eng._put(ev.tgid, replace(old, num=ev.res, cloexec=bool(flags & _O_CLOEXEC) if isinstance(flags, int)
-                                  else False))
+        eng._put(ev.tgid, old._replace(num=ev.res, cloexec=bool(flags & _O_CLOEXEC) if isinstance(flags, int)
+                                       else False))
     return old
 
 
@@ -355,15 +379,15 @@ def _h_close(eng: Engine, ev: DetailEvent) -> FdInfo | None:
 def _h_memfd(eng: Engine, ev: DetailEvent) -> FdInfo:
     name = f"memfd:{ev.args.get('name', '')}"
     flags = ev.args.get("flags", 0)
-    fd = FdInfo(ev.res if ev.res >= 0 else -1, "memfd", name, name,
-                cloexec=bool(flags & 1) if isinstance(flags, int) else False)
+    fd = file_fd(ev.res if ev.res >= 0 else -1, "memfd", name, name,
+                 cloexec=bool(flags & 1) if isinstance(flags, int) else False)
     if ev.res >= 0:
         eng._put(ev.tgid, fd)
     return fd
 
 
 def _h_userfaultfd(eng: Engine, ev: DetailEvent) -> FdInfo:
-    fd = FdInfo(ev.res if ev.res >= 0 else -1, "userfaultfd", "", "")
+    fd = socket_fd(ev.res if ev.res >= 0 else -1, "userfaultfd")
     if ev.res >= 0:
         eng._put(ev.tgid, fd)
     return fd
@@ -393,7 +417,7 @@ def _h_path_arg(key: str, dirkey: str | None) -> Callable[[Engine, DetailEvent],
         if not isinstance(path, str):
             return None
         name, raw = eng.resolve(ev, path, ev.args.get(dirkey, AT_FDCWD) if dirkey else AT_FDCWD)
-        return FdInfo(-1, "file", name, raw)
+        return file_fd(-1, "file", name, raw)
 
     return handler
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.falco import _flags
-from agent.falco._state import TYPECHARS, Ctx, FdInfo
+from agent.falco._state import Ctx, FdInfo
 from agent.proc.info import HOST_CONTAINER_ID, ProcessInfo
 
 Extractor = Callable[[Ctx], Any]
@@ -34,6 +34,10 @@ class FieldDef:
     available: bool = True  # False: known to Falco, not filled by Sysgram (a warning; always missing)
     any_without_arg: bool = False  # proc.aname style: no argument means "any ancestor"
     list_without_arg: bool = False  # fd.types style: no argument means the whole list
+    # An expression (of the locals c, ev, fd, p) the compiler may paste instead of calling the extractor (hot fields), given the
+    # event type the rule is specialised for (None: any type); returning None means "call the extractor".
+    inline: Callable[[str | None], str | None] | None = None
+    nonnull: bool = False  # the inline expression is never None (no missing check needed)
 
 
 FIELDS: dict[str, FieldDef] = {}
@@ -116,10 +120,8 @@ def _arg_value(c: Ctx, name: str, raw: bool) -> Any:
         name = keys[idx]
     if name in args:
         v = args[name]
-    elif name == "res":
-        v = ev.res
-    elif name in ("fd", "res_or_fd") and ev.syscall in ("open", "openat", "openat2", "creat", "socket", "accept",
-                                                       "accept4", "memfd_create", "userfaultfd"):
+    elif name == "res" or (name in ("fd", "res_or_fd") and ev.syscall in ("open", "openat", "openat2", "creat", "socket", "accept",
+                                                       "accept4", "memfd_create", "userfaultfd")):
         v = ev.res
     elif name == "flags" and ev.syscall in ("execve", "execveat") and c.proc is not None:
         v = _exe_flags(c.proc)
@@ -390,18 +392,11 @@ def _sock(attr: Callable[[FdInfo], Any]) -> Extractor:
 
 
 def _fd_directory(fd: FdInfo) -> str | None:
-    if fd.type == "directory":
-        return fd.name.rstrip("/") or "/"
-    if fd.type != "file" or "/" not in fd.name:
-        return None
-    head = fd.name.rsplit("/", 1)[0]
-    return head or "/"
+    return fd.directory if fd.type in ("file", "directory") else None
 
 
 def _fd_filename(fd: FdInfo) -> str | None:
-    if fd.type not in ("file", "directory"):
-        return None
-    return fd.name.rsplit("/", 1)[-1]
+    return fd.filename if fd.type in ("file", "directory") else None
 
 
 def _both(a: Callable[[FdInfo], Any], b: Callable[[FdInfo], Any]) -> Extractor:
@@ -435,7 +430,7 @@ for _name, _fn in {
     "fd.nameraw": _fd(lambda f: f.nameraw or f.name or None),
     "fd.directory": _fd(_fd_directory),
     "fd.filename": _fd(_fd_filename),
-    "fd.typechar": _fd(lambda f: TYPECHARS.get(f.type, "o")),
+    "fd.typechar": _fd(lambda f: f.typechar),
     "fd.type": _fd(lambda f: f.type),
     "fd.l4proto": _sock(lambda f: f.l4proto or None),
     "fd.sockfamily": _fd(lambda f: "ip" if f.is_ip else "unix" if f.type == "unix" else None),
@@ -504,6 +499,46 @@ _plain("sysgram.anomaly.threshold", "float", lambda c: a.threshold if (a := c.an
 _plain("sysgram.anomaly.window", "str", lambda c: a.window if (a := c.anomaly()) is not None else None)
 _plain("sysgram.anomaly.is_anomalous", "bool",
        lambda c: a.is_anomalous if (a := c.anomaly()) is not None else None)
+
+# ---------------------------------------------------------------- inlined hot fields
+OPEN_TYPES = ("open", "openat", "openat2", "creat")
+
+
+def _open_inline(test: str) -> Callable[[str | None], str | None]:
+    # For open events the state handler always sets c.fd with the open flags.
+    def inline(evttype: str | None) -> str | None:
+        if evttype is None:
+            return None
+        return f"({test})" if evttype in OPEN_TYPES else "False"
+
+    return inline
+
+
+_INLINE: dict[str, Callable[[str | None], str | None]] = {
+    "evt.type": lambda t: repr(t) if t is not None else "ev.syscall",
+    "evt.rawres": lambda t: "ev.res",
+    "evt.dir": lambda t: "'<'",
+    "fd.num": lambda t: "(fd.num if fd is not None else None)",
+    "fd.name": lambda t: "((fd.name or None) if fd is not None else None)",
+    "fd.nameraw": lambda t: "((fd.nameraw or fd.name or None) if fd is not None else None)",
+    "fd.typechar": lambda t: "(fd.typechar if fd is not None else None)",
+    "fd.type": lambda t: "(fd.type if fd is not None else None)",
+    "fd.directory": lambda t: "(fd.directory if fd is not None and fd.type in _FILE_TYPES else None)",
+    "fd.filename": lambda t: "(fd.filename if fd is not None and fd.type in _FILE_TYPES else None)",
+    "proc.name": lambda t: "((p.comm or None) if p is not None else None)",
+    "proc.exepath": lambda t: "((p.exe or None) if p is not None else None)",
+    "proc.cmdline": lambda t: "((p.cmdline or None) if p is not None else None)",
+    "proc.tty": lambda t: "(p.tty if p is not None else None)",
+    "user.name": lambda t: "((p.user or None) if p is not None else None)",
+    "user.uid": lambda t: "(p.uid if p is not None and p.uid >= 0 else None)",
+    "container.id": lambda t: "((p.container_id or None) if p is not None else None)",
+    "evt.is_open_read": _open_inline("fd.flags & 3 != 1"),
+    "evt.is_open_write": _open_inline("fd.flags & 3 != 0"),
+    "evt.is_open_create": _open_inline(f"fd.flags & {os.O_CREAT} != 0"),
+}
+_NONNULL = ("evt.type", "evt.rawres", "evt.dir", "evt.is_open_read", "evt.is_open_write", "evt.is_open_create")
+for _name, _inline in _INLINE.items():
+    FIELDS[_name] = replace(FIELDS[_name], inline=_inline, nonnull=_name in _NONNULL)
 
 # k8s.* comes from the k8s metadata plugin, which Sysgram does not have: every k8s.* field is missing.
 K8S_PREFIX = "k8s."

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.falco._ast import Source, _Parser
 from agent.falco._ast import ParseError as _ParseError
+from agent.falco._ast import Source, _Parser
 from agent.falco._fields import BoundField, FieldError, bind_field
 
 _TOKEN = re.compile(r"%(?:\(([^)]*)\)|([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)+(?:\[[^\]]*\])?))")
@@ -89,7 +89,7 @@ def _bind_output_field(ref: str, offset: int) -> OutputField:
     transform: Callable[[Any], Any] | None = None
     for tr in fe.transformers:
         fn = len if tr == "len" else _TRANSFORMS[tr]
-        transform = fn if transform is None else (lambda v, a=transform, b=fn: b(a(v)))  # type: ignore[misc]
+        transform = fn if transform is None else (lambda v, a=transform, b=fn: b(a(v)))
     return OutputField(ref, offset, bound, "", transform)
 
 

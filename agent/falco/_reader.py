@@ -9,11 +9,18 @@ import yaml
 
 from agent.falco._diag import Diagnostic, Place
 
-_Loader: type[yaml.SafeLoader]
+_Base: type[yaml.SafeLoader]
 try:
-    _Loader = yaml.CSafeLoader  # type: ignore[assignment]
+    _Base = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - libyaml missing
-    _Loader = yaml.SafeLoader
+    _Base = yaml.SafeLoader
+
+
+class _Loader(_Base):
+    """Safe loading, plus a bare `=` (YAML 1.1's "value" tag, as in `comps: [=, in]`) read as the string."""
+
+
+_Loader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
 
 ITEM_KINDS = ("rule", "macro", "list", "required_engine_version", "required_plugin_versions")
 

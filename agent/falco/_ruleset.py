@@ -31,6 +31,7 @@ from agent.falco._compiler import (
     resolve_list_items,
 )
 from agent.falco._diag import Diagnostic, Place
+from agent.falco._fields import FieldError, bind_field
 from agent.falco._output import OutputFormat
 from agent.falco._reader import read_rules_text
 
@@ -58,9 +59,10 @@ class Rule:
 @dataclass(slots=True)
 class CompiledRule:
     rule: Rule
-    fn: Callable[[Any], bool]
+    fn: Callable[[Any], bool]  # generic predicate (any event type)
     output: OutputFormat
     order: int
+    by_type: dict[str, Callable[[Any], bool]] = field(default_factory=dict)  # specialised per event type
 
 
 @dataclass(slots=True)
@@ -183,7 +185,32 @@ class _Compiler:
                 file, line, col = src.locate(err.offset)
                 self.diags.append(Diagnostic("error", file, line, col, err.message, "macro", name, "syntax",
                                              src.text, err.offset))
+            else:
+                self._check_macro_fields(info)
             self.macros[name] = info
+
+    def _check_macro_fields(self, info: MacroInfo) -> None:
+        """Unknown fields are reported at the macro itself, used or not (as a typo there is a bug)."""
+        stack: list[Any] = [info.ast]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, BoolOp):
+                stack.extend(node.children)
+            elif isinstance(node, Not):
+                stack.append(node.child)
+            elif isinstance(node, Compare):
+                for fe in (node.field, node.rhs):
+                    if not isinstance(fe, FieldExpr):
+                        continue
+                    try:
+                        bind_field(fe.name, fe.arg)
+                    except FieldError as err:
+                        info.ast = None
+                        info.error = str(err)
+                        file, line, col = info.source.locate(fe.pos)
+                        self.diags.append(Diagnostic("error", file, line, col, str(err), "macro", info.name,
+                                                     "unknown-field", info.source.text, fe.pos))
+                        return
 
     # -- rules
     def exception_ast(self, rule: RuleDef, exc: ExceptionDef) -> Node | None:
@@ -212,6 +239,8 @@ class _Compiler:
             return None
 
         def cmp(fe: FieldExpr, comp: str, value: Any) -> Node:
+            if comp == "==":
+                comp = "="
             if comp in LIST_OPS:
                 items = value if isinstance(value, list) else None
                 if items is None:
@@ -298,7 +327,7 @@ class _Compiler:
             status.status, status.reason = "warning", warnings[0].message
         loaded = Rule(rule.name, rule.desc.strip(), rule.priority, rule.tags, rule.condition.text, rule.output,
                       rule.file, rule.place.line, rule.enabled, "syscall", result.evttypes)
-        return CompiledRule(loaded, result.fn, output, order)
+        return CompiledRule(loaded, result.fn, output, order, result.by_type)
 
     def build(self) -> RuleSet:
         self.resolve_lists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.events import DetailEvent
 from agent.proc.info import ProcessInfo
@@ -46,10 +46,9 @@ TYPECHARS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class FdInfo:
-    """One open file descriptor as the fd.* fields see it. Immutable: a change makes a new one, so a
-    table copied at fork never sees the other process's changes."""
+class FdInfo(NamedTuple):
+    """One open file descriptor as the fd.* fields see it. Immutable (a change makes a new one with
+    ``_replace``), so a table copied at fork never sees the other process's changes."""
 
     num: int
     type: str  # fd.type: file, directory, ipv4, ipv6, unix, memfd, ...
@@ -65,6 +64,10 @@ class FdInfo:
     name_changed: bool = False
     cloexec: bool = False
     sock_type: int = 0
+    flags: int = -1  # the open flags, for files opened while we watched
+    typechar: str = "o"
+    directory: str | None = None  # precomputed for files and directories (read by many rules)
+    filename: str | None = None
 
     @property
     def is_ip(self) -> bool:
@@ -85,6 +88,22 @@ class FdInfo:
     @property
     def cport(self) -> int | None:
         return self.rport if self.is_server else self.lport
+
+
+def file_fd(num: int, kind: str, name: str, raw: str, cloexec: bool = False, flags: int = -1) -> FdInfo:
+    """A file or directory fd, with fd.directory / fd.filename worked out once."""
+    head, sep, tail = name.rpartition("/")
+    if kind == "directory":
+        directory: str | None = name.rstrip("/") or "/"
+    else:
+        directory = (head or "/") if sep else None
+    return FdInfo(num, kind, name, raw, "", None, None, None, None, False, False, False, cloexec, 0, flags,
+                  TYPECHARS.get(kind, "o"), directory, tail if name else None)
+
+
+def socket_fd(num: int, kind: str, l4proto: str = "", sock_type: int = 0, cloexec: bool = False) -> FdInfo:
+    return FdInfo(num, kind, l4proto=l4proto, sock_type=sock_type, cloexec=cloexec,
+                  typechar=TYPECHARS.get(kind, "o"))
 
 
 def socket_name(fd: FdInfo) -> str:
@@ -127,7 +146,7 @@ class Ctx:
             proc = self.proc
             p = self.engine.lookup(proc.ppid) if proc is not None and proc.ppid > 0 else None
             self._parent = p
-        return p  # type: ignore[no-any-return]
+        return p
 
     def ancestors(self) -> list[ProcessInfo]:
         """Parent, grandparent, ... up to init (cycle-safe)."""
@@ -159,7 +178,7 @@ class Ctx:
             fn = self.engine.anomaly_lookup
             a = fn(self.ev.tgid) if fn is not None else None
             self._anom = a
-        return a  # type: ignore[no-any-return]
+        return a
 
     def container(self) -> ContainerInfo | None:
         c = self._cont
@@ -168,7 +187,7 @@ class Ctx:
             proc = self.proc
             c = fn(proc.container_id) if fn is not None and proc is not None else None
             self._cont = c
-        return c  # type: ignore[no-any-return]
+        return c
 
 
 _UNSET: Any = object()

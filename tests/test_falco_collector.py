@@ -1,0 +1,165 @@
+"""Exceptions, overrides, appends, enabled, priorities, sources, rule_matching."""
+
+from __future__ import annotations
+
+from agent.falco import load_rules_text
+from tests._falco_helpers import World, proc
+
+PROCS = [proc(1, 0, "systemd", "/usr/lib/systemd/systemd"), proc(10, 1, "cat", "/usr/bin/cat"),
+         proc(11, 1, "less", "/usr/bin/less"), proc(12, 1, "vim", "/usr/bin/vim")]
+
+BASE = """
+- list: watched
+  items: [/etc/passwd]
+- rule: Watched read
+  desc: d
+  condition: evt.type = openat and fd.name in (watched)
+  output: read %fd.name by %proc.name
+  priority: warning
+  tags: [a]
+  exceptions:
+    - name: by_proc
+      fields: [proc.name, fd.name]
+      comps: [=, startswith]
+      values:
+        - [less, /etc/pass]
+    - name: single
+      fields: proc.name
+      values: [vim]
+"""
+
+
+def fire(rs: object, pid: int, path: str = "/etc/passwd") -> list[str]:
+    return World(rs, PROCS).names(pid, "openat", 3, dirfd=-100, name=path, flags=0)  # type: ignore[arg-type]
+
+
+def test_exceptions_suppress_matching_tuples() -> None:
+    rs = load_rules_text([("a.yaml", BASE)])
+    assert not rs.errors
+    assert fire(rs, 10) == ["Watched read"]
+    assert fire(rs, 11) == []  # (less, /etc/pass*) excepted
+    assert fire(rs, 12) == []  # single-field exception with implicit `in`
+
+
+def test_exception_values_appended_and_list_override() -> None:
+    more = """
+- rule: Watched read
+  exceptions:
+    - name: single
+      values: [cat]
+  override:
+    exceptions: append
+- list: watched
+  items: [/etc/group]
+  override:
+    items: append
+"""
+    rs = load_rules_text([("a.yaml", BASE), ("b.yaml", more)])
+    assert not rs.errors, [d.to_text() for d in rs.errors]
+    assert fire(rs, 10) == []
+    assert fire(rs, 10, "/etc/group") == []
+    rs2 = load_rules_text([("a.yaml", BASE), ("b.yaml", more.replace("items: append", "items: replace"))])
+    assert World(rs2, PROCS).names(10, "openat", 3, dirfd=-100, name="/etc/passwd", flags=0) == []
+
+
+def test_condition_append_override_and_deprecated_append() -> None:
+    override = """
+- rule: Watched read
+  condition: and proc.name = cat
+  override:
+    condition: append
+"""
+    rs = load_rules_text([("a.yaml", BASE), ("b.yaml", override)])
+    assert not rs.errors
+    assert fire(rs, 10) == ["Watched read"]
+    old = "- rule: Watched read\n  condition: and proc.name = nobody\n  append: true\n"
+    rs = load_rules_text([("a.yaml", BASE), ("b.yaml", old)])
+    assert not rs.errors
+    assert fire(rs, 10) == []
+
+
+def test_replace_priority_output_and_disable() -> None:
+    override = """
+- rule: Watched read
+  priority: CRITICAL
+  output: replaced %proc.name
+  tags: [b]
+  override:
+    priority: replace
+    output: replace
+    tags: append
+"""
+    rs = load_rules_text([("a.yaml", BASE), ("b.yaml", override)])
+    m = World(rs, PROCS).ev(10, "openat", 3, dirfd=-100, name="/etc/passwd", flags=0)
+    assert [x.priority for x in m] == ["Critical"]
+    assert m[0].output.endswith("Critical replaced cat")
+    assert m[0].tags == ("a", "b")
+    disable = "- rule: Watched read\n  enabled: false\n  override:\n    enabled: replace\n"
+    rs = load_rules_text([("a.yaml", BASE), ("b.yaml", disable)])
+    assert rs.rules == () and fire(rs, 10) == []
+    shorthand = "- rule: Watched read\n  enabled: false\n"
+    assert load_rules_text([("a.yaml", BASE), ("b.yaml", shorthand)]).rules == ()
+
+
+def test_priorities_case_insensitive_and_info_alias() -> None:
+    for given, want in (("info", "Informational"), ("EMERGENCY", "Emergency"), ("Debug", "Debug")):
+        rs = load_rules_text([("a.yaml", BASE.replace("priority: warning", f"priority: {given}"))])
+        assert rs.rules[0].priority == want
+
+
+def test_other_sources_are_skipped_with_a_warning() -> None:
+    text = BASE + """
+- rule: audit rule
+  desc: d
+  condition: ka.verb = create
+  output: o
+  priority: INFO
+  source: k8s_audit
+- required_plugin_versions:
+    - name: k8saudit
+      version: 0.7.0
+    - name: container
+      version: 0.4.0
+"""
+    rs = load_rules_text([("a.yaml", text)])
+    assert not rs.errors
+    assert [r.name for r in rs.rules] == ["Watched read"]
+    messages = [d.message for d in rs.warnings]
+    assert any("k8s_audit" in m for m in messages)
+    assert any("k8saudit" in m for m in messages) and not any("'container'" in m for m in messages)
+
+
+def test_rule_matching_first_stops_at_first_rule() -> None:
+    text = BASE + """
+- rule: Second
+  desc: d
+  condition: evt.type = openat
+  output: o
+  priority: INFO
+"""
+    all_rs = load_rules_text([("a.yaml", text)])
+    first_rs = load_rules_text([("a.yaml", text)], rule_matching="first")
+    assert fire(all_rs, 10) == ["Watched read", "Second"]
+    assert fire(first_rs, 10) == ["Watched read"]
+
+
+def test_output_fields_and_na() -> None:
+    text = BASE.replace("read %fd.name by %proc.name", "read %fd.name by %(proc.name) gp=%proc.aname[3]")
+    m = World(load_rules_text([("a.yaml", text)]), PROCS).ev(10, "openat", 3, dirfd=-100, name="/etc/passwd",
+                                                            flags=0)
+    assert m[0].output.endswith("read /etc/passwd by cat gp=<NA>")
+    assert m[0].output_fields == {"fd.name": "/etc/passwd", "proc.name": "cat", "proc.aname[3]": None}
+    assert m[0].source == "syscall" and m[0].pid == 10
+
+
+def test_interesting_syscalls_from_index() -> None:
+    rs = load_rules_text([("a.yaml", BASE)])
+    assert rs.interesting_syscalls() == frozenset({"openat"})
+    everything = BASE + "\n- rule: all\n  desc: d\n  condition: proc.name = cat\n  output: o\n  priority: INFO\n"
+    rs = load_rules_text([("a.yaml", everything)])
+    assert "execve" in rs.interesting_syscalls() and "openat" in rs.interesting_syscalls()
+    assert any(d.code == "no-evttype" for d in rs.warnings)
+    negated = BASE + "\n- rule: n\n  desc: d\n  condition: not evt.type in (openat, read)\n  output: o\n  priority: INFO\n"
+    rs = load_rules_text([("a.yaml", negated)])
+    n = next(r for r in rs.rules if r.name == "n")
+    assert n.evttypes is not None and "openat" not in n.evttypes and "execve" in n.evttypes

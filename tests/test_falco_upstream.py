@@ -1,0 +1,201 @@
+"""The upstream Falco rule sets load, and ten+ stable rules fire (and stay quiet) on hand-built events."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from agent.falco import AnomalyFields, ContainerInfo, load_rules
+from tests._falco_helpers import (
+    CAP_DAC_OVERRIDE,
+    CAP_SYS_ADMIN,
+    CAP_SYS_MODULE,
+    INCUBATING,
+    O_CLOEXEC,
+    O_RDONLY,
+    O_TRUNC,
+    O_WRONLY,
+    SANDBOX,
+    STABLE,
+    World,
+    proc,
+)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(STABLE), reason="../shared/falco-rules not present")
+OURS = os.path.join(os.path.dirname(__file__), "..", "rules", "sysgram_rules.yaml")
+
+
+@pytest.fixture(scope="module")
+def stable():  # type: ignore[no-untyped-def]
+    return load_rules([STABLE])[0]
+
+
+def test_stable_loads_with_no_error_and_no_unsupported_field(stable) -> None:  # type: ignore[no-untyped-def]
+    assert stable.errors == [] and stable.warnings == []
+    assert len(stable.rules) == 25
+
+
+def test_incubating_and_sandbox_load_after_stable_with_no_error() -> None:
+    rs, diags = load_rules([STABLE, INCUBATING, SANDBOX, OURS])
+    assert [d.to_text() for d in diags if d.is_error] == []
+    # Every warning names the field and the rule.
+    for d in rs.warnings:
+        assert d.item_kind == "rule" and d.item_name and "'" in d.message
+    names = {r.name for r in rs.rules}
+    assert "Anomalous process spawned a shell" in names and "Block anomalous kernel module load" not in names
+
+
+HOST = [
+    proc(1, 0, "systemd", "/usr/lib/systemd/systemd", uid=0, user="root"),
+    proc(100, 1, "httpd", "/usr/sbin/httpd", "-k", "start", uid=33, user="www-data"),
+    proc(101, 100, "bash", "/usr/bin/bash", "-c", "id", uid=33, user="www-data"),
+    proc(102, 1, "cat", "/usr/bin/cat", "/etc/shadow", uid=0, user="root"),
+    proc(103, 1, "ln", "/usr/bin/ln", "-s", "/etc/shadow", "/tmp/x", uid=1000),
+    proc(104, 1, "evil", "/dev/shm/evil", uid=1000, cwd="/dev/shm/"),
+    proc(105, 1, "3", "memfd:payload", uid=1000, exe_from_memfd=True),
+    proc(106, 1, "grep", "/usr/bin/grep", "-r", "BEGIN RSA PRIVATE", "/home", uid=1000),
+    proc(107, 1, "truncate", "/usr/bin/truncate", uid=0, user="root"),
+    proc(108, 1, "gdb", "/usr/bin/gdb", "-p", "100", uid=0, user="root"),
+    proc(109, 1, "ls", "/usr/bin/ls", uid=1000),
+    proc(110, 1, "ssh", "/usr/bin/ssh", "-p", "443", "attacker.example", uid=1000),
+    proc(111, 1, "python3", "/usr/bin/python3", uid=1000),
+    # in a container
+    proc(200, 1, "containerd-shim", "/usr/bin/containerd-shim", uid=0, user="root"),
+    proc(201, 200, "insmod", "/usr/sbin/insmod", "rootkit.ko", uid=0, user="root", container_id="abc123",
+         cap_effective=CAP_SYS_MODULE | CAP_SYS_ADMIN),
+    proc(202, 200, "sh", "/bin/sh", "-i", uid=0, user="root", container_id="abc123"),
+    proc(203, 200, "bash", "/bin/bash", uid=0, user="root", container_id="abc123", tty=34816),
+    proc(204, 200, "sh", "/bin/sh", uid=0, user="root", container_id="abc123",
+         cap_effective=CAP_SYS_ADMIN | CAP_DAC_OVERRIDE),
+]
+CONTAINERS = {"abc123": ContainerInfo("abc123", name="web", image="nginx:1.25", repository="nginx", tag="1.25",
+                                      privileged=False)}
+
+
+@pytest.fixture()
+def world(stable):  # type: ignore[no-untyped-def]
+    return World(stable, HOST, containers=CONTAINERS)
+
+
+def opened(w: World, pid: int, path: str, flags: int = O_RDONLY, res: int = 3) -> list[str]:
+    return w.names(pid, "openat", res, dirfd=-100, name=path, flags=flags, mode=0)
+
+
+def exec_(w: World, pid: int) -> list[str]:
+    p = w.table[pid]
+    return w.names(pid, "execve", 0, filename=p.exe, argv=list(p.args))
+
+
+def test_read_sensitive_file_untrusted(world: World) -> None:
+    assert opened(world, 102, "/etc/shadow") == ["Read sensitive file untrusted"]
+    assert opened(world, 102, "/etc/hosts") == []
+    assert opened(world, 102, "/etc/shadow", O_WRONLY) == []
+    assert opened(world, 102, "/etc/shadow", res=-13) == []  # failed open: fd.num is -1
+
+
+def test_relative_path_is_resolved_against_cwd_and_dirfd(world: World) -> None:
+    world.names(102, "chdir", 0, path="/etc")
+    assert opened(world, 102, "shadow") == ["Read sensitive file untrusted"]
+    world.names(109, "openat", 7, dirfd=-100, name="/etc", flags=os.O_DIRECTORY | O_RDONLY)
+    assert world.names(109, "openat", 8, dirfd=7, name="sudoers", flags=O_RDONLY) == ["Read sensitive file untrusted"]
+
+
+def test_directory_traversal(world: World) -> None:
+    world.names(111, "chdir", 0, path="/var/www/html")
+    assert "Directory traversal monitored file read" in opened(world, 111, "../../../etc/passwd")
+
+
+def test_run_shell_untrusted(world: World) -> None:
+    assert exec_(world, 101) == ["Run shell untrusted"]
+    assert exec_(world, 109) == []
+
+
+def test_create_symlink_over_sensitive_files(world: World) -> None:
+    assert world.names(103, "symlink", 0, target="/etc/shadow", linkpath="/tmp/x") == [
+        "Create Symlink Over Sensitive Files"]
+    assert world.names(103, "symlinkat", 0, target="/etc/motd", linkdirfd=-100, linkpath="/tmp/x") == []
+    assert world.names(103, "link", 0, oldpath="/etc/shadow", newpath="/tmp/y") == ["Create Hardlink Over Sensitive Files"]
+
+
+def test_execution_from_dev_shm_and_memfd(world: World) -> None:
+    assert exec_(world, 104) == ["Execution from /dev/shm"]
+    assert exec_(world, 105) == ["Fileless execution via memfd_create"]
+
+
+def test_search_private_keys(world: World) -> None:
+    assert exec_(world, 106) == ["Search Private Keys or Passwords"]
+
+
+def test_clear_log_activities(world: World) -> None:
+    assert opened(world, 107, "/var/log/auth.log", O_WRONLY | O_TRUNC) == ["Clear Log Activities"]
+    assert opened(world, 107, "/var/log/auth.log", O_WRONLY | os.O_APPEND) == []
+
+
+def test_ptrace_attach_and_kernel_module_in_container(world: World) -> None:
+    assert world.names(108, "ptrace", 0, request=16, pid=100) == ["PTRACE attached to process"]
+    assert world.names(108, "ptrace", 0, request=0, pid=0) == ["PTRACE anti-debug attempt"]
+    assert world.names(108, "ptrace", 0, request=2, pid=100) == []  # PEEKDATA
+    assert world.names(201, "init_module", 0, len=4096, uargs="") == ["Linux Kernel Module Injection Detected"]
+    assert world.names(108, "init_module", 0, len=4096, uargs="") == []  # on the host, not in a container
+
+
+def test_redirect_stdin_to_network_in_container(world: World) -> None:
+    assert world.names(202, "socket", 3, domain=socket.AF_INET, type=socket.SOCK_STREAM, proto=0) == []
+    world.names(202, "connect", 0, fd=3, family=socket.AF_INET, addr="203.0.113.9", port=4444)
+    hits = world.ev(202, "dup2", 0, oldfd=3, newfd=0)
+    assert [m.rule for m in hits] == ["Redirect STDOUT/STDIN to Network Connection in Container"]
+    assert hits[0].output_fields["fd.name"] == "0.0.0.0:0->203.0.113.9:4444"
+    assert hits[0].output_fields["fd.rport"] == 4444
+    world.names(202, "openat", 5, dirfd=-100, name="/tmp/f", flags=O_RDONLY | O_CLOEXEC)
+    assert world.names(202, "dup2", 1, oldfd=5, newfd=1) == []  # a file, not a socket
+
+
+def test_terminal_shell_and_release_agent_in_container(world: World) -> None:
+    assert exec_(world, 203) == ["Terminal shell in container"]
+    assert opened(world, 204, "/sys/fs/cgroup/x/release_agent", O_WRONLY) == [
+        "Detect release_agent File Container Escapes"]
+
+
+def test_ssh_to_non_standard_port(world: World) -> None:
+    world.names(110, "socket", 4, domain=socket.AF_INET, type=socket.SOCK_STREAM, proto=0)
+    assert world.names(110, "connect", 0, fd=4, family=socket.AF_INET, addr="198.51.100.7", port=443) == [
+        "Disallowed SSH Connection Non Standard Port"]
+    world.names(110, "socket", 5, domain=socket.AF_INET, type=socket.SOCK_STREAM, proto=0)
+    assert world.names(110, "connect", 0, fd=5, family=socket.AF_INET, addr="10.1.1.1", port=443) == []
+
+
+def test_alert_names_rule_priority_and_output_like_falco(world: World) -> None:
+    [m] = world.ev(102, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY)
+    assert m.rule == "Read sensitive file untrusted" and m.priority == "Warning"
+    assert ": Warning Sensitive file opened for reading by non-trusted program | file=/etc/shadow" in m.output
+    assert "maturity_stable" in m.tags and m.tid == 102
+
+
+def test_fork_copies_fd_table_and_exit_drops_it(world: World) -> None:
+    from agent.events import ProcEvent
+
+    world.names(202, "socket", 6, domain=socket.AF_INET, type=socket.SOCK_STREAM, proto=0)
+    world.names(202, "connect", 0, fd=6, family=socket.AF_INET, addr="203.0.113.9", port=80)
+    world.table[205] = proc(205, 202, "sh", "/bin/sh", uid=0, container_id="abc123")
+    world.engine.on_proc_event(ProcEvent("fork", world.ts, 205, 205, ppid=202))
+    assert world.names(205, "dup2", 2, oldfd=6, newfd=2) == ["Redirect STDOUT/STDIN to Network Connection in Container"]
+    world.engine.on_proc_event(ProcEvent("exit", world.ts, 205, 205))
+    assert world.names(205, "dup2", 2, oldfd=6, newfd=2) == []
+
+
+def test_sysgram_rules_use_anomaly_state() -> None:
+    rs, diags = load_rules([STABLE, OURS])
+    assert not [d for d in diags if d.is_error]
+    anomalies = {111: AnomalyFields(0.97, 0.8, "openat read close", True), 109: AnomalyFields(0.1, 0.8, "", False)}
+    w = World(rs, HOST, anomalies=anomalies)
+    hits = w.ev(111, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY)
+    assert {m.rule for m in hits} == {"Read sensitive file untrusted", "Anomalous process read sensitive file"}
+    ours = next(m for m in hits if m.rule.startswith("Anomalous"))
+    assert ours.output_fields["sysgram.anomaly.score"] == 0.97 and "sysgram" in ours.tags
+    assert [m.rule for m in w.ev(109, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY)] == [
+        "Read sensitive file untrusted"]
+    w.names(111, "socket", 4, domain=socket.AF_INET, type=socket.SOCK_STREAM, proto=0)
+    assert w.names(111, "connect", 0, fd=4, family=socket.AF_INET, addr="198.51.100.7", port=443) == [
+        "Anomalous process connected out"]
