@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,10 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
             raise ConfigError(f"rules: {first.message}", path=first.file, line=first.line, col=first.col)
         pipeline.engine = Engine(ruleset, table.get, anomaly_lookup=None)
         details |= set(ruleset.interesting_syscalls())
-    if cfg.model:
+    if cfg.model == str(DEFAULT_MODEL) and not DEFAULT_MODEL.exists():
+        print(f"sysgram: warning: no shipped model at {DEFAULT_MODEL}: anomaly scoring is off "
+              "(build one with training/build_shipped_model.py or sysgram learn)", file=sys.stderr)
+    elif cfg.model:
         from agent.model import AnomalyDetector, load_model
 
         pipeline.detector = AnomalyDetector(load_model(cfg.model))
