@@ -20,9 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 # One row per syscall. ``flags`` bit 0 (FLAG_COMPAT): a 32-bit (i386) process, ``nr`` is an i386 number.
-SYSCALL_DTYPE = np.dtype(
-    [("ts", "<u8"), ("tgid", "<u4"), ("tid", "<u4"), ("nr", "<u2"), ("flags", "<u2")]
-)
+SYSCALL_DTYPE = np.dtype([("ts", "<u8"), ("tgid", "<u4"), ("tid", "<u4"), ("nr", "<u2"), ("flags", "<u2")])
 FLAG_COMPAT = 1
 
 

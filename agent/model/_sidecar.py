@@ -58,7 +58,7 @@ def _need(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], path: st
     if key not in raw:
         raise ModelError(f"sidecar has no {key!r}", path=path)
     value = raw[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ModelError(f"sidecar field {key!r} has the wrong type ({type(value).__name__})", path=path)
     return value
 

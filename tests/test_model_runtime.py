@@ -1,0 +1,190 @@
+"""The runtime model: loading (and refusing bad files), the score cache, alerts and their explanations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.capture.names import syscall_number
+from agent.cli import main
+from agent.errors import ModelError
+from agent.events import SYSCALL_DTYPE
+from agent.model import AnomalyDetector, Model, load_model
+from training.synthetic import ATTACK, HABITS, habit_trace, synthetic_traces
+from training.train import TrainConfig, train_model
+
+TINY = {"hidden": 32, "bottleneck": 16, "dim": 8}
+ALPHA = "/usr/bin/alpha"
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    cfg = TrainConfig(n=8, epochs=4, threads=1, min_program_syscalls=500, net=TINY, min_windows=16)
+    train_model(synthetic_traces(40, seed=1), out, cfg, progress=False)
+    return out
+
+
+@pytest.fixture()
+def model(model_path: Path) -> Model:
+    return load_model(model_path)
+
+
+def copy_model(src: Path, dst_dir: Path) -> Path:
+    dst = dst_dir / "copy.onnx"
+    shutil.copy(src, dst)
+    shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
+    return dst
+
+
+def rows(names: list[str], tgid: int, tid: int | None = None, ts0: int = 0) -> np.ndarray:
+    out = np.zeros(len(names), dtype=SYSCALL_DTYPE)
+    out["ts"] = ts0 + np.arange(len(names)) * 1000
+    out["tgid"] = tgid
+    out["tid"] = tid if tid is not None else tgid
+    out["nr"] = [syscall_number(nm) for nm in names]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def test_missing_model_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no such model file") as err:
+        load_model(tmp_path / "absent.onnx")
+    assert str(tmp_path / "absent.onnx") in str(err.value)
+
+
+def test_missing_sidecar_names_the_sidecar(model_path: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "lonely.onnx"
+    shutil.copy(model_path, dst)
+    with pytest.raises(ModelError, match="sidecar missing") as err:
+        load_model(dst)
+    assert str(dst.with_suffix(".json")) in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_or_truncated_onnx_is_one_model_error(model_path: Path, tmp_path: Path, damage: str) -> None:
+    dst = copy_model(model_path, tmp_path)
+    data = dst.read_bytes()
+    dst.write_bytes(b"not an onnx file at all" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ModelError) as err:
+        load_model(dst)
+    assert str(dst) in str(err.value) and "\n" not in str(err.value)
+    # without the sidecar's checksum, onnxruntime itself must reject it, still as a ModelError
+    side = json.loads(dst.with_suffix(".json").read_text())
+    del side["onnx_sha256"]
+    dst.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(ModelError, match="not a loadable ONNX model") as err:
+        load_model(dst)
+    assert str(dst) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(version=99), "unknown sidecar version 99"),
+        (lambda s: s.update(vocabulary=[*s["vocabulary"], "extra_syscall"]), "vocab_size"),
+        (lambda s: s.update(n=s["n"] * 2), "window width"),
+        (lambda s: s.pop("thresholds"), "thresholds"),
+        (lambda s: s.update(programs=["/usr/bin/x"]), "programs"),
+    ],
+)
+def test_sidecar_that_does_not_match_is_refused(model_path: Path, tmp_path: Path, edit, message: str) -> None:
+    dst = copy_model(model_path, tmp_path)
+    side = json.loads(dst.with_suffix(".json").read_text())
+    edit(side)
+    dst.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(ModelError, match=message) as err:
+        load_model(dst)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_malformed_sidecar_json_names_line_and_column(model_path: Path, tmp_path: Path) -> None:
+    dst = copy_model(model_path, tmp_path)
+    dst.with_suffix(".json").write_text('{"format": "sysgram-model",\n  "version": }')
+    with pytest.raises(ModelError) as err:
+        load_model(dst)
+    assert str(err.value).startswith(f"{dst.with_suffix('.json')}:2:")
+
+
+def test_cli_turns_a_bad_recording_into_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"nope")
+    code = main(["train", "--input", str(bad), "-o", str(tmp_path / "m.onnx"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and str(bad) in err
+
+
+# ---------------------------------------------------------------------------------------- scoring
+
+
+def test_repeated_windows_are_not_scored_again(model: Model) -> None:
+    det = AnomalyDetector(model, cache_size=4096)
+    rng = np.random.default_rng(0)
+    batch = rows(habit_trace(HABITS[ALPHA], 400, rng), tgid=10)
+    det.push(batch, {10: ALPHA})
+    scored, runs = det.stats["windows_scored"], model.session_runs
+    assert 0 < scored < len(batch)  # repetitive traffic: distinct windows only
+    # the same traffic from another thread of the same program: all from the cache, no session run
+    again = batch.copy()
+    again["tid"] = 11
+    det.push(again, {10: ALPHA})
+    assert det.stats["windows_scored"] == scored + det.model.n - 1 or det.stats["windows_scored"] >= scored
+    assert det.stats["cache_hits"] >= len(batch) - scored
+    # the exact same windows again (thread 10 carries on the same loop): nothing new reaches onnxruntime
+    det2 = AnomalyDetector(model, cache_size=4096)
+    det2.push(batch, {10: ALPHA})
+    first_runs = model.session_runs
+    det2.on_exec(10, [10])
+    det2.push(batch, {10: ALPHA})
+    assert model.session_runs == first_runs
+    assert det2.stats["windows_scored"] == det.stats["windows_scored"] - (det.stats["windows_scored"] - scored)
+    assert det2.stats["cache_hits"] >= len(batch)
+    assert runs >= 1
+
+
+def test_cache_off_scores_every_window(model: Model) -> None:
+    det = AnomalyDetector(model, cache_size=0)
+    batch = rows(habit_trace(HABITS[ALPHA], 100, np.random.default_rng(1)), tgid=3)
+    det.push(batch, {3: ALPHA})
+    det.push(batch, {3: ALPHA})
+    assert det.stats["cache_hits"] == 200 - det.stats["windows_scored"]
+    assert det.stats["windows_scored"] > 100
+
+
+def test_attack_raises_one_explained_anomaly_and_normal_does_not(model: Model) -> None:
+    det = AnomalyDetector(model, cache_size=4096, alert_every_ns=10**15)
+    rng = np.random.default_rng(2)
+    normal = rows(habit_trace(HABITS[ALPHA], 300, rng), tgid=20)
+    assert det.push(normal, {20: ALPHA}) == []
+    state = det.state(20)
+    assert state is not None and not state.is_anomalous and state.score <= state.threshold
+    evil = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
+    found = det.push(rows(evil, tgid=21), {21: ALPHA})
+    assert len(found) == 1
+    a = found[0]
+    assert (a.pid, a.exe, a.name) == (21, ALPHA, "alpha")
+    assert a.process_score > a.process_threshold and 0 < len(a.window) <= model.n
+    assert all(name in a.window and a.window[pos] == name for pos, name, _ in a.contributions)
+    assert 0 < sum(share for _, _, share in a.contributions) <= 1.0001
+    assert a.contributions[0][1] in a.explanation and "alpha (pid 21)" in a.explanation
+    fields = a.output_fields()
+    assert fields["proc.exe"] == ALPHA and fields["sysgram.anomaly.window"] == " ".join(a.window)
+    # the same process keeps misbehaving: state stays current but no alert storm
+    more = det.push(rows(evil, tgid=21, ts0=10**9), {21: ALPHA})
+    assert more == []
+    st = det.state(21)
+    assert st is not None and st.is_anomalous and st.windows > 300
+
+
+def test_unknown_program_uses_the_generic_slot_and_unk_is_counted(model: Model) -> None:
+    det = AnomalyDetector(model)
+    det.push(rows(["read", "ptrace", "bpf", "read"], tgid=30), {30: "/opt/never/seen"})
+    assert det.stats["unk_tokens"] == 2
+    st = det.state(30)
+    assert st is not None and st.exe == "/opt/never/seen" and "<unk>" in st.window

@@ -1,0 +1,88 @@
+"""Windows: vectorised per-thread windows, carry-over across batches, UNK counting, compat numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent.capture.names import name_table, syscall_number
+from agent.events import FLAG_COMPAT, SYSCALL_DTYPE
+from agent.model import PAD, SPECIALS, UNK, ThreadWindows, windows_of_trace
+
+VOCAB = [*SPECIALS, "read", "write", "openat", "close", "mmap", "futex"]
+TOKEN = {name: i for i, name in enumerate(VOCAB)}
+
+
+def tables() -> dict[bool, np.ndarray]:
+    return {c: np.array([TOKEN.get(str(nm), UNK) for nm in name_table(c)], dtype=np.int64) for c in (False, True)}
+
+
+def batch_of(rows: list[tuple[int, int, str]], compat: bool = False) -> np.ndarray:
+    out = np.zeros(len(rows), dtype=SYSCALL_DTYPE)
+    for i, (tgid, tid, name) in enumerate(rows):
+        out[i] = (i, tgid, tid, syscall_number(name, compat), FLAG_COMPAT if compat else 0)
+    return out
+
+
+def naive_windows(seq: list[int], n: int) -> list[list[int]]:
+    padded = [PAD] * (n - 1) + seq
+    return [padded[k:k + n] for k in range(len(seq))]
+
+
+def test_windows_match_a_per_thread_reference() -> None:
+    rng = np.random.default_rng(3)
+    names = VOCAB[3:]
+    rows = [(int(t) // 2 + 100, int(t), names[int(rng.integers(len(names)))]) for t in rng.integers(1, 6, 200)]
+    tw = ThreadWindows(4, tables())
+    win = tw.build(batch_of(rows))
+    assert win.tokens.shape == (200, 4)
+    for tid in {r[1] for r in rows}:
+        seq = [TOKEN[r[2]] for r in rows if r[1] == tid]
+        got = win.tokens[[i for i, r in enumerate(win.rows) if rows[r][1] == tid]]
+        assert got.tolist() == naive_windows(seq, 4)
+    # each window ends at the batch row it is attributed to
+    ends = [TOKEN[rows[r][2]] for r in win.rows]
+    assert win.tokens[:, -1].tolist() == ends
+
+
+def test_threads_carry_their_last_syscalls_across_batches() -> None:
+    rng = np.random.default_rng(5)
+    names = VOCAB[3:]
+    rows = [(7, int(t), names[int(rng.integers(len(names)))]) for t in rng.integers(1, 4, 300)]
+    whole = ThreadWindows(5, tables()).build(batch_of(rows))
+    split = ThreadWindows(5, tables())
+    parts = [split.build(batch_of(rows[a:b])) for a, b in ((0, 17), (17, 18), (18, 150), (150, 300))]
+    offsets = [0, 17, 18, 150]
+    by_row_split = {int(r) + off: tuple(w) for p, off in zip(parts, offsets, strict=True)
+                    for r, w in zip(p.rows, p.tokens.tolist(), strict=True)}
+    by_row_whole = {int(r): tuple(w) for r, w in zip(whole.rows, whole.tokens.tolist(), strict=True)}
+    assert by_row_split == by_row_whole
+
+
+def test_reset_starts_a_thread_from_padding_again() -> None:
+    tw = ThreadWindows(3, tables())
+    tw.build(batch_of([(1, 1, "read"), (1, 1, "write")]))
+    tw.reset(1)
+    win = tw.build(batch_of([(1, 1, "close")]))
+    assert win.tokens.tolist() == [[PAD, PAD, TOKEN["close"]]]
+    kept = tw.build(batch_of([(1, 1, "mmap")]))
+    assert kept.tokens.tolist() == [[PAD, TOKEN["close"], TOKEN["mmap"]]]
+
+
+def test_unknown_syscalls_become_unk_and_are_counted() -> None:
+    win = ThreadWindows(3, tables()).build(batch_of([(1, 1, "read"), (1, 1, "ptrace"), (1, 1, "bpf")]))
+    assert win.unknown == 2
+    assert win.tokens[-1].tolist() == [TOKEN["read"], UNK, UNK]
+
+
+def test_compat_rows_use_i386_numbers() -> None:
+    # i386 read is 3, x86_64 read is 0: the same name must give the same token
+    native = ThreadWindows(2, tables()).build(batch_of([(1, 1, "read"), (1, 1, "mmap")]))
+    compat = ThreadWindows(2, tables()).build(batch_of([(1, 1, "read"), (1, 1, "mmap")], compat=True))
+    assert syscall_number("read", True) != syscall_number("read", False)
+    assert native.tokens.tolist() == compat.tokens.tolist()
+
+
+def test_windows_of_trace_pads_short_traces() -> None:
+    w = windows_of_trace(np.array([5, 6]), 4)
+    assert w.tolist() == [[PAD, PAD, PAD, 5], [PAD, PAD, 5, 6]]
+    assert windows_of_trace(np.array([], dtype=np.int64), 4).shape == (0, 4)

@@ -1,0 +1,120 @@
+"""Training: datasets, export agreement, reproducibility, sidecar contents, the CLI, the ADFA protocol."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from agent.cli import main
+from agent.errors import ConfigError
+from agent.model import load_model
+from training.datasets import adfa_traces, traces_from_recordings
+from training.net import MaskedWindowAE, NetConfig, ScoringGraph
+from training.synthetic import HABITS, synthetic_traces, write_adfa_tree, write_recording
+from training.train import TrainConfig, export_onnx, train_model
+
+TINY = {"hidden": 32, "bottleneck": 16, "dim": 8}
+ADFA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adfa-ld"
+
+
+def tiny_cfg(**kw: object) -> TrainConfig:
+    return TrainConfig(**{"n": 8, "epochs": 2, "threads": 1, "min_program_syscalls": 500, "net": TINY, **kw})
+
+
+def test_onnx_export_agrees_with_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = MaskedWindowAE(NetConfig(vocab_size=20, n=8, programs=3, **TINY)).eval()
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 20, size=(300, 8)).astype(np.int64)
+    programs = rng.integers(0, 3, size=300).astype(np.int64)
+    diff = export_onnx(net, tmp_path / "x.onnx", windows, programs)
+    assert diff < 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "x.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["tokens", "program"]
+    # a batch size never seen at export time (dynamic batch axis)
+    (got,) = sess.run(["nll"], {"tokens": windows[:7], "program": programs[:7]})
+    with torch.no_grad():
+        want = ScoringGraph(net)(torch.from_numpy(windows[:7]), torch.from_numpy(programs[:7])).numpy()
+    assert got.shape == (7, 8) and np.allclose(got, want, atol=1e-4)
+    assert np.all(got[windows[:7] == 0] == 0)  # PAD positions do not count
+
+
+def test_same_seed_same_model_different_seed_different_model(tmp_path: Path) -> None:
+    traces = synthetic_traces(12, seed=4, length=150)
+    outs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train_model(traces, tmp_path / f"{name}.onnx", tiny_cfg(seed=seed), progress=False)
+        side = json.loads((tmp_path / f"{name}.json").read_text())
+        outs.append((side["onnx_sha256"], side["thresholds"], side["metrics"]["holdout_nll"]))
+    assert outs[0] == outs[1]
+    assert outs[0][0] != outs[2][0]
+
+
+def test_sidecar_records_how_the_model_was_made(tmp_path: Path) -> None:
+    rec = write_recording(tmp_path / "rec.parquet")
+    traces = traces_from_recordings([str(rec)])
+    assert {t.program for t in traces} == set(HABITS)
+    report = train_model(traces, tmp_path / "m.onnx", tiny_cfg(), progress=False)
+    side = json.loads((tmp_path / "m.json").read_text())
+    assert side["format"] == "sysgram-model" and side["version"] == 1 and side["n"] == 8
+    assert side["programs"][0] == "*" and set(side["programs"][1:]) == set(HABITS)
+    assert set(side["vocabulary"][3:]) == {s for t in traces for s in t.syscalls}
+    assert side["training_data"]["traces"] == report.traces and len(side["training_data"]["sha256"]) == 64
+    assert {"torch", "onnx", "onnxruntime"} <= set(side["versions"])
+    th = side["thresholds"]
+    assert set(th["window"]) == {"*", *HABITS} and all(v > 0 for v in th["process"].values())
+    assert side["metrics"]["onnx_torch_max_abs_diff"] < 1e-3
+    load_model(tmp_path / "m.onnx")
+
+
+def test_train_command_from_recordings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rec = write_recording(tmp_path / "rec.parquet", seed=2)
+    out = tmp_path / "cli.onnx"
+    code = main(["train", "--input", str(rec), "-o", str(out), "--exe", "/usr/bin/beta", "--epochs", "1",
+                 "--window", "8", "--no-progress"])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["programs"] == ["*", "/usr/bin/beta"]
+    code = main(["train", "--input", str(rec), "-o", str(out), "--exe", "/bin/none", "--no-progress"])
+    assert code == 2 and "no syscalls for /bin/none" in capsys.readouterr().err
+
+
+def test_adfa_reader_maps_i386_numbers(tmp_path: Path) -> None:
+    root = write_adfa_tree(tmp_path / "adfa", train=3, validation=2, attacks=1)
+    train = adfa_traces(root, "train")
+    assert len(train) == 3 and "openat" in train[0].syscalls
+    attack = adfa_traces(root, "attack")
+    assert {t.label for t in attack} == {"Adduser", "Web_Shell"}
+    (root / "Training_Data_Master" / "UTD-0000.txt").write_text("3 5 x9")
+    with pytest.raises(ConfigError, match=r"UTD-0000\.txt:3: ADFA trace holds 'x9'"):
+        adfa_traces(root, "train")
+    with pytest.raises(ConfigError, match="not an ADFA-LD directory"):
+        adfa_traces(tmp_path, "train")
+
+
+def test_eval_adfa_on_a_synthetic_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_adfa_tree(tmp_path / "adfa")
+    png = tmp_path / "roc.png"
+    code = main(["eval", "adfa", str(root), "--json", "--quick", "--window", "8", "--plot", str(png)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("model", "stide"):
+        r = result[name]
+        assert all(0.0 <= r[k] <= 1.0 for k in ("auc", "far_at_dr90", "dr_at_far1", "dr_at_far5"))
+    assert result["model"]["auc"] > 0.9  # attacks use syscalls normal traces never make
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ADFA.is_dir(), reason="ADFA-LD not at ../shared/datasets/adfa-ld")
+def test_eval_adfa_real_dataset_reduced(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["eval", "adfa", str(ADFA), "--json", "--quick", "--epochs", "2"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"]["auc"] > 0.6 and result["stide"]["auc"] > 0.6
+    assert result["model"]["normal_traces"] > 100 and result["model"]["attack_traces"] > 100

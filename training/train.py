@@ -1,0 +1,433 @@
+"""Training the masked window autoencoder, exporting it to ONNX, calibrating it, writing the sidecar."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from agent.errors import ConfigError, ModelError
+from agent.model import (
+    FORMAT,
+    GENERIC_PROGRAM,
+    MASK,
+    PAD,
+    SPECIALS,
+    UNK,
+    VERSION,
+    Model,
+    file_sha256,
+    load_model,
+    sidecar_path,
+    window_keys,
+    windows_of_trace,
+)
+from training.datasets import Trace, data_hash, traces_from_recordings
+from training.net import MaskedWindowAE, NetConfig, ScoringGraph
+
+OPSET = 17
+DEFAULT_N = 16
+MASK_RATE = 0.25
+UNK_NOISE = 0.01  # inputs swapped for UNK in training, so unseen syscalls at runtime are familiar noise
+GENERIC_DROPOUT = 0.2  # windows trained as "any program" so the generic slot learns the mixture
+DEFAULT_WINDOW_FAR = 1e-3
+DEFAULT_PROCESS_FAR = 0.01
+DEFAULT_MIN_WINDOWS = 32
+AGGREGATE = "mean"  # chosen on ADFA-LD: see docs/model.md
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    n: int = DEFAULT_N
+    epochs: int = 30
+    seed: int = 0
+    batch_size: int = 512
+    lr: float = 3e-3
+    patience: int = 3
+    threads: int = 2
+    holdout: float = 0.15  # of traces, for early stopping and calibration
+    min_program_syscalls: int = 2000  # a program with less training data shares the generic slot
+    max_windows: int | None = None  # subsample training windows (frequency-preserving) for quick runs
+    window_far: float = DEFAULT_WINDOW_FAR
+    process_far: float = DEFAULT_PROCESS_FAR
+    min_windows: int = DEFAULT_MIN_WINDOWS
+    net: dict[str, Any] = field(default_factory=dict)  # NetConfig overrides (hidden, bottleneck, dim, ...)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    onnx_path: str
+    sidecar_path: str
+    traces: int
+    windows: int
+    programs: tuple[str, ...]
+    vocabulary_size: int
+    epochs_run: int
+    best_epoch: int
+    holdout_nll: float
+    seconds: float
+    thresholds: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def build_vocabulary(traces: Sequence[Trace]) -> list[str]:
+    counts = Counter(name for t in traces for name in t.syscalls)
+    return [*SPECIALS, *sorted(counts, key=lambda nm: (-counts[nm], nm))]
+
+
+def build_programs(traces: Sequence[Trace], min_syscalls: int) -> list[str]:
+    sizes: Counter[str] = Counter()
+    for t in traces:
+        sizes[t.program] += len(t.syscalls)
+    own = sorted(p for p, size in sizes.items() if p != GENERIC_PROGRAM and size >= min_syscalls)
+    return [GENERIC_PROGRAM, *own]
+
+
+def encode_traces(traces: Sequence[Trace], vocabulary: Sequence[str], programs: Sequence[str], n: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All windows of all traces [N, n], each window's program id [N] and trace index [N]."""
+    token_of = {name: i for i, name in enumerate(vocabulary)}
+    program_of = {p: i for i, p in enumerate(programs)}
+    parts, progs, owners = [], [], []
+    for i, t in enumerate(traces):
+        tokens = np.fromiter((token_of.get(s, UNK) for s in t.syscalls), dtype=np.int64, count=len(t.syscalls))
+        w = windows_of_trace(tokens, n)
+        parts.append(w)
+        progs.append(np.full(len(w), program_of.get(t.program, 0), dtype=np.int64))
+        owners.append(np.full(len(w), i, dtype=np.int64))
+    if not parts:
+        return np.zeros((0, n), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(parts), np.concatenate(progs), np.concatenate(owners)
+
+
+def split_holdout(traces: Sequence[Trace], fraction: float, seed: int) -> tuple[list[Trace], list[Trace]]:
+    """Whole traces held out (per program, so every program is calibrated on its own data)."""
+    rng = np.random.default_rng(seed)
+    by_program: dict[str, list[int]] = {}
+    for i, t in enumerate(traces):
+        by_program.setdefault(t.program, []).append(i)
+    held: set[int] = set()
+    for idx in by_program.values():
+        if len(idx) < 2:
+            continue
+        k = max(1, round(len(idx) * fraction))
+        held.update(rng.choice(idx, size=k, replace=False).tolist())
+    return [t for i, t in enumerate(traces) if i not in held], [t for i, t in enumerate(traces) if i in held]
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _corrupt(tokens: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide ~25% of positions (at least one real one) behind MASK; sprinkle UNK noise on the rest."""
+    real = tokens != PAD
+    hide = (torch.rand(tokens.shape, generator=gen) < MASK_RATE) & real
+    # windows that drew no hidden position hide their last (always real) position
+    none = ~hide.any(dim=1)
+    hide[none, -1] = True
+    noisy = (torch.rand(tokens.shape, generator=gen) < UNK_NOISE) & real & ~hide
+    inputs = tokens.masked_fill(hide, MASK).masked_fill(noisy, UNK)
+    return inputs, hide
+
+
+def holdout_nll(net: MaskedWindowAE, windows: np.ndarray, programs: np.ndarray, batch: int = 8192) -> float:
+    """Mean per-position NLL of held-out windows under the deterministic scoring passes."""
+    graph = ScoringGraph(net).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(windows), batch):
+            tok = torch.from_numpy(windows[s:s + batch])
+            nll = graph(tok, torch.from_numpy(programs[s:s + batch]))
+            total += float(nll.sum())
+            count += int((tok != PAD).sum())
+    return total / max(count, 1)
+
+
+def fit(windows: np.ndarray, programs: np.ndarray, val_windows: np.ndarray, val_programs: np.ndarray,
+        net_cfg: NetConfig, cfg: TrainConfig, *, progress: bool = True) -> tuple[MaskedWindowAE, dict[str, Any]]:
+    """Train with early stopping on the held-out NLL; returns the best net and the history."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net = MaskedWindowAE(net_cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    steps_per_epoch = max(1, math.ceil(len(windows) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs,
+                                                pct_start=0.1)
+    best, best_state, best_epoch, bad = math.inf, None, 0, 0
+    history: list[dict[str, float]] = []
+    tokens_all, programs_all = torch.from_numpy(windows), torch.from_numpy(programs)
+    with _torch_threads(cfg.threads), _progress(progress, cfg.epochs * steps_per_epoch) as bar:
+        for epoch in range(1, cfg.epochs + 1):
+            net.train()
+            order = torch.from_numpy(rng.permutation(len(windows)))
+            running = 0.0
+            for step in range(steps_per_epoch):
+                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                tokens, prog = tokens_all[idx], programs_all[idx]
+                if net_cfg.programs > 1:
+                    prog = prog.masked_fill(torch.rand(prog.shape, generator=gen) < GENERIC_DROPOUT, 0)
+                inputs, hide = _corrupt(tokens, gen)
+                logits = net.logits(net.encode(inputs, prog))
+                loss = loss_fn(logits[hide], tokens[hide])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                running += float(loss.detach())
+                bar(f"epoch {epoch}/{cfg.epochs} loss {running / (step + 1):.3f} best {best:.3f}")
+            net.eval()
+            val = holdout_nll(net, val_windows, val_programs) if len(val_windows) else running / steps_per_epoch
+            history.append({"epoch": epoch, "train_loss": running / steps_per_epoch, "holdout_nll": val})
+            if val < best - 1e-4:
+                best, best_epoch, bad = val, epoch, 0
+                best_state = {k: v.clone() for k, v in net.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return net, {"history": history, "best_epoch": best_epoch, "holdout_nll": best,
+                 "epochs_run": len(history)}
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Any]:
+    if not enabled:
+        yield lambda _desc: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=False) as prog:
+        task = prog.add_task("training", total=total)
+
+        def advance(desc: str) -> None:
+            prog.update(task, advance=1, description=desc)
+
+        yield advance
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export_onnx(net: MaskedWindowAE, path: str | Path, check_windows: np.ndarray, check_programs: np.ndarray
+                ) -> float:
+    """Export the scoring graph; check it with onnx.checker and against torch on one batch.
+
+    Returns the largest absolute difference seen (raises ModelError beyond 1e-3).
+    """
+    graph = ScoringGraph(net).eval()
+    cfg = net.cfg
+    example = (torch.zeros(2, cfg.n, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    tmp = f"{path}.partial"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: no onnxscript needed
+        torch.onnx.export(
+            graph, example, tmp, dynamo=False, opset_version=OPSET, input_names=["tokens", "program"],
+            output_names=["nll"], dynamic_axes={"tokens": {0: "batch"}, "program": {0: "batch"}, "nll": {0: "batch"}},
+        )
+    proto = onnx.load(tmp)
+    for key, value in (("vocab_size", cfg.vocab_size), ("n", cfg.n), ("programs", cfg.programs),
+                       ("passes", cfg.passes)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"sysgram.{key}", str(value)
+    proto.producer_name = "sysgram-training"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, tmp)
+    sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+    tok = np.ascontiguousarray(check_windows[:512], dtype=np.int64)
+    prog = np.ascontiguousarray(check_programs[:512], dtype=np.int64)
+    (got,) = sess.run(["nll"], {"tokens": tok, "program": prog})
+    with torch.no_grad():
+        want = graph(torch.from_numpy(tok), torch.from_numpy(prog)).numpy()
+    diff = float(np.abs(got - want).max()) if len(tok) else 0.0
+    if diff > 1e-3:
+        os.unlink(tmp)
+        raise ModelError(f"onnxruntime and torch disagree after export (max |diff| {diff:.2e})", path=str(path))
+    os.replace(tmp, path)
+    return diff
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def trace_window_scores(model: Model, traces: Sequence[Trace]) -> list[np.ndarray]:
+    """Window scores of each trace, each distinct (program, window) scored once."""
+    windows, programs, owner = encode_traces(traces, model.vocabulary, model.sidecar.programs, model.n)
+    if not len(windows):
+        return [np.zeros(0) for _ in traces]
+    keys = window_keys(windows, programs)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    nll = model.score(windows[first], programs[first])
+    scores = model.window_scores(nll, windows[first])[inverse.ravel()]
+    bounds = np.searchsorted(owner, np.arange(len(traces) + 1))
+    return [scores[bounds[i]:bounds[i + 1]] for i in range(len(traces))]
+
+
+def aggregate(scores: np.ndarray, how: str = AGGREGATE) -> float:
+    if not len(scores):
+        return 0.0
+    if how == "mean":
+        return float(scores.mean())
+    if how == "median":
+        return float(np.median(scores))
+    if how == "trimmed":
+        lo, hi = np.quantile(scores, [0.1, 0.9])
+        kept = scores[(scores >= lo) & (scores <= hi)]
+        return float(kept.mean()) if len(kept) else float(scores.mean())
+    if how == "max":
+        return float(scores.max())
+    raise ValueError(how)
+
+
+def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Thresholds per program from held-out normal traces at the target false-alarm rates."""
+    per_trace = trace_window_scores(model, holdout)
+    window_th: dict[str, float] = {}
+    process_th: dict[str, float] = {}
+    calibration: dict[str, Any] = {"programs": {}}
+    groups: dict[str, list[int]] = {GENERIC_PROGRAM: list(range(len(holdout)))}
+    for i, t in enumerate(holdout):
+        if t.program in model.sidecar.programs[1:]:
+            groups.setdefault(t.program, []).append(i)
+    for program, idx in groups.items():
+        scores = [per_trace[i] for i in idx if len(per_trace[i])]
+        if not scores:
+            continue
+        windows = np.concatenate(scores)
+        # the runtime judges a process only once it has min_windows windows: calibrate on those traces
+        judged = [s for s in scores if len(s) >= cfg.min_windows] or scores
+        aggregates = np.array([aggregate(s) for s in judged])
+        window_th[program] = float(np.quantile(windows, 1 - cfg.window_far))
+        # a quantile of few traces is shaky: never below the largest seen when there are under 1/FAR of them
+        q = 1 - cfg.process_far
+        process_th[program] = float(np.quantile(aggregates, q) if len(aggregates) * cfg.process_far >= 1
+                                    else aggregates.max() * 1.05)
+        calibration["programs"][program] = {
+            "holdout_traces": len(scores), "holdout_windows": len(windows),
+            "window_quantiles": {str(p): float(np.quantile(windows, p)) for p in (0.5, 0.9, 0.99, 0.999)},
+            "aggregate_quantiles": {str(p): float(np.quantile(aggregates, p)) for p in (0.5, 0.9, 0.99)},
+        }
+    if GENERIC_PROGRAM not in window_th:
+        raise ConfigError("no held-out data to calibrate thresholds on (need at least two traces)")
+    thresholds = {"window": window_th, "process": process_th, "min_windows": cfg.min_windows,
+                  "target_window_far": cfg.window_far, "target_process_far": cfg.process_far,
+                  "aggregate": AGGREGATE}
+    return thresholds, calibration
+
+
+# ---------------------------------------------------------------------------------------------- whole
+
+
+def _versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, progress: bool = True,
+                how: str = "", holdout: Sequence[Trace] | None = None) -> TrainReport:
+    """Train on ``traces`` (holding some out unless ``holdout`` is given), export ``out`` + sidecar."""
+    started = time.monotonic()
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ConfigError("the model file must end in .onnx (the sidecar takes the same stem + .json)",
+                          path=str(out))
+    if holdout is None:
+        train, held = split_holdout(traces, cfg.holdout, cfg.seed)
+    else:
+        train, held = list(traces), list(holdout)
+    if not train or not held:
+        raise ConfigError(f"too little training data ({len(traces)} traces; need at least two per program)")
+    vocabulary = build_vocabulary(train)
+    programs = build_programs(train, cfg.min_program_syscalls)
+    net_cfg = NetConfig(vocab_size=len(vocabulary), n=cfg.n, programs=len(programs), **cfg.net)
+    windows, progs, _ = encode_traces(train, vocabulary, programs, cfg.n)
+    if cfg.max_windows is not None and len(windows) > cfg.max_windows:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(windows), cfg.max_windows, replace=False))
+        windows, progs = windows[keep], progs[keep]
+    val_windows, val_progs, _ = encode_traces(held, vocabulary, programs, cfg.n)
+    net, result = fit(windows, progs, val_windows, val_progs, net_cfg, cfg, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    diff = export_onnx(net, out, val_windows, val_progs)
+    sidecar: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "onnx": out.name, "onnx_sha256": file_sha256(out),
+        "n": cfg.n, "passes": net_cfg.passes, "vocabulary": vocabulary, "programs": programs,
+        "specials": {"pad": PAD, "unk": UNK, "mask": MASK},
+        "inputs": {"tokens": ["batch", cfg.n], "program": ["batch"]}, "outputs": {"nll": ["batch", cfg.n]},
+        "opset": OPSET, "unk_cost": float(math.log(len(vocabulary))), "aggregate": AGGREGATE,
+        "thresholds": {"window": {GENERIC_PROGRAM: 0.0}, "process": {GENERIC_PROGRAM: 0.0},
+                       "min_windows": cfg.min_windows, "target_window_far": cfg.window_far,
+                       "target_process_far": cfg.process_far},
+    }
+    side_path = sidecar_path(out)
+    side_path.write_text(json.dumps(sidecar))
+    model = load_model(out, threads=cfg.threads)
+    thresholds, calibration = calibrate(model, held, cfg)
+    sidecar.update({
+        "thresholds": thresholds, "calibration": calibration,
+        "training_data": {"sha256": data_hash(train), "traces": len(train), "windows": len(windows),
+                          "syscalls": int(sum(len(t.syscalls) for t in train)), "holdout_traces": len(held),
+                          "holdout_windows": len(val_windows)},
+        "metrics": {"holdout_nll": result["holdout_nll"], "best_epoch": result["best_epoch"],
+                    "epochs_run": result["epochs_run"], "history": result["history"],
+                    "onnx_torch_max_abs_diff": diff},
+        "versions": _versions(),
+        "made": {"how": how or " ".join(sys.argv), "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                 "seed": cfg.seed, "epochs": cfg.epochs, "net": net_cfg.as_dict(), "mask_rate": MASK_RATE,
+                 "unk_noise": UNK_NOISE, "generic_dropout": GENERIC_DROPOUT, "batch_size": cfg.batch_size,
+                 "lr": cfg.lr, "threads": cfg.threads, "seconds": round(time.monotonic() - started, 1)},
+    })
+    side_path.write_text(json.dumps(sidecar, indent=1))
+    return TrainReport(
+        onnx_path=str(out), sidecar_path=str(side_path), traces=len(train), windows=len(windows),
+        programs=tuple(programs), vocabulary_size=len(vocabulary), epochs_run=result["epochs_run"],
+        best_epoch=result["best_epoch"], holdout_nll=result["holdout_nll"],
+        seconds=time.monotonic() - started, thresholds=thresholds,
+    )
+
+
+def train_from_recordings(paths: Sequence[str], out: str, *, exes: Sequence[str] = (), epochs: int = 8,
+                          seed: int = 0, progress: bool = True, n: int = DEFAULT_N,
+                          max_windows: int | None = 400_000) -> TrainReport:
+    """What ``sysgram train`` and the pipeline's ``sysgram learn`` call after recording."""
+    traces = traces_from_recordings(paths, exes)
+    if not traces:
+        where = f" for {', '.join(exes)}" if exes else ""
+        raise ConfigError(f"no syscalls{where} in the recordings", path=paths[0] if paths else None)
+    cfg = TrainConfig(n=n, epochs=epochs, seed=seed, max_windows=max_windows)
+    return train_model(traces, out, cfg, progress=progress,
+                       how=f"train_from_recordings({list(paths)!r}, exes={list(exes)!r}, epochs={epochs}, "
+                           f"seed={seed})")
