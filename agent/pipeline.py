@@ -331,8 +331,6 @@ def run_live(
     try:
         pipeline.seed()
         source.start()
-        if enforce and pipeline.enforcer is None and hasattr(pipeline, "make_enforcer"):
-            pass
         if getattr(pipeline, "attach_tracer", None):
             pipeline.attach_tracer(source.tracer)  # type: ignore[attr-defined]
         _ready(source)

@@ -163,10 +163,6 @@ def _anomaly_fields(detector: Any) -> Any:
     return lookup
 
 
-class _EnforcingPipeline(Pipeline):
-    pass
-
-
 def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     pipeline, details = build_pipeline(cfg, args)

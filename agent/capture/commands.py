@@ -70,7 +70,6 @@ def summarise(rec: Recording) -> dict[str, Any]:
     if len(sc):
         names = _names(rec, sc)
         order = np.lexsort((names.astype(str), sc["tgid"]))
-        keys = np.stack([sc["tgid"][order].astype(np.int64)])
         tg = sc["tgid"][order]
         nm = names[order]
         change = np.flatnonzero((tg[1:] != tg[:-1]) | (nm[1:] != nm[:-1])) + 1
@@ -78,7 +77,6 @@ def summarise(rec: Recording) -> dict[str, Any]:
         ends = np.concatenate([change, [len(tg)]])
         for s, e in zip(starts, ends, strict=True):
             counts[int(tg[s])][str(nm[s])] += int(e - s)
-        del keys
     for pid in counts:
         procs.setdefault(pid, {"pid": pid, "ppid": 0, "exe": "", "comm": ""})
     processes = []

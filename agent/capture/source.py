@@ -10,7 +10,6 @@ import collections
 import ctypes
 import os
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -262,11 +261,3 @@ class LiveSource:
 def _count(group: list[Chunk]) -> int:
     return sum(len(c) if isinstance(c, np.ndarray) else 1 for c in group)
 
-
-def wait_until(predicate: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(0.01)
-    return False
