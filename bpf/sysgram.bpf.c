@@ -1,5 +1,6 @@
 /* Sysgram's tracer. Compiled by bcc with -D constants (see agent/capture/_loader.py):
- *   SELF_TGID     the agent's own process, never traced (its syscalls only flush this CPU's batch)
+ *   SELF_TGID     the agent's own process, never traced
+ *   FLUSH_NR      the syscall the agent's ticker makes on each CPU in turn to send that CPU's batch
  *   COMPACT_RB_PAGES, DETAIL_RB_PAGES  ring buffer sizes in pages
  *   ENFORCE       1 to compile the enforcement check into sys_enter (off: no cost when not enforcing)
  * Reads only tracepoint fields and BPF helpers: no kernel struct is walked, so headers of another
@@ -9,6 +10,9 @@
 
 #ifndef SELF_TGID
 #error "SELF_TGID must be set"
+#endif
+#ifndef FLUSH_NR
+#error "FLUSH_NR must be set"
 #endif
 #ifndef ENFORCE
 #define ENFORCE 0
@@ -55,18 +59,24 @@ static __always_inline void bump(__u32 index, __u64 by) {
         *v += by;
 }
 
+/* Send this CPU's batch; an empty one too, so userspace learns that nothing older waits here. Compact
+ * batches wake no reader (BPF_RB_NO_WAKEUP): a wakeup per batch cost every syscall more than the record
+ * itself, and the reader drains on a timer. */
 static __always_inline void flush(struct sc_batch *b) {
     __u32 n = b->count;
     if (n > BATCH_SIZE)
         n = BATCH_SIZE;
+    b->end_ts = bpf_ktime_get_ns();
+    b->cpu = bpf_get_smp_processor_id();
     __u64 size = sizeof(struct sc_batch) - sizeof(b->recs) + (__u64)n * sizeof(struct sc_rec);
     if (size > sizeof(struct sc_batch))
         size = sizeof(struct sc_batch);
-    if (compact_rb.ringbuf_output(b, size, 0) == 0)
+    if (compact_rb.ringbuf_output(b, size, BPF_RB_NO_WAKEUP) == 0)
         bump(S_BATCHES, 1);
     else
         bump(S_COMPACT_LOST, n);
     b->count = 0;
+    b->last_tid = 0;
 }
 
 #if ENFORCE
@@ -111,33 +121,49 @@ static __always_inline void enforce_check(__u32 tgid, __u32 tid, __u32 nr) {
 TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 tgid = id >> 32;
+    __u32 tid = (__u32)id;
     __u32 zero = 0;
     struct sc_batch *b = batches.lookup(&zero);
     if (!b)
         return 0;
     if (tgid == SELF_TGID) {
-        /* The agent's ticker makes a syscall on each CPU in turn: send what waits there. */
-        if (b->count)
+        if (args->id == FLUSH_NR)
             flush(b);
         return 0;
     }
     __u32 i = b->count & (BATCH_SIZE - 1);
-    __u64 now = bpf_ktime_get_ns();
-    if (i == 0)
-        b->base_ts = now;
-    __u64 delta = now - b->base_ts;
     struct sc_rec *r = &b->recs[i];
     r->tgid = tgid;
-    r->tid = (__u32)id;
+    r->tid = tid;
     r->nr = (__u16)args->id;
-    r->flags = 0;
-    r->ts_delta = delta > 0xffffffffULL ? 0xffffffffU : (__u32)delta;
+    if (i == 0 || tid != b->last_tid || (i & (STAMP_EVERY - 1)) == 0) {
+        __u64 now = bpf_ktime_get_ns();
+        if (i == 0)
+            b->base_ts = now;
+        __u64 delta = now - b->base_ts;
+        r->flags = REC_STAMPED;
+        r->ts_delta = delta > 0xffffffffULL ? 0xffffffffU : (__u32)delta;
+        b->last_tid = tid;
+    } else {
+        r->flags = 0;
+        r->ts_delta = 0;
+    }
     b->count = i + 1;
     if (i + 1 == BATCH_SIZE)
         flush(b);
 #if ENFORCE
-    enforce_check(tgid, (__u32)id, (__u32)args->id);
+    enforce_check(tgid, tid, (__u32)args->id);
 #endif
+    return 0;
+}
+
+/* A context switch on this CPU: whichever thread runs next starts a new run, so its next syscall is
+ * stamped, even when it is the thread that ran here last (it may have run on another CPU meanwhile). */
+RAW_TRACEPOINT_PROBE(sched_switch) {
+    __u32 zero = 0;
+    struct sc_batch *b = batches.lookup(&zero);
+    if (b)
+        b->last_tid = 0;
     return 0;
 }
 

@@ -19,19 +19,31 @@
 #define ARGV_MAX 20 /* argv entries read */
 #endif
 
-/* Compact stream: one record per syscall, BATCH_SIZE of them per ring-buffer record. */
+/* Compact stream: one record per syscall, BATCH_SIZE of them per ring-buffer record.
+ * Reading the clock is the costliest part of a record, so only some records carry a time (REC_STAMPED):
+ * the first of a batch, the first after a change of thread on this CPU, and every STAMP_EVERY-th. The
+ * records between two stamps are therefore one thread's contiguous run on one CPU; userspace orders runs
+ * by their exact start time (a thread's runs never overlap) and interpolates the times inside a run. */
+#ifndef STAMP_EVERY
+#define STAMP_EVERY 64 /* a power of two */
+#endif
+#define REC_STAMPED 0x2
+
 struct sc_rec {
     __u32 tgid;
     __u32 tid;
     __u16 nr;
-    __u16 flags;
+    __u16 flags;    /* REC_STAMPED: ts_delta is valid */
     __u32 ts_delta; /* ns since the batch's base_ts (saturates at 2^32-1) */
 };
 
 struct sc_batch {
-    __u64 base_ts;
+    __u64 base_ts;  /* the time of recs[0] */
+    __u64 end_ts;   /* when the batch was sent: every record of this CPU before it has been sent */
     __u32 count;
     __u32 cpu;
+    __u32 last_tid; /* the thread of the latest record (kernel-side bookkeeping) */
+    __u32 pad;
     struct sc_rec recs[BATCH_SIZE];
 };
 

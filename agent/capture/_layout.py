@@ -13,7 +13,11 @@ ARG_CHUNK = 128
 K_SYSCALL, K_EXEC_ARGS, K_FORK, K_EXEC, K_EXIT, K_ENFORCED = 1, 2, 3, 4, 5, 6
 
 SC_REC = np.dtype([("tgid", "<u4"), ("tid", "<u4"), ("nr", "<u2"), ("flags", "<u2"), ("ts_delta", "<u4")])
-BATCH_HEADER = np.dtype([("base_ts", "<u8"), ("count", "<u4"), ("cpu", "<u4")])
+BATCH_HEADER = np.dtype(
+    [("base_ts", "<u8"), ("end_ts", "<u8"), ("count", "<u4"), ("cpu", "<u4"), ("last_tid", "<u4"), ("pad", "<u4")]
+)
+REC_STAMPED = 0x2  # sc_rec.flags: ts_delta is valid (the first record of a run)
+STAMP_EVERY = 64
 
 DETAIL_HDR = np.dtype(
     [

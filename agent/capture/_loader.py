@@ -8,12 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from agent.capture import _layout as L
 from agent.capture._decode import spec_table
 from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
+from agent.capture.names import syscall_number
 from agent.errors import CaptureError
+
+# The agent's ticker makes this syscall on each CPU in turn; the BPF program then sends that CPU's batch.
+FLUSH_SYSCALL = "getppid"
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 if not (BPF_DIR / "sysgram.bpf.c").exists():  # installed without the source tree: the packaged copy
@@ -54,6 +56,8 @@ class Tracer:
             f"-DDETAIL_RB_PAGES={detail_rb_pages}",
             f"-DENFORCE={1 if enforce else 0}",
             f"-DBATCH_SIZE={L.BATCH_SIZE}",
+            f"-DSTAMP_EVERY={L.STAMP_EVERY}",
+            f"-DFLUSH_NR={syscall_number(FLUSH_SYSCALL)}",
             f"-I{BPF_DIR}",
             "-Wno-unused-function",
         ]
@@ -101,24 +105,3 @@ class Tracer:
 
     def close(self) -> None:
         self.bpf.cleanup()
-
-
-def decode_batches(raw_batches: list[bytes]) -> np.ndarray:
-    """Compact ring-buffer records -> one array of agent.events.SYSCALL_DTYPE rows."""
-    from agent.events import SYSCALL_DTYPE
-
-    if not raw_batches:
-        return np.zeros(0, dtype=SYSCALL_DTYPE)
-    parts = []
-    for raw in raw_batches:
-        header = np.frombuffer(raw, dtype=L.BATCH_HEADER, count=1)[0]
-        count = min(int(header["count"]), (len(raw) - L.BATCH_HEADER.itemsize) // L.SC_REC.itemsize)
-        recs = np.frombuffer(raw, dtype=L.SC_REC, count=count, offset=L.BATCH_HEADER.itemsize)
-        out = np.empty(count, dtype=SYSCALL_DTYPE)
-        out["ts"] = recs["ts_delta"].astype(np.uint64) + np.uint64(header["base_ts"])
-        out["tgid"] = recs["tgid"]
-        out["tid"] = recs["tid"]
-        out["nr"] = recs["nr"]
-        out["flags"] = 0
-        parts.append(out)
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -7,6 +7,7 @@ A chunk is either a numpy array of :data:`agent.events.SYSCALL_DTYPE` rows (the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import threading
@@ -17,8 +18,9 @@ from typing import Protocol
 import numpy as np
 
 from agent.capture import _layout as L
+from agent.capture._batches import BatchOrderer
 from agent.capture._decode import decode_detail, decode_exec_args, decode_proc
-from agent.capture._loader import Tracer, decode_batches
+from agent.capture._loader import Tracer
 from agent.capture.recording import read_recording
 from agent.events import DetailEvent, ProcEvent
 
@@ -65,6 +67,9 @@ class ReplaySource:
         return dict(self.recording.drops)
 
 
+READ_INTERVAL_MS = 5  # the reader drains the rings at least this often
+
+
 class LiveSource:
     """Every syscall on the host, from the BPF tracer.
 
@@ -92,6 +97,9 @@ class LiveSource:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._raw_batches: list[bytes] = []
+        self._orderer = BatchOrderer()
+        self._cpus = sorted(os.sched_getaffinity(0))
+        self._last_flush_done = threading.Event()
         self._details: list[Chunk] = []
         self._exec_args: dict[int, tuple[str, tuple[str, ...]]] = {}
         self.queue_overflow = 0
@@ -104,7 +112,7 @@ class LiveSource:
             self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce
         )
         self.tracer.open_ring_buffers(self._on_compact, self._on_detail)
-        for target, name in ((self._read_loop, "sysgram-reader"), (self._tick_loop, "sysgram-ticker")):
+        for target, name in ((self._tick_loop, "sysgram-ticker"), (self._read_loop, "sysgram-reader")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -211,21 +219,29 @@ class LiveSource:
         return 0
 
     def _read_loop(self) -> None:
+        # Compact batches wake nobody (see bpf/sysgram.bpf.c): wait for detail records or a short
+        # timeout, then drain both rings.
         assert self.tracer is not None
         while not self._stop.is_set():
-            self.tracer.poll(50)
+            self.tracer.poll(READ_INTERVAL_MS)
+            self.tracer.consume()
             self._hand_over()
+        self._last_flush_done.wait(2.0)  # the ticker's last flush of every CPU, then the last read
         self.tracer.consume()
-        self._hand_over()
+        self._hand_over(final=True)
 
-    def _hand_over(self) -> None:
-        if not self._raw_batches and not self._details:
+    def _hand_over(self, final: bool = False) -> None:
+        if not self._raw_batches and not self._details and not final:
             return
-        syscalls = decode_batches(self._raw_batches)
+        syscalls = self._orderer.add(self._raw_batches)
+        if final:
+            syscalls = np.concatenate((syscalls, self._orderer.drain()))
         group: list[Chunk] = list(self._details)
         if len(syscalls):
             group.append(syscalls)
         self._raw_batches, self._details = [], []
+        if not group:
+            return
         n = _count(group)
         with self._cond:
             if self._queued_events + n > self.queue_max_events:
@@ -238,24 +254,25 @@ class LiveSource:
 
     # -- ticker thread ---------------------------------------------------------------------------------
     def _tick_loop(self) -> None:
-        cpus = sorted(os.sched_getaffinity(0))
         while not self._stop.wait(self.flush_interval):
-            for cpu in cpus:
-                try:
-                    os.sched_setaffinity(0, {cpu})  # this thread only
-                except OSError:
-                    continue
-                os.getppid()  # the BPF program sees the agent's syscall here and flushes this CPU
+            self.flush_all()
         self.flush_all()
+        self._last_flush_done.set()
 
     def flush_all(self) -> None:
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        for cpu in cpus:
+        """Make every CPU send its batch (even an empty one: it tells the orderer nothing older waits)."""
+        try:
+            mine = os.sched_getaffinity(0)
+        except OSError:
+            return
+        for cpu in self._cpus:
             try:
-                os.sched_setaffinity(0, {cpu})
+                os.sched_setaffinity(0, {cpu})  # this thread only
             except OSError:
                 continue
-            os.getppid()
+            os.getppid()  # the BPF program sees the agent's FLUSH_SYSCALL here and sends this CPU's batch
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, mine)
 
 
 def _count(group: list[Chunk]) -> int:

@@ -1,0 +1,122 @@
+"""Compact batches back into per-thread order: partial time stamps, runs, the cross-CPU watermark."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.capture import _layout as L
+from agent.capture._batches import BatchOrderer, decode
+from tests.conftest import requires_bpf
+
+
+def batch(cpu: int, base: int, end: int, recs: list[tuple[int, int, int | None]]) -> bytes:
+    """recs: (tid, nr, stamp time or None)."""
+    header = np.zeros(1, L.BATCH_HEADER)
+    header["base_ts"], header["end_ts"], header["count"], header["cpu"] = base, end, len(recs), cpu
+    body = np.zeros(len(recs), L.SC_REC)
+    for i, (tid, nr, ts) in enumerate(recs):
+        body[i]["tgid"], body[i]["tid"], body[i]["nr"] = tid, tid, nr
+        if ts is not None:
+            body[i]["flags"] = L.REC_STAMPED
+            body[i]["ts_delta"] = ts - base
+    return header.tobytes() + body.tobytes()
+
+
+def test_runs_are_ordered_by_their_stamp_and_times_interpolated() -> None:
+    # Thread 7 runs on CPU 1 at t=100..130, then on CPU 0 at t=200..; CPU 0's batch arrives first.
+    cpu0 = batch(0, 200, 300, [(7, 3, 200), (7, 4, None), (9, 5, 250), (9, 6, None)])
+    cpu1 = batch(1, 100, 400, [(7, 1, 100), (7, 2, None)])
+    rows, keys, headers = decode([cpu0, cpu1])
+    assert rows["nr"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert rows["tid"].tolist() == [7, 7, 7, 7, 9, 9]
+    assert (np.diff(keys.astype(np.int64)) >= 0).all()
+    # Inside a run, times lie between the run's stamp and the next stamp (or the batch's send time).
+    assert rows["ts"].tolist()[0] == 100 and 100 < rows["ts"][1] <= 400
+    assert rows["ts"][2] == 200 and 200 < rows["ts"][3] < 250
+    assert rows["ts"][4] == 250 and 250 < rows["ts"][5] <= 300
+    assert headers["cpu"].tolist() == [0, 1]
+
+
+def test_full_batches_decode_vectorised_like_partial_ones() -> None:
+    base = 1_000
+    recs = [(5, i % 300, base + 10 * i if i % 64 == 0 else None) for i in range(L.BATCH_SIZE)]
+    full = batch(0, base, base + 10 * L.BATCH_SIZE, recs)
+    later = 10 * L.BATCH_SIZE + 7
+    full2 = batch(0, base + later, base + later + 10 * L.BATCH_SIZE,
+                  [(t, nr, None if ts is None else ts + later) for t, nr, ts in recs])
+    rows_full, _, _ = decode([full, full2])
+    rows_mixed, _, _ = decode([full, batch(1, base, base + 5, recs[:3])])
+    assert len(rows_full) == 2 * L.BATCH_SIZE and len(rows_mixed) == L.BATCH_SIZE + 3
+    assert rows_full["nr"][: L.BATCH_SIZE].tolist() == [i % 300 for i in range(L.BATCH_SIZE)]
+    ts = rows_full["ts"][: L.BATCH_SIZE].astype(np.int64)
+    assert (np.diff(ts) >= 0).all() and ts[0] == base and ts[64] == base + 640
+
+
+def test_rows_wait_for_every_cpu_then_leave_in_order() -> None:
+    orderer = BatchOrderer()
+    # CPU 0 reports up to t=300; CPU 1 has reported nothing newer than t=50: rows after 50 wait.
+    out = orderer.add([batch(1, 10, 50, [(3, 1, 10)]), batch(0, 200, 300, [(7, 3, 200), (7, 4, None)])])
+    assert out["nr"].tolist() == [1] and orderer.held == 2
+    # CPU 1's late batch (an earlier run of thread 7) arrives: it goes first.
+    out = orderer.add([batch(1, 100, 400, [(7, 2, 100)])])
+    assert out["nr"].tolist() == [2, 3, 4] and orderer.held == 0
+    # An empty batch (the ticker's flush of an idle CPU) moves the watermark too.
+    orderer.add([batch(0, 500, 600, [(7, 5, 500)])])
+    assert orderer.held == 1
+    assert orderer.add([batch(1, 0, 700, [])])["nr"].tolist() == [5]
+
+
+def test_a_silent_cpu_holds_rows_back_no_longer_than_max_hold() -> None:
+    orderer = BatchOrderer(max_hold_ns=1_000)
+    orderer.add([batch(1, 0, 10, [])])
+    out = orderer.add([batch(0, 100, 5_000, [(7, 1, 100), (7, 2, 4_500)])])
+    assert out["nr"].tolist() == [1]  # 4,500 is within max_hold of the newest report: still held
+    assert orderer.drain()["nr"].tolist() == [2]
+
+
+@requires_bpf
+@pytest.mark.bpf
+def test_a_thread_hopping_between_cpus_keeps_its_order(tmp_path: Path) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs for the thread to migrate between")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "sysgram-migrate"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).parent / "migrate.c")], check=True)
+    from agent.capture.names import syscall_number
+    from agent.capture.source import LiveSource
+
+    source = LiveSource(detail_syscalls=set())
+    source.start()
+    try:
+        rounds, hop = 20_000, 37
+        child = subprocess.Popen([str(exe), str(rounds), str(hop)])
+        child.wait(timeout=60)
+        time.sleep(0.1)
+    finally:
+        source.stop()
+        groups = []
+        while (group := source.get(0.0)) is not None:
+            groups.append(group)
+        drops = source.drops()
+        source.close()
+    rows = np.concatenate([c for g in groups for c in g if isinstance(c, np.ndarray)])
+    mine = rows[rows["tgid"] == child.pid]
+    pattern = [syscall_number(n) for n in ("getppid", "getuid", "getgid", "geteuid")]
+    affinity = syscall_number("sched_setaffinity")
+    nrs = mine["nr"][np.isin(mine["nr"], pattern)]
+    assert sum(drops.values()) == 0
+    assert len(nrs) == 4 * rounds
+    bad = np.flatnonzero((nrs.reshape(-1, 4) != np.array(pattern)).any(axis=1))
+    assert not len(bad), f"{len(bad)} rounds out of order, first at {bad[:5]}: {nrs[4 * bad[0] - 8: 4 * bad[0] + 12]}"
+    # The hops really happened (the test means nothing otherwise).
+    assert int((mine["nr"] == affinity).sum()) == -(-rounds // hop)
+    assert (np.diff(mine["ts"].astype(np.int64)) >= 0).mean() > 0.99
