@@ -401,9 +401,12 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         struct enforce_entry ce = {.signal = 0, .policy_id = pe->policy_id};
         enforce.update(&child, &ce);
     }
-    if (protected_tgids.lookup(&parent_tgid)) {
-        __u32 one = 1;
-        protected_tgids.update(&child, &one);
+    /* Protection passes to children only from allow-listed programs (INHERITED), never from PID 1, the
+     * agent or its ancestors (PINNED): every process descends from those. */
+    __u32 *prot = protected_tgids.lookup(&parent_tgid);
+    if (prot && *prot == PROT_INHERITED) {
+        __u32 inherited = PROT_INHERITED;
+        protected_tgids.update(&child, &inherited);
     }
 #endif
     return 0;
@@ -428,8 +431,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         struct enforce_entry *pol = exe_policy.lookup(key);
         if (pol) {
             if (pol->signal == PROTECTED_FLAG) {
-                __u32 one = 1;
-                protected_tgids.update(&tgid, &one);
+                __u32 inherited = PROT_INHERITED;
+                protected_tgids.update(&tgid, &inherited);
             } else {
                 struct enforce_entry ce = {.signal = 0, .policy_id = pol->policy_id};
                 enforce.update(&tgid, &ce);
@@ -438,6 +441,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
             struct enforce_entry *cur = enforce.lookup(&tgid);
             if (cur && !cur->signal)
                 enforce.delete(&tgid);
+            /* It left the allow-listed program it inherited protection from. */
+            __u32 *prot = protected_tgids.lookup(&tgid);
+            if (prot && *prot == PROT_INHERITED)
+                protected_tgids.delete(&tgid);
         }
     }
 #endif

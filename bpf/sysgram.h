@@ -4,7 +4,7 @@
 #define SYSGRAM_H
 
 #ifndef BATCH_SIZE
-#define BATCH_SIZE 256 /* syscalls per compact batch; a power of two */
+#define BATCH_SIZE 1024 /* syscalls per compact batch; a power of two (fewer, larger ring records: less per-record Python) */
 #endif
 #ifndef STR_LEN
 #define STR_LEN 256 /* bytes kept of each path or address argument */
@@ -110,6 +110,12 @@ struct enforce_entry {
     __u32 policy_id; /* index into deny_bitmaps, 0: none */
 };
 
-#define PROTECTED_FLAG 1u
+#define PROTECTED_FLAG 1u /* exe_policy: this executable is allow-listed */
+
+/* protected_tgids values (agent/enforce.py writes the same): INHERITED for allow-listed programs, whose
+ * children share it until they exec something else; PINNED for PID 1, the agent, its ancestors and
+ * configured pids, never passed on. */
+#define PROT_INHERITED 1u
+#define PROT_PINNED 2u
 
 #endif

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BATCH_SIZE = 256
+BATCH_SIZE = 1024
 STR_LEN = 256
 ARGV_LEN = 1024
 ARGV_MAX = 20

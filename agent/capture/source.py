@@ -85,12 +85,19 @@ class LiveSource:
         detail_syscalls: set[str],
         enforce: bool = False,
         flush_interval: float = 0.02,
-        queue_max_events: int = 8_000_000,
+        queue_max_events: int = 2_000_000,
+        compact_rb_pages: int | None = None,
+        detail_rb_pages: int | None = None,
     ) -> None:
         self.detail_syscalls = detail_syscalls
         self.enforce = enforce
         self.flush_interval = flush_interval
         self.queue_max_events = queue_max_events
+        self._rb_pages = {
+            k: v
+            for k, v in (("compact_rb_pages", compact_rb_pages), ("detail_rb_pages", detail_rb_pages))
+            if v is not None
+        }
         self.tracer: Tracer | None = None
         self._queue: collections.deque[list[Chunk]] = collections.deque()
         self._queued_events = 0
@@ -109,7 +116,7 @@ class LiveSource:
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         self.tracer = Tracer(
-            self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce
+            self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce, **self._rb_pages
         )
         self.tracer.open_ring_buffers(self._on_compact, self._on_detail)
         for target, name in ((self._tick_loop, "sysgram-ticker"), (self._read_loop, "sysgram-reader")):
