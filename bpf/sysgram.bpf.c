@@ -79,6 +79,18 @@ static __always_inline void flush(struct sc_batch *b) {
     b->last_tid = 0;
 }
 
+/* Every detail record starts with this header. */
+static __always_inline void fill_hdr(struct detail_hdr *h, __u8 kind, __u16 nr, __u64 pid_tgid, __u32 aux,
+                                     __u64 ts) {
+    h->kind = kind;
+    h->flags = 0;
+    h->nr = nr;
+    h->tgid = pid_tgid >> 32;
+    h->tid = (__u32)pid_tgid;
+    h->aux = aux;
+    h->ts = ts;
+}
+
 #if ENFORCE
 static __always_inline int is_denied(__u32 policy_id, __u32 nr) {
     struct deny_bitmap *bm = deny_bitmaps.lookup(&policy_id);
@@ -106,13 +118,7 @@ static __always_inline void enforce_check(__u32 tgid, __u32 tid, __u32 nr) {
         bump(S_DETAIL_LOST, 1);
         return;
     }
-    h->kind = K_ENFORCED;
-    h->flags = 0;
-    h->nr = nr;
-    h->tgid = tgid;
-    h->tid = tid;
-    h->aux = sig;
-    h->ts = bpf_ktime_get_ns();
+    fill_hdr(h, K_ENFORCED, nr, ((__u64)tgid << 32) | tid, sig, bpf_ktime_get_ns());
     detail_rb.ringbuf_submit(h, 0);
 }
 #endif
@@ -247,13 +253,7 @@ int on_detail_exit(struct sys_exit_ctx *ctx) {
         pending.delete(&tid);
         return 0;
     }
-    d->h.kind = K_SYSCALL;
-    d->h.flags = 0;
-    d->h.nr = nr;
-    d->h.tgid = id >> 32;
-    d->h.tid = tid;
-    d->h.aux = 0;
-    d->h.ts = p->ts;
+    fill_hdr(&d->h, K_SYSCALL, nr, id, 0, p->ts);
     d->ret = ctx->ret;
     #pragma unroll
     for (int k = 0; k < 6; k++)
@@ -308,13 +308,7 @@ static __always_inline int read_exec(struct sys_enter_ctx *ctx, __u64 filename, 
         bump(S_EXEC_ARGS_LOST, 1);
         return 0;
     }
-    e->h.kind = K_EXEC_ARGS;
-    e->h.flags = 0;
-    e->h.nr = ctx->nr;
-    e->h.tgid = id >> 32;
-    e->h.tid = (__u32)id;
-    e->h.aux = 0;
-    e->h.ts = bpf_ktime_get_ns();
+    fill_hdr(&e->h, K_EXEC_ARGS, ctx->nr, id, 0, bpf_ktime_get_ns());
     e->filename[0] = 0;
     bpf_probe_read_user_str(e->filename, STR_LEN, (void *)filename);
     __u32 off = 0;
@@ -361,14 +355,7 @@ static __always_inline struct proc_event *proc_reserve(__u8 kind) {
         bump(S_PROC_LOST, 1);
         return 0;
     }
-    __u64 id = bpf_get_current_pid_tgid();
-    e->h.kind = kind;
-    e->h.flags = 0;
-    e->h.nr = 0;
-    e->h.tgid = id >> 32;
-    e->h.tid = (__u32)id;
-    e->h.aux = 0;
-    e->h.ts = bpf_ktime_get_ns();
+    fill_hdr(&e->h, kind, 0, bpf_get_current_pid_tgid(), 0, bpf_ktime_get_ns());
     e->clone_flags = 0;
     e->filename[0] = 0;
     bpf_get_current_comm(e->comm, sizeof(e->comm));

@@ -33,7 +33,7 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -265,6 +265,18 @@ class Recording:
             yield self.syscalls[start:]
 
 
+_PROC_KINDS: dict[int, Literal["fork", "exec", "exit"]] = {KIND_FORK: "fork", KIND_EXEC: "exec", KIND_EXIT: "exit"}
+
+
+def _proc_fields(kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The ProcEvent fields that only one kind of process event has, from a row's args."""
+    if kind == "fork":
+        return {"ppid": args["ppid"], "is_thread": args["is_thread"]}
+    if kind == "exec":
+        return {"filename": args["filename"]}
+    return {"exit_code": args.get("exit_code", 0)}
+
+
 def read_recording(path: str) -> Recording:
     """Read a whole recording; any problem is one :class:`RecordingError` naming the file."""
     try:
@@ -332,34 +344,10 @@ def _decode(path: str, meta: dict[str, Any], table: pa.Table) -> Recording:
                     compat=bool(row["flags"] & FLAG_COMPAT),
                     raw_args=raw_args,
                 )
-            elif k == KIND_FORK:
-                event = ProcEvent(
-                    "fork",
-                    row["ts"],
-                    row["tgid"],
-                    row["tid"],
-                    ppid=args["ppid"],
-                    comm=row["name"] or "",
-                    is_thread=args["is_thread"],
-                )
-            elif k == KIND_EXEC:
-                event = ProcEvent(
-                    "exec",
-                    row["ts"],
-                    row["tgid"],
-                    row["tid"],
-                    comm=row["name"] or "",
-                    filename=args["filename"],
-                )
-            elif k == KIND_EXIT:
-                event = ProcEvent(
-                    "exit",
-                    row["ts"],
-                    row["tgid"],
-                    row["tid"],
-                    comm=row["name"] or "",
-                    exit_code=args.get("exit_code", 0),
-                )
+            elif k in _PROC_KINDS:
+                kind = _PROC_KINDS[k]
+                extra = _proc_fields(kind, args)
+                event = ProcEvent(kind, row["ts"], row["tgid"], row["tid"], comm=row["name"] or "", **extra)
             elif k == KIND_PROCESS:
                 args["args"] = tuple(args.get("args", ()))
                 processes.append(ProcessInfo(**args))
