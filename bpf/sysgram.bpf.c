@@ -71,6 +71,7 @@ static __always_inline void flush(struct sc_batch *b) {
     __u64 size = sizeof(struct sc_batch) - sizeof(b->recs) + (__u64)n * sizeof(struct sc_rec);
     if (size > sizeof(struct sc_batch))
         size = sizeof(struct sc_batch);
+    bump(S_SYSCALLS, n); /* counted per batch, not per syscall: the hot path stays lean */
     if (compact_rb.ringbuf_output(b, size, BPF_RB_NO_WAKEUP) == 0)
         bump(S_BATCHES, 1);
     else
