@@ -22,6 +22,15 @@ from agent.events import SYSCALL_DTYPE
 _FULL = np.dtype([("h", L.BATCH_HEADER), ("recs", L.SC_REC, (L.BATCH_SIZE,))])
 
 
+# numpy moves structured rows field by field (~30-75 ns a row); as opaque bytes it is 5-10x faster.
+def _take(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return rows.view(f"V{rows.dtype.itemsize}")[index].view(rows.dtype)
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([p.view(f"V{p.dtype.itemsize}") for p in parts]).view(parts[0].dtype)
+
+
 def _parse(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """-> (headers, records) with records grouped by batch, in arrival order."""
     headers: list[np.ndarray] = []
@@ -30,10 +39,10 @@ def _parse(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     if len(full) == len(raw_batches):  # the common case under load: one vectorised decode
         if not full:
             return np.zeros(0, L.BATCH_HEADER), np.zeros(0, L.SC_REC)
-        batches = np.frombuffer(b"".join(full), dtype=_FULL)
-        counts = np.minimum(batches["h"]["count"], L.BATCH_SIZE)
-        if (counts == L.BATCH_SIZE).all():
-            return batches["h"].copy(), batches["recs"].reshape(-1)
+        data = np.frombuffer(b"".join(full), dtype=np.uint8).reshape(len(full), _FULL.itemsize)
+        hdr = data[:, : L.BATCH_HEADER.itemsize].copy().view(L.BATCH_HEADER).reshape(-1)
+        if (hdr["count"] == L.BATCH_SIZE).all():
+            return hdr, data[:, L.BATCH_HEADER.itemsize :].copy().reshape(-1).view(L.SC_REC)
     for raw in raw_batches:  # arrival order matters: partial and full batches interleave
         header = np.frombuffer(raw, dtype=L.BATCH_HEADER, count=1)
         room = (len(raw) - L.BATCH_HEADER.itemsize) // L.SC_REC.itemsize
@@ -42,7 +51,7 @@ def _parse(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         records.append(np.frombuffer(raw, dtype=L.SC_REC, count=count, offset=L.BATCH_HEADER.itemsize))
     hdr = np.concatenate(headers)
     hdr["count"] = [len(r) for r in records]
-    return hdr, np.concatenate(records) if records else np.zeros(0, L.SC_REC)
+    return hdr, _concat(records) if records else np.zeros(0, L.SC_REC)
 
 
 def decode(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,7 +85,7 @@ def decode(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray
         starts, lengths, keys, slope = starts[order], lengths[order], keys[order], slope[order]
         out_first = np.cumsum(lengths) - lengths
         perm = np.arange(n) + np.repeat(starts - out_first, lengths)
-        recs = recs[perm]
+        recs = _take(recs, perm)
     offset = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     row_keys = np.repeat(keys, lengths)
     rows["ts"] = row_keys + (offset * np.repeat(slope, lengths)).astype(np.uint64)
@@ -132,8 +141,10 @@ class BatchOrderer:
             return np.zeros(0, dtype=SYSCALL_DTYPE)
         if len(out_rows) == 1:
             return out_rows[0]
-        merged = np.concatenate(out_rows)
-        return merged[np.argsort(np.concatenate(out_keys), kind="stable")]
+        keys = np.concatenate(out_keys)
+        if (keys[1:] >= keys[:-1]).all():  # the released parts did not interleave
+            return _concat(out_rows)
+        return _take(_concat(out_rows), np.argsort(keys, kind="stable"))
 
     def drain(self) -> np.ndarray:
         """Everything still held (at shutdown, after a last flush of every CPU)."""

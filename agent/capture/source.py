@@ -7,7 +7,6 @@ A chunk is either a numpy array of :data:`agent.events.SYSCALL_DTYPE` rows (the 
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
 import os
 import threading
@@ -105,8 +104,7 @@ class LiveSource:
         self._stop = threading.Event()
         self._raw_batches: list[bytes] = []
         self._orderer = BatchOrderer()
-        self._cpus = sorted(os.sched_getaffinity(0))
-        self._last_flush_done = threading.Event()
+        self._tickers = [_CpuTicker(cpu) for cpu in sorted(os.sched_getaffinity(0))]
         self._details: list[Chunk] = []
         self._exec_args: dict[int, tuple[str, tuple[str, ...]]] = {}
         self.queue_overflow = 0
@@ -119,13 +117,21 @@ class LiveSource:
             self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce, **self._rb_pages
         )
         self.tracer.open_ring_buffers(self._on_compact, self._on_detail)
-        for target, name in ((self._tick_loop, "sysgram-ticker"), (self._read_loop, "sysgram-reader")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+        for ticker in self._tickers:
+            thread = threading.Thread(
+                target=ticker.run, args=(self._stop, self.flush_interval), name=f"sysgram-tick{ticker.cpu}",
+                daemon=True,
+            )
             thread.start()
             self._threads.append(thread)
+        reader = threading.Thread(target=self._read_loop, name="sysgram-reader", daemon=True)
+        reader.start()
+        self._threads.append(reader)
 
     def stop(self) -> None:
         self._stop.set()
+        for ticker in self._tickers:
+            ticker.kick.set()
         for thread in self._threads:
             thread.join(timeout=2)
         with self._cond:
@@ -233,7 +239,8 @@ class LiveSource:
             self.tracer.poll(READ_INTERVAL_MS)
             self.tracer.consume()
             self._hand_over()
-        self._last_flush_done.wait(2.0)  # the ticker's last flush of every CPU, then the last read
+        for ticker in self._tickers:  # every CPU's last flush, then the last read
+            ticker.finished.wait(2.0)
         self.tracer.consume()
         self._hand_over(final=True)
 
@@ -259,27 +266,44 @@ class LiveSource:
             self._queued_events += n
             self._cond.notify()
 
-    # -- ticker thread ---------------------------------------------------------------------------------
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(self.flush_interval):
-            self.flush_all()
-        self.flush_all()
-        self._last_flush_done.set()
-
     def flush_all(self) -> None:
-        """Make every CPU send its batch (even an empty one: it tells the orderer nothing older waits)."""
+        """Make every CPU send its batch now (even an empty one: it tells the orderer nothing older waits)."""
+        for ticker in self._tickers:
+            ticker.done.clear()
+            ticker.kick.set()
+        for ticker in self._tickers:
+            ticker.done.wait(1.0)
+
+
+class _CpuTicker:
+    """A thread pinned to one CPU that makes the agent's FLUSH_SYSCALL there every flush interval, so the
+    BPF program sends that CPU's batch: latency stays bounded on quiet CPUs.
+
+    One pinned thread per CPU, not one thread hopping between CPUs: moving a thread onto a busy CPU waits
+    for that CPU inside sched_setaffinity, with the GIL held, which stalled every other thread of the agent.
+    """
+
+    def __init__(self, cpu: int) -> None:
+        self.cpu = cpu
+        self.kick = threading.Event()
+        self.done = threading.Event()  # a requested flush happened
+        self.finished = threading.Event()  # the last flush, at stop, happened
+
+    def run(self, stop: threading.Event, interval: float) -> None:
         try:
-            mine = os.sched_getaffinity(0)
-        except OSError:
+            os.sched_setaffinity(0, {self.cpu})  # this thread only
+        except OSError:  # an offline or forbidden CPU: nothing to flush from here
+            self.done.set()
+            self.finished.set()
             return
-        for cpu in self._cpus:
-            try:
-                os.sched_setaffinity(0, {cpu})  # this thread only
-            except OSError:
-                continue
+        while True:
+            self.kick.wait(interval)
+            self.kick.clear()
             os.getppid()  # the BPF program sees the agent's FLUSH_SYSCALL here and sends this CPU's batch
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, mine)
+            self.done.set()
+            if stop.is_set():
+                break
+        self.finished.set()
 
 
 def _count(group: list[Chunk]) -> int:
