@@ -1,6 +1,7 @@
 /* Sysgram's tracer. Compiled by bcc with -D constants (see agent/capture/_loader.py):
  *   SELF_TGID     the agent's own process, never traced
  *   FLUSH_NR      the syscall the agent's ticker makes on each CPU in turn to send that CPU's batch
+ *   EXECVE_NR, EXECVEAT_NR  native numbers of execve/execveat (always stamped)
  *   COMPACT_RB_PAGES, DETAIL_RB_PAGES  ring buffer sizes in pages
  *   ENFORCE       1 to compile the enforcement check into sys_enter (off: no cost when not enforcing)
  * Reads only tracepoint fields and BPF helpers: no kernel struct is walked, so headers of another
@@ -13,6 +14,9 @@
 #endif
 #ifndef FLUSH_NR
 #error "FLUSH_NR must be set"
+#endif
+#if !defined(EXECVE_NR) || !defined(EXECVEAT_NR)
+#error "EXECVE_NR and EXECVEAT_NR must be set"
 #endif
 #ifndef ENFORCE
 #define ENFORCE 0
@@ -143,7 +147,10 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
     r->tgid = tgid;
     r->tid = tid;
     r->nr = (__u16)args->id;
-    if (i == 0 || tid != b->last_tid || (i & (STAMP_EVERY - 1)) == 0) {
+    /* execve is stamped too: with the run that the exec starts (see sched_process_exec), the syscalls
+     * before and after an exec get times on the right side of the exec event. */
+    if (i == 0 || tid != b->last_tid || (i & (STAMP_EVERY - 1)) == 0 || args->id == EXECVE_NR ||
+        args->id == EXECVEAT_NR) {
         __u64 now = bpf_ktime_get_ns();
         if (i == 0)
             b->base_ts = now;
@@ -404,6 +411,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     __u64 id = bpf_get_current_pid_tgid();
     if ((id >> 32) == SELF_TGID)
         return 0;
+    __u32 zero_key = 0;
+    struct sc_batch *b = batches.lookup(&zero_key);
+    if (b)
+        b->last_tid = 0; /* the new program's first syscall starts a run */
     struct proc_event *e = proc_reserve(K_EXEC);
     if (!e)
         return 0;

@@ -124,6 +124,16 @@ def test_exec_chain_gives_ppid_ancestors_comm_cmdline(tmp_path: Path, workload: 
     assert child_pid is not None
     ancestors = [a.pid for a in table.ancestors(child_pid)]
     assert ancestors[:1] == [shell.pid]
+    # The exec splits the child's syscalls: up to its execve they are the shell's, after it the workload's.
+    from agent.capture.recording import iter_thread_traces
+
+    traces = [t for t in iter_thread_traces(rec) if t.pid == child_pid]
+    before = [t for t in traces if t.exe != str(workload)]
+    after = [t for t in traces if t.exe == str(workload)]
+    assert len(after) == 1 and "execve" not in after[0].syscalls, [(t.exe, t.syscalls[:12]) for t in traces]
+    assert after[0].syscalls.count("getppid") == 3
+    if shell.pid != child_pid:  # the shell forked the child (it did not exec the workload itself)
+        assert before and before[-1].syscalls[-1] == "execve"
 
 
 def test_bad_recordings_are_one_line_exit_2(tmp_path: Path) -> None:

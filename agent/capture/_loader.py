@@ -58,6 +58,8 @@ class Tracer:
             f"-DBATCH_SIZE={L.BATCH_SIZE}",
             f"-DSTAMP_EVERY={L.STAMP_EVERY}",
             f"-DFLUSH_NR={syscall_number(FLUSH_SYSCALL)}",
+            f"-DEXECVE_NR={syscall_number('execve')}",
+            f"-DEXECVEAT_NR={syscall_number('execveat')}",
             f"-I{BPF_DIR}",
             "-Wno-unused-function",
         ]

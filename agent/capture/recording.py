@@ -387,8 +387,12 @@ class ThreadTrace:
 def iter_thread_traces(rec: Recording, exes: Sequence[str] = ()) -> Iterator[ThreadTrace]:
     """Per thread and program, the syscall names in order; only ``exes`` when given."""
     program: dict[int, list[tuple[int, str, str]]] = {}  # tgid -> [(since_ts, exe, comm)]
+    # A snapshot tells what ran from the start only for processes older than the recording; the others
+    # were snapshotted after an exec, and their fork and exec events say what ran when.
+    born = {e.pid for e in rec.events if isinstance(e, ProcEvent) and e.kind == "fork" and not e.is_thread}
     for info in rec.processes:
-        program.setdefault(info.pid, []).append((0, info.exe, info.comm))
+        if info.pid not in born and info.pid not in program:
+            program[info.pid] = [(0, info.exe, info.comm)]
     for event in rec.events:
         if isinstance(event, ProcEvent):
             if event.kind == "exec":
