@@ -21,6 +21,7 @@ from tests._falco_helpers import (
     STABLE,
     World,
     proc,
+    ruleset_from,
 )
 
 pytestmark = pytest.mark.skipif(not os.path.exists(STABLE), reason="../shared/falco-rules not present")
@@ -199,3 +200,40 @@ def test_sysgram_rules_use_anomaly_state() -> None:
     w.names(111, "socket", 4, domain=socket.AF_INET, type=socket.SOCK_STREAM, proto=0)
     assert w.names(111, "connect", 0, fd=4, family=socket.AF_INET, addr="198.51.100.7", port=443) == [
         "Anomalous process connected out"]
+
+
+def test_exec_through_a_memfd_is_fileless_even_before_proc_says_so(world: World) -> None:
+    from agent.events import ProcEvent
+
+    # 111 makes a close-on-exec memfd, forks 112, which runs it with fexecve; the table never saw the
+    # process alive (it still shows the parent's image), only the kernel's "/dev/fd/N" name of the exec.
+    assert world.names(111, "memfd_create", 5, name="payload", flags=1) == []
+    world.table[112] = proc(112, 111, "5", "/dev/fd/5", uid=1000)
+    world.engine.on_proc_event(ProcEvent("fork", world.ts, 112, 112, ppid=111))
+    world.engine.on_proc_event(ProcEvent("exec", world.ts, 112, 112, comm="5", filename="/dev/fd/5"))
+    fileless = world.ev(112, "execveat", 0, dirfd=5, filename="", flags=0x1000)
+    assert [m.rule for m in fileless] == ["Fileless execution via memfd_create"]
+    assert fileless[0].output_fields["evt.arg.flags"] == "EXE_FROM_MEMFD"  # the exit's exe flags, not AT_*
+    # The next exec of the same process is an ordinary one; a plain file's fd is not a memfd.
+    assert world.names(112, "execve", 0, filename="/bin/ls", argv=["ls"]) == []
+    world.names(111, "openat", 6, dirfd=-100, name="/usr/bin/id", flags=O_RDONLY)
+    world.table[113] = proc(113, 111, "6", "/dev/fd/6", uid=1000)
+    world.engine.on_proc_event(ProcEvent("fork", world.ts, 113, 113, ppid=111))
+    world.engine.on_proc_event(ProcEvent("exec", world.ts, 113, 113, comm="6", filename="/dev/fd/6"))
+    assert world.names(113, "execveat", 0, dirfd=6, filename="", flags=0x1000) == []
+
+
+def test_rules_that_exec_also_capture_memfd_create(stable) -> None:  # type: ignore[no-untyped-def]
+    assert {"execve", "memfd_create"} <= stable.interesting_syscalls()
+    no_exec = ruleset_from("- rule: r\n  desc: d\n  condition: evt.type = openat\n  output: o\n  priority: INFO\n")
+    assert "memfd_create" not in no_exec.interesting_syscalls()
+
+
+def test_container_id_is_the_short_id_and_full_id_all_of_it() -> None:
+    full = "ab" * 32
+    rs = ruleset_from("- rule: r\n  desc: d\n  condition: evt.type = openat and container.id != host\n"
+                      "  output: id=%container.id full=%container.full_id\n  priority: INFO\n")
+    w = World(rs, [proc(300, 1, "sh", "/bin/sh", container_id=full), proc(301, 1, "sh", "/bin/sh")])
+    matches = w.ev(300, "openat", 3, dirfd=-100, name="/etc/hosts", flags=O_RDONLY)
+    assert [m.output_fields for m in matches] == [{"container.id": full[:12], "container.full_id": full}]
+    assert w.ev(301, "openat", 3, dirfd=-100, name="/etc/hosts", flags=O_RDONLY) == []

@@ -206,3 +206,49 @@ def test_exe_in_overlay_upper_layer(tmp_path: Path, in_upper: bool) -> None:
     (d / "mountinfo").write_text(mount)
     info = ProcReader(str(root)).read(90)
     assert info is not None and info.exe_upper_layer is in_upper
+
+
+@pytest.mark.parametrize("in_upper", [True, False])
+def test_exe_in_upper_layer_of_a_chroot_reachable_from_ours(tmp_path: Path, in_upper: bool) -> None:
+    # A chroot (or a runtime that keeps the old root): our view of its exe runs through its root, while
+    # its overlay's upper dir holds paths relative to that root.
+    merged = tmp_path / "merged"
+    binary = merged / "tmp" / "dropper"
+    binary.parent.mkdir(parents=True)
+    binary.write_bytes(_elf_header(2, 62))
+    upper = tmp_path / "upper"
+    if in_upper:
+        (upper / "tmp").mkdir(parents=True)
+        (upper / "tmp" / "dropper").write_bytes(binary.read_bytes())
+    root = tmp_path / "proc"
+    d = make_proc(root, 91, exe=str(binary))
+    os.symlink(merged, d / "root")
+    (d / "ns").mkdir()
+    (d / "ns" / "mnt").write_text("")
+    (d / "mountinfo").write_text(f"1 0 0:1 / / rw - overlay overlay rw,lowerdir=/,upperdir={upper},workdir=/w\n")
+    info = ProcReader(str(root)).read(91)
+    assert info is not None and info.exe_upper_layer is in_upper
+
+
+def test_upper_layer_is_seen_after_the_process_pivots_into_the_overlay(tmp_path: Path) -> None:
+    # Same mount namespace, read before and after the rootfs is mounted and entered: not a stale "no overlay".
+    merged, upper = tmp_path / "merged", tmp_path / "upper"
+    (merged / "tmp").mkdir(parents=True)
+    (upper / "tmp").mkdir(parents=True)
+    for d in (merged, upper):
+        (d / "tmp" / "dropper").write_bytes(_elf_header(2, 62))
+    root = tmp_path / "proc"
+    (tmp_path / "mnt-ns").write_text("")  # one namespace: both ns/mnt links are the same inode
+    for pid, exe, proc_root, mounts in (
+        (92, "/usr/bin/runc", "/", "1 0 254:0 / / rw - ext4 /dev/vda rw\n"),
+        (93, f"{merged}/tmp/dropper", str(merged),
+         f"1 0 0:1 / / rw - overlay overlay rw,lowerdir=/,upperdir={upper},workdir=/w\n"),
+    ):
+        d = make_proc(root, pid, exe=exe)
+        os.symlink(proc_root, d / "root")
+        (d / "ns").mkdir()
+        os.link(tmp_path / "mnt-ns", d / "ns" / "mnt")
+        (d / "mountinfo").write_text(mounts)
+    reader = ProcReader(str(root))
+    assert reader.read(92).exe_upper_layer is False  # type: ignore[union-attr]
+    assert reader.read(93).exe_upper_layer is True  # type: ignore[union-attr]

@@ -9,7 +9,7 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.events import DetailEvent, ProcEvent
-from agent.proc import ProcessTable
+from agent.proc import HOST_CONTAINER_ID, ProcessTable
 from tests.test_proc_fakeproc import TICK_NS, make_proc
 
 SEC = 1_000_000_000
@@ -98,6 +98,19 @@ def test_exec_rereads_proc_when_start_and_comm_match(seeded: tuple[ProcessTable,
     assert (info.exe, info.args, info.cwd) == ("/usr/bin/vim", ("vim", "notes"), "/etc")
     assert info.start_ns == start_ns
     assert info.loginuid == 0  # inherited, not re-read
+
+
+def test_exec_rereads_the_cgroup_a_runtime_moved_the_child_into(seeded: tuple[ProcessTable, Path]) -> None:
+    table, root = seeded
+    table.apply(ProcEvent("fork", 70 * SEC, 300, 300, ppid=100, comm="runc"))
+    assert table.get(300).container_id == HOST_CONTAINER_ID  # type: ignore[union-attr]
+    start_ticks = round((table.get(300).start_ns + table._reader.boot_offset_ns) / TICK_NS)  # type: ignore[union-attr]
+    make_proc(root, 300, comm="sh", ppid=100, argv=("sh",), exe="/bin/sh", start_ticks=start_ticks,
+              cgroup="0::/system.slice/docker-" + "cd" * 32 + ".scope\n")
+    table.apply(execev(70 * SEC + 5, 300, "sh", "/bin/sh"))
+    info = table.get(300)
+    assert info is not None and info.exe == "/bin/sh"
+    assert info.container_id == "cd" * 32
 
 
 def test_pid_reuse_in_proc_is_never_mixed_in(seeded: tuple[ProcessTable, Path]) -> None:

@@ -12,6 +12,7 @@ import binascii
 import fnmatch
 import functools
 import ipaddress
+import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -171,6 +172,50 @@ def _evttypes(node: Node, universe: frozenset[str]) -> tuple[frozenset[str] | No
 
 
 # ------------------------------------------------------------------ code generation
+_GEN_IDS = itertools.count()
+PREDICATE_SOURCE = "_sysgram_source"  # attribute of a generated predicate: (expression, namespace)
+# Operators that a field value rarely satisfies (so a test using one rejects most events).
+_SELECTIVE_OPS = frozenset({"=", "==", "in", "intersects", "startswith", "bstartswith", "endswith", "contains",
+                            "icontains", "bcontains", "glob", "iglob", "regex", "pmatch"})
+# Fields that walk the process tree or call out: the dearest to extract.
+_DEAR_PREFIXES = ("proc.a", "proc.p", "proc.s", "proc.vpgid", "proc.exe_ino", "container.", "sysgram.")
+
+
+def _flatten_and(node: BoolOp) -> Iterable[Node]:
+    for child in node.children:
+        if isinstance(child, BoolOp) and child.op == "and":
+            yield from _flatten_and(child)
+        else:
+            yield child
+
+
+def _cost_rank(node: Node) -> int:
+    """Lower first in an `and`: selective and cheap tests (0) before unselective or dear ones (up to 9)."""
+    if isinstance(node, Const):
+        return 0
+    if isinstance(node, Not):
+        return 6 + (_cost_rank(node.child) % 3 if node.child is not None else 0)  # `not x` nearly always holds
+    if isinstance(node, BoolOp):
+        ranks = [_cost_rank(c) for c in node.children] or [0]
+        # An `or` of tests costs each of them when (as usual) none holds: after single tests of its rank.
+        return min(max(ranks) + (len(ranks) > 1), 9) if node.op == "or" else min(ranks)
+    if isinstance(node, Compare) and node.field is not None:
+        fe = node.field
+        if fe.name == EVT_TYPE:
+            return 0
+        try:
+            bound = bind_field(fe.name, fe.arg)
+        except FieldError:
+            return 9  # reported when the test itself is compiled
+        if bound.fdef.inline is not None and not fe.transformers and bound.mode == "single":
+            cost = 0
+        else:
+            cost = 2 if fe.name.startswith(_DEAR_PREFIXES) else 1
+        selective = node.op in _SELECTIVE_OPS and not isinstance(node.rhs, FieldExpr)
+        return cost + (0 if selective else 3)
+    return 9
+
+
 class _Gen:
     """Generates one expression; with ``evttype`` set, evt.type tests are decided at compile time (the
     rule is specialised for that event type, as the index only calls it for that type)."""
@@ -178,17 +223,20 @@ class _Gen:
     def __init__(self, evttype: str | None = None) -> None:
         self.ns: dict[str, Any] = dict(_RUNTIME)
         self.n = 0
+        # Names unique across every generated predicate, so that the engine can merge the predicates of one
+        # event type into one function (see _engine.combine_predicates).
+        self.prefix = f"g{next(_GEN_IDS)}_"
         self.unavailable: list[tuple[str, Node]] = []
         self.evttype = evttype
 
     def const(self, value: Any) -> str:
-        name = f"k{self.n}"
+        name = f"{self.prefix}k{self.n}"
         self.n += 1
         self.ns[name] = value
         return name
 
     def var(self) -> str:
-        name = f"v{self.n}"
+        name = f"{self.prefix}v{self.n}"
         self.n += 1
         return name
 
@@ -196,7 +244,13 @@ class _Gen:
         if isinstance(node, BoolOp):
             absorbing, neutral = ("False", "True") if node.op == "and" else ("True", "False")
             parts = []
-            for child in node.children:
+            children = node.children
+            if node.op == "and":
+                # Conditions are pure, so an `and` may test its cheapest, most selective parts first:
+                # `fd.name in (...)` rejects most events at once, `open_read`'s flag checks rarely do.
+                flat = list(_flatten_and(node))
+                children = [c for _rank, _i, c in sorted((_cost_rank(c), i, c) for i, c in enumerate(flat))]
+            for child in children:
                 code = self.expr(child)
                 if code == absorbing:
                     return absorbing
@@ -495,7 +549,9 @@ def _build(gen: _Gen, body: str, name: str) -> Callable[[Any], bool]:
     code = f"def {fn_name}(c):\n    ev = c.ev\n    fd = c.fd\n    p = c.proc\n    return {result}\n"
     ns = gen.ns
     exec(compile(code, f"<falco rule {name!r}>", "exec"), ns)
-    return ns[fn_name]
+    fn = ns[fn_name]
+    setattr(fn, PREDICATE_SOURCE, (result, ns))
+    return fn
 
 
 def compile_condition(ast: Node, name: str, universe: frozenset[str]) -> CompileResult:
@@ -521,6 +577,7 @@ def parse_source(src: Source) -> Node:
 
 
 __all__ = [
+    "PREDICATE_SOURCE",
     "CompileError",
     "CompileResult",
     "Expander",

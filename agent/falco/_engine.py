@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.events import DetailEvent, ProcEvent
+from agent.falco._compiler import PREDICATE_SOURCE
 from agent.falco._flags import AT_FDCWD
 from agent.falco._ruleset import CompiledRule, RuleSet
 from agent.falco._state import (
@@ -48,6 +50,9 @@ _L4: dict[int, str] = {int(socket.SOCK_STREAM): "tcp", int(socket.SOCK_DGRAM): "
                         int(socket.SOCK_SEQPACKET): "tcp"}
 _FAMILY_TYPE: dict[int, str] = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6",
                                 int(socket.AF_UNIX): "unix", int(socket.AF_NETLINK): "netlink"}
+_EXECS = frozenset(("execve", "execveat"))
+# What the kernel names an exec of an open fd: execveat(fd, "", AT_EMPTY_PATH) is "/dev/fd/N".
+_FD_PATH = re.compile(r"^/(?:dev/fd|proc/(?:self|\d+)/fd)/(\d+)$")
 MAX_FDS_PER_PROCESS = 4096  # a bound on memory for processes we never see close their fds
 
 
@@ -82,6 +87,7 @@ class Engine:
         self._fds: dict[int, dict[int, FdInfo]] = {}
         self._cwd: dict[int, str] = {}
         self._stat_cache: dict[tuple[int, int], os.stat_result | None] = {}
+        self._memfd_execs: set[int] = set()  # pids whose pending exec runs a memfd (seen before its fds go)
         self._num = 0
         self._ctx = Ctx(self)
         self.eval_errors = 0
@@ -103,6 +109,7 @@ class Engine:
                     if fn is not None:
                         by_type[t].append((fn, c))
         self._index = {t: tuple(v) for t, v in by_type.items()}
+        self._combined = {t: f for t, v in self._index.items() if (f := combine_predicates(t, v)) is not None}
 
     # ------------------------------------------------------------------ state the fields read
     def cwd_of(self, proc: ProcessInfo) -> str:
@@ -145,12 +152,20 @@ class Engine:
                 self._cwd[ev.pid] = self._cwd[ev.ppid]
         elif ev.kind == "exec":
             table = self._fds.get(ev.pid)
+            # A short-lived program may be gone before /proc tells the table it ran from a memfd: the fd it
+            # was exec'd through says so (and a close-on-exec memfd is only still in the table right now).
+            m = _FD_PATH.match(ev.filename) if table else None
+            if m is not None and table is not None:
+                fd = table.get(int(m.group(1)))
+                if fd is not None and fd.type == "memfd":
+                    self._memfd_execs.add(ev.pid)
             if table:
                 for num in [n for n, fd in table.items() if fd.cloexec]:
                     del table[num]
         elif ev.kind == "exit" and ev.tid == ev.pid:
             self._fds.pop(ev.pid, None)
             self._cwd.pop(ev.pid, None)
+            self._memfd_execs.discard(ev.pid)
 
     # ------------------------------------------------------------------ detail events
     def evaluate(self, ev: DetailEvent) -> list[RuleMatch]:
@@ -163,9 +178,15 @@ class Engine:
         if not rules:
             return []
         ctx = self._ctx
-        ctx.reset(ev, self.lookup(ev.tgid), fd, self._num)
+        proc = self.lookup(ev.tgid)
+        if syscall in _EXECS and self._memfd_execs and ev.tgid in self._memfd_execs:
+            self._memfd_execs.discard(ev.tgid)
+            if proc is not None and not proc.exe_from_memfd and ev.res == 0:
+                proc = replace(proc, exe_from_memfd=True)
+        ctx.reset(ev, proc, fd, self._num)
+        combined = self._combined.get(syscall)
         try:  # the common path: no rule raises
-            hits = [cr for fn, cr in rules if fn(ctx)]
+            hits = combined(ctx) if combined is not None else [cr for fn, cr in rules if fn(ctx)]
         except Exception:  # a rule must never take the pipeline down: retry one by one, skip the faulty
             hits = self._guarded(rules, ctx)
         if not hits:
@@ -236,8 +257,37 @@ class Engine:
         return (_normalize(raw) if raw.startswith("/") else raw), raw
 
 
+def combine_predicates(
+    evttype: str, entries: tuple[tuple[Callable[[Ctx], bool], CompiledRule], ...]
+) -> Callable[[Ctx], list[CompiledRule]] | None:
+    """One function testing every rule of an event type in order (one call per event instead of one per
+    rule); None when a predicate has no generated source to merge."""
+    if len(entries) < 2:
+        return None
+    ns: dict[str, Any] = {}
+    lines = ["def rules_" + re.sub(r"\W", "_", evttype) + "(c):", "    ev = c.ev", "    fd = c.fd", "    p = c.proc",
+             "    hits = []"]
+    for i, (fn, cr) in enumerate(entries):
+        source = getattr(fn, PREDICATE_SOURCE, None)
+        if source is None:
+            return None
+        expression, fn_ns = source
+        ns.update(fn_ns)  # the generator's names are unique across predicates
+        ns[f"rule_{i}"] = cr
+        lines.append(f"    if {expression}:\n        hits.append(rule_{i})")
+    lines.append("    return hits")
+    exec(compile("\n".join(lines) + "\n", f"<falco rules for {evttype}>", "exec"), ns)
+    fn_out: Callable[[Ctx], list[CompiledRule]] = ns["rules_" + re.sub(r"\W", "_", evttype)]
+    return fn_out
+
+
 # ---------------------------------------------------------------------- per-syscall state handlers
+_new_fd = tuple.__new__  # FdInfo built positionally, without NamedTuple.__new__'s argument handling
+_NO_SOCKET = ("", None, None, None, None, False, False, False)  # l4proto .. name_changed of a file fd
+
+
 def _h_open(eng: Engine, ev: DetailEvent) -> FdInfo:
+    # The hottest handler (most detail events are opens): file_fd() and _put() inlined.
     args = ev.args
     path = args.get("name")
     if isinstance(path, str) and path.startswith("/"):
@@ -246,12 +296,26 @@ def _h_open(eng: Engine, ev: DetailEvent) -> FdInfo:
     else:
         name, raw = eng.resolve(ev, path, args.get("dirfd", AT_FDCWD))
     flags = args.get("flags", 0) if ev.syscall != "creat" else os.O_CREAT | os.O_WRONLY | os.O_TRUNC
-    flags = flags if isinstance(flags, int) else 0
-    kind = "directory" if flags & _O_DIRECTORY else "file"
-    if ev.res < 0:
-        return file_fd(-1, kind, name, raw, flags=flags)
-    fd = file_fd(ev.res, kind, name, raw, cloexec=bool(flags & _O_CLOEXEC), flags=flags)
-    eng._put(ev.tgid, fd)
+    if not isinstance(flags, int):
+        flags = 0
+    head, sep, tail = name.rpartition("/")
+    directory: str | None
+    if flags & _O_DIRECTORY:
+        kind, typechar, directory = "directory", "d", name.rstrip("/") or "/"
+    else:
+        kind, typechar, directory = "file", "f", (head or "/") if sep else None
+    res = ev.res
+    fd: FdInfo = _new_fd(FdInfo, (res if res >= 0 else -1, kind, name, raw, *_NO_SOCKET,
+                                  res >= 0 and bool(flags & _O_CLOEXEC), 0, flags, typechar, directory,
+                                  tail if name else None))
+    if res >= 0:
+        fds = eng._fds
+        table = fds.get(ev.tgid)
+        if table is None:
+            table = fds[ev.tgid] = {}
+        table[res] = fd
+        if len(table) > MAX_FDS_PER_PROCESS:
+            del table[next(iter(table))]
     return fd
 
 

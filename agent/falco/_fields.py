@@ -118,7 +118,10 @@ def _arg_value(c: Ctx, name: str, raw: bool) -> Any:
         if idx >= len(keys):
             return None
         name = keys[idx]
-    if name in args:
+    v: Any
+    if name == "flags" and ev.syscall == "execveat" and c.proc is not None:
+        v = _exe_flags(c.proc)  # Falco's execveat exit carries the exe flags; the AT_* flags are the entry's
+    elif name in args:
         v = args[name]
     elif name == "res" or (name in ("fd", "res_or_fd") and ev.syscall in ("open", "openat", "openat2", "creat", "socket", "accept",
                                                        "accept4", "memfd_create", "userfaultfd")):
@@ -302,7 +305,8 @@ for _name, _fn in {
     "user.name": _p(lambda p: _str(p.user)),
     "user.loginname": _p(lambda p: _str(p.loginname)),
     "group.name": _p(lambda p: _str(p.group)),
-    "container.id": _p(lambda p: p.container_id or None),
+    # Falco's container.id is the 12-character short id ("host" stays "host"); full_id is all 64.
+    "container.id": _p(lambda p: p.container_id[:12] or None),
     "container.full_id": _p(lambda p: p.container_id or None),
 }.items():
     _plain(_name, "str", _fn)
@@ -531,7 +535,7 @@ _INLINE: dict[str, Callable[[str | None], str | None]] = {
     "proc.tty": lambda t: "(p.tty if p is not None else None)",
     "user.name": lambda t: "((p.user or None) if p is not None else None)",
     "user.uid": lambda t: "(p.uid if p is not None and p.uid >= 0 else None)",
-    "container.id": lambda t: "((p.container_id or None) if p is not None else None)",
+    "container.id": lambda t: "((p.container_id[:12] or None) if p is not None else None)",
     "evt.is_open_read": _open_inline("fd.flags & 3 != 1"),
     "evt.is_open_write": _open_inline("fd.flags & 3 != 0"),
     "evt.is_open_create": _open_inline(f"fd.flags & {os.O_CREAT} != 0"),

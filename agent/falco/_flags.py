@@ -195,6 +195,7 @@ for _sc in ("kill", "tkill", "tgkill"):
     _BY_ARG[(_sc, "sig")] = signal_name
 _BY_ARG[("execve", "flags")] = exe_flags
 _BY_ARG[("execveat", "exe_flags")] = exe_flags
+_BY_ARG[("execveat", "flags")] = exe_flags
 
 
 def render_arg(syscall: str, name: str, value: object) -> str:

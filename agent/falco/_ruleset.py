@@ -100,6 +100,8 @@ class RuleSet:
             if r.evttypes is None:
                 return self.universe
             out |= r.evttypes
+        if out & {"execve", "execveat"}:
+            out.add("memfd_create")  # rare, and how an exec is known to run from a memfd (fd state)
         return frozenset(out & self.universe)
 
 

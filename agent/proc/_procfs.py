@@ -189,7 +189,7 @@ class ProcReader:
         self._elf: BoundedCache[tuple[int, int, int], bool] = BoundedCache(cache_size)
         self._readonly_dev: BoundedCache[int, bool] = BoundedCache(256)
         # mount namespace inode -> the overlay upper dir of its root ("" when the root is not overlay)
-        self._upperdir: BoundedCache[tuple[int, int], str] = BoundedCache(1024)
+        self._upperdir: BoundedCache[tuple[int, int, int, int], str] = BoundedCache(1024)
 
     def start_ns(self, start_ticks: int) -> int:
         return start_ticks * self.tick_ns - self.boot_offset_ns
@@ -249,7 +249,7 @@ class ProcReader:
         """Read ``pid``'s thread group; None when it is gone or unreadable.
 
         The result's ``pid`` is the tgid: asking for a thread id yields its process. With ``inherit``
-        (an exec of a known process) cgroup, login uid and container are taken from it, not re-read,
+        (an exec of a known process) the login uid is taken from it, not re-read (the cgroup is re-read),
         and the read is refused (None, counted in ``mismatches``) unless the start times match: then
         it is another process under the same pid.
         """
@@ -304,12 +304,12 @@ class ProcReader:
                 groups = {int(g) for g in status.get("Groups", "").split()}
                 groups.add(gid)
                 compat, writable, upper = self._exe_facts(dir_fd, pid, exe, uid, groups, cap_eff)
-        if inherit is not None:
-            loginuid, container = inherit.loginuid, inherit.container_id
-        else:
-            loginuid, container = self._loginuid(dir_fd), HOST_CONTAINER_ID
-            with contextlib.suppress(OSError):
-                container = self.container_id(_decode(_read_at(dir_fd, "cgroup")))
+        # The login uid is set once per session: an exec keeps it. The cgroup is re-read on exec as Falco
+        # does: container runtimes move the forked child into the container's cgroup, then exec.
+        loginuid = inherit.loginuid if inherit is not None else self._loginuid(dir_fd)
+        container = inherit.container_id if inherit is not None else HOST_CONTAINER_ID
+        with contextlib.suppress(OSError):
+            container = self.container_id(_decode(_read_at(dir_fd, "cgroup")))
         return ProcessInfo(
             pid=pid,
             ppid=int(status.get("PPid", line.ppid)),
@@ -391,7 +391,14 @@ class ProcReader:
             ns = os.stat("ns/mnt", dir_fd=dir_fd)
         except OSError:
             return False
-        key = (ns.st_dev, ns.st_ino)
+        try:
+            top = os.stat("root", dir_fd=dir_fd)
+            root_id = (top.st_dev, top.st_ino)
+        except OSError:
+            root_id = (0, 0)
+        # Per mount namespace and root: a runtime execs in the new namespace before it mounts the rootfs
+        # and pivots (or chroots) into it, so the namespace alone would keep the view from before.
+        key = (ns.st_dev, ns.st_ino, *root_id)
         upperdir = self._upperdir.get(key)
         if upperdir is None:
             try:
@@ -399,8 +406,18 @@ class ProcReader:
             except OSError:
                 upperdir = ""
             self._upperdir.put(key, upperdir)
+        if not upperdir:
+            return False
+        # exe is the path as we see it; when the process's root is reachable from ours (a chroot, a runtime
+        # that keeps the old root) that path runs through its root: make it relative to that root.
+        try:
+            root = _readlink_at(dir_fd, "root")
+        except OSError:
+            root = "/"
+        if root not in ("", "/") and exe.startswith(root + "/"):
+            exe = exe[len(root) :]
         # A file present in the upper dir shadows the lower layers: it was written in the container.
-        return bool(upperdir) and os.path.isfile(upperdir + exe)
+        return os.path.isfile(upperdir + exe)
 
 
 def _read_at_most(dir_fd: int, name: str, size: int) -> bytes:

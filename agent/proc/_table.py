@@ -129,6 +129,15 @@ class ProcessTable:
         elif event.kind == "exit":
             self._exit(event)
 
+    def add(self, info: ProcessInfo) -> None:
+        """Add (or replace) a process known from elsewhere, e.g. a recording's process rows before a replay."""
+        entry = self._live.get(info.pid)
+        if entry is not None:
+            self._set_info(entry, info)
+        else:
+            self._forget_id(info.pid)
+            self._insert(_Entry(info))
+
     def apply_exec_detail(self, event: DetailEvent) -> None:
         """Take the exact argv (and the filename) from a successful execve/execveat."""
         if event.res != 0 or event.syscall not in _EXEC_SYSCALLS:
