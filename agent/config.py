@@ -43,6 +43,7 @@ class AgentConfig:
     default_rules: bool = True
     rule_matching: str = "all"
     flush_interval: float = 0.02
+    queue_max_events: int = 8_000_000  # events the capture queue holds before it drops (overload)
     detail_syscalls: tuple[str, ...] = ()  # in addition to those the rules and policies need
     enforce: EnforceConfig = field(default_factory=EnforceConfig)
     outputs: Mapping[str, Any] = field(default_factory=dict)
@@ -68,6 +69,7 @@ _TOP = {
     "default_rules": bool,
     "rule_matching": str,
     "flush_interval": float,
+    "queue_max_events": int,
     "detail_syscalls": list,
     "enforce": dict,
     "outputs": dict,
@@ -151,6 +153,10 @@ def load_config(path: str) -> AgentConfig:
         raise ConfigError(
             "rule_matching: expected 'all' or 'first'", path=path, line=marks.get("rule_matching")
         )
+    if data.get("queue_max_events", 1) < 1:
+        raise ConfigError(
+            "queue_max_events: expected a positive integer", path=path, line=marks.get("queue_max_events")
+        )
     if enforce_raw.get("action", "kill") not in ("kill", "stop"):
         raise ConfigError(
             "enforce.action: expected 'kill' or 'stop'", path=path, line=marks.get("enforce.action")
@@ -174,6 +180,7 @@ def load_config(path: str) -> AgentConfig:
         default_rules=data.get("default_rules", True),
         rule_matching=data.get("rule_matching", "all"),
         flush_interval=float(data.get("flush_interval", 0.02)),
+        queue_max_events=int(data.get("queue_max_events", 8_000_000)),
         detail_syscalls=tuple(data.get("detail_syscalls", ()) or ()),
         enforce=enforce,
         outputs=data.get("outputs", {}) or {},

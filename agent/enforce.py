@@ -20,6 +20,9 @@ from agent.config import EnforceConfig
 from agent.proc.info import ProcessInfo
 
 PROTECTED_FLAG = 1
+# Values in the kernel's protected_tgids map: INHERITED for allow-listed programs (their children share it
+# until they exec), PINNED for PID 1, the agent, its ancestors and allow_pids (never meant to pass on).
+INHERITED, PINNED = 1, 2
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 
 
@@ -74,7 +77,7 @@ class Enforcer:
     def _install(self) -> None:
         prot = self._map("protected_tgids")
         for pid in self.protected:
-            prot[ctypes.c_uint32(pid)] = ctypes.c_uint32(1)  # type: ignore[index]
+            prot[ctypes.c_uint32(pid)] = ctypes.c_uint32(PINNED)  # type: ignore[index]
         exe_policy = self._map("exe_policy")
         for exe in self.config.allow_exes:
             key = exe_policy.Key()  # type: ignore[attr-defined]
@@ -103,7 +106,7 @@ class Enforcer:
         for info in procs:
             if info.exe in allow:
                 self.protected.add(info.pid)
-                prot[ctypes.c_uint32(info.pid)] = ctypes.c_uint32(1)  # type: ignore[index]
+                prot[ctypes.c_uint32(info.pid)] = ctypes.c_uint32(INHERITED)  # type: ignore[index]
 
     def refusal(self, pid: int) -> str:
         """Why ``pid`` must never be blocked, or "" when it may be."""
@@ -129,17 +132,28 @@ class Enforcer:
             value.signal, value.policy_id = int(SIGNALS[sig_name]), 0
             entry[ctypes.c_uint32(pid)] = value  # type: ignore[index]
             # A process asleep in a long syscall makes no next syscall: signal it from here too, through a
-            # pidfd taken now, so a reused pid is never hit.
+            # pidfd taken now, so a reused pid is never hit. When the kernel holds the pid as protected (it
+            # inherited protection at fork) the BPF side will not signal it: do it at once.
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:
                 pidfd = -1
             if pidfd >= 0:
-                threading.Timer(0.05, self._fallback, args=(pidfd, SIGNALS[sig_name])).start()
+                if self.kernel_protected(pid):
+                    self._fallback(pidfd, SIGNALS[sig_name])
+                else:
+                    threading.Timer(0.05, self._fallback, args=(pidfd, SIGNALS[sig_name])).start()
             rec = BlockRecord(time.time_ns(), pid, sig_name, True, reason)
         with self._lock:
             self.records.append(rec)
         return rec
+
+    def kernel_protected(self, pid: int) -> bool:
+        """Whether the BPF side will refuse to signal ``pid`` (it is in the kernel's protected_tgids)."""
+        try:
+            return self._map("protected_tgids").get(ctypes.c_uint32(pid)) is not None  # type: ignore[attr-defined]
+        except (KeyError, OSError):
+            return False
 
     @staticmethod
     def _fallback(pidfd: int, sig: int) -> None:

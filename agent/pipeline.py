@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -25,6 +25,10 @@ from agent.verdict import DecisionTable, Evidence, Verdict
 ANOMALY_RULE = "Sysgram anomalous syscall sequence"
 SECCOMP_RULE = "Sysgram seccomp policy violation"
 BLOCK_RULE = "Sysgram blocked a process"
+OVERLOAD_RULE = "Sysgram internal: syscall event drop"  # named after Falco's "Falco internal: syscall event drop"
+OVERLOAD_PRIORITY: Final = "Critical"  # lost events are blind spots an attacker can make on purpose
+OVERLOAD_INTERVAL_NS = 30_000_000_000  # at most one overload alert per 30 s
+SAMPLE_INTERVAL_S = 1.0  # how often drops and model stats are sampled into the metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,16 @@ class Pipeline:
         self._comms = {c[:15] for c in self.filters.comms}  # the kernel keeps 15 characters of a comm
         self._lock = threading.Lock()
         self.latencies_ns: list[int] = []
+        self._drops_seen: dict[str, int] = {}  # last sampled totals, for the metrics' increments
+        self._drops_reported: dict[str, int] = {}  # totals at the last overload alert
+        self._events_reported = 0
+        self._last_overload_ns: int | None = None
+        self._model_seen: dict[str, int] = {}
+
+    @property
+    def metrics(self) -> Any:
+        """The running agent.respond.Metrics, or None without outputs."""
+        return self.outputs.metrics if self.outputs is not None else None
 
     # -- filters (record) --------------------------------------------------------------------------
     def _matches(self, pid: int) -> bool:
@@ -97,6 +111,8 @@ class Pipeline:
         if not len(batch):
             return
         self.counters["syscalls"] += len(batch)
+        if self.metrics is not None:
+            self.metrics.events.inc(len(batch))
         compat = self.table.compat_mask(batch["tgid"])
         if compat.any():
             batch = batch.copy()
@@ -111,6 +127,8 @@ class Pipeline:
             exe_of = self.table.exe_of(np.unique(batch["tgid"]).tolist())
             for anomaly in self.detector.push(batch, exe_of):
                 self.counters["anomalies"] += 1
+                if self.metrics is not None:
+                    self.metrics.anomalies.inc()
                 self._anomaly(anomaly)
 
     def _proc(self, event: ProcEvent) -> None:
@@ -151,8 +169,12 @@ class Pipeline:
         if self.engine is not None:
             matches = self.engine.evaluate(event)
             self.counters["rules_evaluated"] += 1
+            if self.metrics is not None:
+                self.metrics.rules_evaluated.inc()
             for m in matches:
                 self.counters["rule_matches"] += 1
+                if self.metrics is not None:
+                    self.metrics.rule_matches.labels(rule=m.rule).inc()
                 evidence.append(Evidence("rule", m.rule, m.priority, tuple(m.tags), m.output))
         if self.policy is not None:
             info = self.table.get(event.tgid)
@@ -215,6 +237,8 @@ class Pipeline:
         if verdict.action == "block" and self.enforcer is not None:
             record = self.enforcer.block(pid, f"{rule}: {verdict.explanation}")
             self.counters["blocks" if record.done else "blocks_refused"] += 1
+            if self.metrics is not None:
+                self.metrics.block(record.signal if record.done else "refused")
             fields["sysgram.action"] = f"{record.signal} sent" if record.done else record.reason
             self.latencies_ns.append(time.monotonic_ns() - ts)
             self._send(
@@ -273,6 +297,9 @@ class Pipeline:
         with self._lock:
             if verdict.action == "block" and self.enforcer is not None and isinstance(pid, int):
                 record = self.enforcer.block(pid, f"falco: {falco_alert.rule}")
+                self.counters["blocks" if record.done else "blocks_refused"] += 1
+                if self.metrics is not None:
+                    self.metrics.block(record.signal if record.done else "refused")
                 fields["sysgram.action"] = f"{record.signal} sent" if record.done else record.reason
             self._send(
                 falco_alert.rule,
@@ -282,6 +309,62 @@ class Pipeline:
                 tuple(falco_alert.tags),
                 time.monotonic_ns(),
             )
+
+    # -- periodic sampling: drops and model counters into the metrics; the overload alert ------------------
+    def sample(self, drops: dict[str, int], now_ns: int | None = None) -> None:
+        """Fold the source's drop totals (and the model's counters) into the metrics; raise the overload
+        alert when any stage lost events since the last one, at most once per OVERLOAD_INTERVAL_NS."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        with self._lock:
+            metrics = self.metrics
+            if metrics is not None:
+                for stage, total in drops.items():
+                    grew = total - self._drops_seen.get(stage, 0)
+                    metrics.drops.labels(stage=stage).inc(max(0, grew))  # every stage shown, even at 0
+                if self.detector is not None:
+                    model = dict(self.detector.stats)
+                    for key, counter in (("windows_scored", metrics.windows_scored),
+                                         ("cache_hits", metrics.cache_hits)):
+                        grew = model.get(key, 0) - self._model_seen.get(key, 0)
+                        if grew > 0:
+                            counter.inc(grew)
+                    self._model_seen = model
+            self._drops_seen = dict(drops)
+            lost = {s: n - self._drops_reported.get(s, 0) for s, n in drops.items()}
+            if sum(v for v in lost.values() if v > 0) <= 0:
+                return
+            if self._last_overload_ns is not None and now_ns - self._last_overload_ns < OVERLOAD_INTERVAL_NS:
+                return  # still counted: the next alert reports everything lost since this one
+            self._overload(lost, now_ns)
+            self._drops_reported = dict(drops)
+            self._last_overload_ns = now_ns
+
+    def _overload(self, lost: dict[str, int], now_ns: int) -> None:
+        events = self.counters["syscalls"]
+        seen = events - self._events_reported
+        self._events_reported = events
+        n_drops = sum(v for v in lost.values() if v > 0)
+        since = "the agent started" if self._last_overload_ns is None else (
+            f"the last {(now_ns - self._last_overload_ns) / 1e9:.0f} s"
+        )
+        by_stage = ", ".join(f"{s}={n}" for s, n in sorted(lost.items()) if n > 0)
+        output = (
+            f"Sysgram internal: syscall event drop. {n_drops} syscall events dropped since {since} "
+            f"({by_stage}); the host outruns the agent, events are not being inspected"
+        )
+        fields: dict[str, Any] = {
+            "n_drops": n_drops,
+            "n_evts": seen,
+            "n_drops_perc": round(100.0 * n_drops / max(1, n_drops + seen), 3),
+            **{f"n_drops_{stage}": max(0, n) for stage, n in sorted(lost.items())},
+        }
+        self.counters["overload_alerts"] += 1
+        self.counters["alerts"] += 1
+        if self.outputs is None:
+            return
+        from agent.respond import internal_alert
+
+        self.outputs.sink.emit(internal_alert(OVERLOAD_RULE, OVERLOAD_PRIORITY, output, **fields))
 
     def stats(self, drops: dict[str, int]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -293,6 +376,12 @@ class Pipeline:
         out["processes"] = len(self.table)
         if self.detector is not None:
             out["model"] = dict(self.detector.stats)
+        if self.latencies_ns:
+            ms = np.array(self.latencies_ns, dtype=np.float64) / 1e6
+            out["event_to_block_ms"] = {
+                "n": len(ms), "p50": round(float(np.percentile(ms, 50)), 3),
+                "p99": round(float(np.percentile(ms, 99)), 3),
+            }
         return out
 
 
@@ -320,12 +409,15 @@ def run_live(
     detail_syscalls: set[str] | None = None,
     enforce: bool = False,
     flush_interval: float = 0.02,
+    queue_max_events: int = 8_000_000,
 ) -> int:
     """Capture until SIGINT/SIGTERM (or ``seconds``); print ``sysgram: stats {json}`` last; exit 0."""
     from agent.capture._decode import SPECS
 
     details = set(SPECS) if detail_syscalls is None else detail_syscalls
-    source = LiveSource(detail_syscalls=details, enforce=enforce, flush_interval=flush_interval)
+    source = LiveSource(
+        detail_syscalls=details, enforce=enforce, flush_interval=flush_interval, queue_max_events=queue_max_events
+    )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -336,6 +428,7 @@ def run_live(
         _ready(source)
         deadline = time.monotonic() + seconds if seconds > 0 else None
         last_reap = time.monotonic()
+        last_sample = 0.0  # the first sample at once: /metrics shows every drop stage from the start
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -345,10 +438,14 @@ def run_live(
             if time.monotonic() - last_reap > 1.0:
                 pipeline.table.reap(time.monotonic_ns())
                 last_reap = time.monotonic()
+            if time.monotonic() - last_sample >= SAMPLE_INTERVAL_S:
+                pipeline.sample(source.drops())
+                last_sample = time.monotonic()
         source.stop()
         while (group := source.get(0.0)) is not None:
             pipeline.handle(group)
         drops = source.drops()
+        pipeline.sample(drops)
     finally:
         source.close()
         for s, handler in previous.items():

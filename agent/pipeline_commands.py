@@ -55,6 +55,7 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--listen", help="ingestion + /metrics address HOST:PORT (default off; 127.0.0.1 if no host)"
     )
+    p.add_argument("--falco-file", help="follow Falco's file_output (JSON lines) at this path")
     p.add_argument("--enforce", action="store_true", help="turn blocking on (off by default)")
     p.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no console alerts")
@@ -91,8 +92,12 @@ def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, An
         if not args.webhook:
             raise ConfigError("--webhook-secret needs --webhook")
         section["webhook"]["secret"] = args.webhook_secret
+    if args.falco_file:
+        section["falco_file"] = args.falco_file
     if args.listen:
         host, _, port = args.listen.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--listen: expected HOST:PORT or PORT, got {args.listen!r}")
         section["listen"] = {
             **(section.get("listen") or {}),
             "address": host or "127.0.0.1",
@@ -182,6 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         detail_syscalls=details,
         enforce=enforce_cfg.enabled,
         flush_interval=cfg.flush_interval,
+        queue_max_events=cfg.queue_max_events,
     )
 
 

@@ -44,3 +44,25 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{p}:2" in lines[0]
+
+
+def test_queue_max_events_is_read_and_checked(tmp_path: Path) -> None:
+    p = tmp_path / "q.yaml"
+    p.write_text("queue_max_events: 5000\n")
+    assert load_config(str(p)).queue_max_events == 5000
+    p.write_text("state_dir: /tmp/x\nqueue_max_events: 0\n")
+    with pytest.raises(ConfigError, match="queue_max_events") as err:
+        load_config(str(p))
+    assert err.value.line == 2 and str(p) in str(err.value)
+    p.write_text("queue_max_events: lots\n")
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(str(p))
+
+
+def test_bad_listen_address_is_one_line(tmp_path: Path) -> None:
+    result = sysgram(
+        "run", "--no-model", "--no-default-rules", "--listen", "127.0.0.1:http", "--state-dir", str(tmp_path)
+    )
+    assert result.returncode == 2
+    assert "--listen" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -28,6 +28,10 @@ class Metrics:
             "sysgram_score_cache_hits", "Windows answered from the score cache", registry=r
         )
         self.rules_evaluated = Counter("sysgram_rules_evaluated", "Falco-format rule evaluations", registry=r)
+        self.rule_matches = Counter(
+            "sysgram_rule_matches", "Falco-format rule matches, by rule", ["rule"], registry=r
+        )
+        self.anomalies = Counter("sysgram_anomalies", "Anomalies the model found", registry=r)
         self.alerts = Counter("sysgram_alerts", "Alerts raised", ["rule", "priority"], registry=r)
         self.alerts_folded = Counter(
             "sysgram_alerts_folded", "Repeated alerts folded into an earlier one", registry=r

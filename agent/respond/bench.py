@@ -2,7 +2,8 @@
 
 Figures: burst throughput (emit N at once, until the receiver has all), the emit (spool commit) rate,
 enqueue-to-received latency p50/p99 at a steady rate, and as a reference the same POSTs sent directly
-with httpx (no spool, no signing): the cost of the HTTP round trip alone.
+with httpx (no spool, no signing): the cost of the HTTP round trip alone. Then blocking on the real kernel:
+open -> victim dead and -> block alert, p50/p99, beside the agent's own event -> decision time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from agent.bench import Figure
 from agent.respond._alert import Alert
+from agent.respond._block_bench import blocking_figures
 from agent.respond._webhook import RetryPolicy, WebhookSink
 
 PART = "alerts"
@@ -124,4 +126,5 @@ def run(quick: bool) -> list[Figure]:
         figures.append(Figure(PART, "reference: direct httpx POSTs, no spool", burst_n / elapsed, "alerts/s"))
     finally:
         receiver.close()
+    figures.extend(blocking_figures(quick))
     return figures

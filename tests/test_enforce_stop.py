@@ -1,0 +1,55 @@
+"""`enforce.action: stop`: the offender is frozen with SIGSTOP (kept for forensics), not killed."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, requires_bpf
+from tests.test_pipeline_live import LiveAgent
+
+pytestmark = [requires_bpf, pytest.mark.bpf]
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_stop_action_freezes_the_offender(tmp_path: Path) -> None:
+    opener = tmp_path / "sysgram-opener"
+    subprocess.run([shutil.which("cc") or "cc", "-O1", "-o", str(opener), str(ROOT / "tests" / "open_and_wait.c")],
+                   check=True)
+    blocked = f"/tmp/sysgram-freeze-{uuid.uuid4().hex}"
+    rules = tmp_path / "block.yaml"
+    rules.write_text(
+        "- rule: Test open of a forbidden file\n  desc: test\n"
+        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
+        "  output: forbidden open by %proc.name (pid %proc.pid)\n  priority: CRITICAL\n  tags: [sysgram.block]\n"
+    )
+    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
+                      config="enforce:\n  enabled: true\n  action: stop\n")
+    victim = subprocess.Popen([str(opener), blocked, "5"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process_state(victim.pid) != "T":
+            time.sleep(0.02)
+        state = process_state(victim.pid)
+        assert victim.poll() is None  # alive: frozen, not killed
+    finally:
+        victim.kill()
+        victim.wait()
+        assert agent.stop() == 0, agent.stderr
+        Path(blocked).unlink(missing_ok=True)
+    assert state == "T"
+    blocks = [r for r in agent.records() if r["rule"] == "Sysgram blocked a process"]
+    assert [r["output_fields"]["sysgram.action"] for r in blocks if r["output_fields"]["proc.pid"] == victim.pid] == [
+        "stop sent"
+    ]
+    assert victim.returncode == -signal.SIGKILL  # only our kill ended it
