@@ -43,7 +43,7 @@ class AgentConfig:
     default_rules: bool = True
     rule_matching: str = "all"
     flush_interval: float = 0.02
-    queue_max_events: int = 8_000_000  # events the capture queue holds before it drops (overload)
+    queue_max_events: int = 2_000_000  # events the capture queue holds before it drops (overload)
     detail_syscalls: tuple[str, ...] = ()  # in addition to those the rules and policies need
     enforce: EnforceConfig = field(default_factory=EnforceConfig)
     outputs: Mapping[str, Any] = field(default_factory=dict)
@@ -180,7 +180,7 @@ def load_config(path: str) -> AgentConfig:
         default_rules=data.get("default_rules", True),
         rule_matching=data.get("rule_matching", "all"),
         flush_interval=float(data.get("flush_interval", 0.02)),
-        queue_max_events=int(data.get("queue_max_events", 8_000_000)),
+        queue_max_events=int(data.get("queue_max_events", 2_000_000)),
         detail_syscalls=tuple(data.get("detail_syscalls", ()) or ()),
         enforce=enforce,
         outputs=data.get("outputs", {}) or {},

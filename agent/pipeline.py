@@ -164,7 +164,6 @@ class Pipeline:
                     self.recorder.add_process(info)
         if self.recorder is not None and self._matches(event.tgid):
             self.recorder.add_event(event)
-        evidence: list[Evidence] = []
         matches = []
         if self.engine is not None:
             matches = self.engine.evaluate(event)
@@ -175,24 +174,35 @@ class Pipeline:
                 self.counters["rule_matches"] += 1
                 if self.metrics is not None:
                     self.metrics.rule_matches.labels(rule=m.rule).inc()
-                evidence.append(Evidence("rule", m.rule, m.priority, tuple(m.tags), m.output))
+        others: list[Evidence] = []  # what the rules are cross-checked with
         if self.policy is not None:
             info = self.table.get(event.tgid)
             if info is not None:
                 decision = self.policy.evaluate(info, event.syscall, event.raw_args)
                 if decision is not None and decision.violation:
-                    evidence.append(
+                    others.append(
                         Evidence("seccomp", decision.rule, detail=os.path.basename(decision.profile))
                     )
-        if evidence:
-            state = self.detector.state(event.tgid) if self.detector is not None else None
-            if state is not None and state.is_anomalous:
-                evidence.append(
-                    Evidence("anomaly", ANOMALY_RULE, score=state.score, detail=f"score {state.score:.2f}")
-                )
-            verdict = self.decisions.decide(evidence)
+        if not matches and not others:
+            return
+        state = self.detector.state(event.tgid) if self.detector is not None else None
+        if state is not None and state.is_anomalous:
+            others.append(
+                Evidence("anomaly", ANOMALY_RULE, score=state.score, detail=f"score {state.score:.2f}")
+            )
+        # As Falco does, every rule the event matched is its own alert; each is cross-checked with the
+        # same seccomp and anomaly evidence. A seccomp violation no rule matched is an alert of its own.
+        decided: list[tuple[Verdict, Any]] = []
+        for m in matches:
+            verdict = self.decisions.decide([Evidence("rule", m.rule, m.priority, tuple(m.tags), m.output), *others])
             if verdict is not None:
-                self._emit(verdict, event.tgid, event.ts, matches)
+                decided.append((verdict, m))
+        if not matches and any(e.kind == "seccomp" for e in others):
+            verdict = self.decisions.decide(others)
+            if verdict is not None:
+                decided.append((verdict, None))
+        if decided:
+            self._emit(decided, event.tgid, event.ts)
 
     def _anomaly(self, anomaly: Any) -> None:
         verdict = self.decisions.decide(
@@ -217,42 +227,49 @@ class Pipeline:
         )
         self._send(ANOMALY_RULE, verdict.severity, output, fields, ("sysgram", "anomaly"), anomaly.ts)
 
-    def _emit(self, verdict: Verdict, pid: int, ts: int, matches: list[Any]) -> None:
-        self.counters["verdicts"] += 1
-        fields: dict[str, Any] = {}
-        rule, output, tags = SECCOMP_RULE, verdict.explanation, ("sysgram", "seccomp")
-        if matches:
-            top = matches[0]
-            rule, output, tags = top.rule, top.output, tuple(top.tags)
-            fields.update(top.output_fields)
-        fields.setdefault("proc.pid", pid)
-        fields.update(
-            {
-                "sysgram.verdict.severity": verdict.severity,
-                "sysgram.verdict.action": verdict.action,
-                "sysgram.verdict.reasons": list(verdict.reasons),
-                "sysgram.verdict.explanation": verdict.explanation,
-            }
-        )
-        if verdict.action == "block" and self.enforcer is not None:
-            record = self.enforcer.block(pid, f"{rule}: {verdict.explanation}")
-            self.counters["blocks" if record.done else "blocks_refused"] += 1
-            if self.metrics is not None:
-                self.metrics.block(record.signal if record.done else "refused")
-            fields["sysgram.action"] = f"{record.signal} sent" if record.done else record.reason
-            self.latencies_ns.append(time.monotonic_ns() - ts)
-            self._send(
-                BLOCK_RULE,
-                "Critical",
-                f"Sysgram {'blocked' if record.done else 'did not block'} pid {pid} ({record.signal}): "
-                f"{rule}" + ("" if record.done else f"; {record.reason}"),
-                dict(fields),
-                ("sysgram", "enforcement"),
-                ts,
+    def _emit(self, decided: list[tuple[Verdict, Any]], pid: int, ts: int) -> None:
+        """Alerts for one event's verdicts (one per matched rule); the process is blocked at most once."""
+        blocked: dict[str, Any] = {}
+        for verdict, match in decided:
+            self.counters["verdicts"] += 1
+            fields: dict[str, Any] = {}
+            rule, output, tags = SECCOMP_RULE, verdict.explanation, ("sysgram", "seccomp")
+            if match is not None:
+                rule, output, tags = match.rule, match.output, tuple(match.tags)
+                fields.update(match.output_fields)
+            fields.setdefault("proc.pid", pid)
+            fields.update(
+                {
+                    "sysgram.verdict.severity": verdict.severity,
+                    "sysgram.verdict.action": verdict.action,
+                    "sysgram.verdict.reasons": list(verdict.reasons),
+                    "sysgram.verdict.explanation": verdict.explanation,
+                }
             )
-        if verdict.action == "log":
-            return
-        self._send(rule, verdict.severity, output, fields, tags, ts)
+            if verdict.action == "block" and self.enforcer is not None and not blocked:
+                blocked = self._block(pid, rule, verdict, fields, ts)
+            fields.update(blocked)
+            if verdict.action != "log":
+                self._send(rule, verdict.severity, output, fields, tags, ts)
+
+    def _block(self, pid: int, rule: str, verdict: Verdict, fields: dict[str, Any], ts: int) -> dict[str, Any]:
+        """Block ``pid``; raise the alert that says what was done; -> the field naming the action taken."""
+        record = self.enforcer.block(pid, f"{rule}: {verdict.explanation}")
+        self.counters["blocks" if record.done else "blocks_refused"] += 1
+        if self.metrics is not None:
+            self.metrics.block(record.signal if record.done else "refused")
+        action = {"sysgram.action": f"{record.signal} sent" if record.done else record.reason}
+        self.latencies_ns.append(time.monotonic_ns() - ts)
+        self._send(
+            BLOCK_RULE,
+            "Critical",
+            f"Sysgram {'blocked' if record.done else 'did not block'} pid {pid} ({record.signal}): "
+            f"{rule}" + ("" if record.done else f"; {record.reason}"),
+            {**fields, **action},
+            ("sysgram", "enforcement"),
+            ts,
+        )
+        return action
 
     def _send(
         self, rule: str, priority: str, output: str, fields: dict[str, Any], tags: tuple[str, ...], ts: int
@@ -409,7 +426,7 @@ def run_live(
     detail_syscalls: set[str] | None = None,
     enforce: bool = False,
     flush_interval: float = 0.02,
-    queue_max_events: int = 8_000_000,
+    queue_max_events: int = 2_000_000,
 ) -> int:
     """Capture until SIGINT/SIGTERM (or ``seconds``); print ``sysgram: stats {json}`` last; exit 0."""
     from agent.capture._decode import SPECS
@@ -466,9 +483,7 @@ def run_replay(pipeline: Pipeline, path: str) -> int:
     source = ReplaySource(path)
     source.start()
     for info in source.recording.processes:
-        pipeline.table.apply(
-            ProcEvent("fork", info.start_ns, info.pid, info.pid, ppid=info.ppid, comm=info.comm)
-        )
+        pipeline.table.add(info)  # everything the recorder knew: exe, cmdline, user, container
     print("sysgram: ready (replay)", file=sys.stderr, flush=True)
     for group in source.chunks():
         pipeline.handle(group)
