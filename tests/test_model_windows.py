@@ -1,12 +1,16 @@
-"""Windows: vectorised per-thread windows, carry-over across batches, UNK counting, compat numbers."""
+"""Windows: vectorised per-thread windows, carry-over across batches, UNK counting, compat numbers, exec."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 from agent.capture.names import name_table, syscall_number
 from agent.events import FLAG_COMPAT, SYSCALL_DTYPE
-from agent.model import PAD, SPECIALS, UNK, ThreadWindows, windows_of_trace
+from agent.model import PAD, SPECIALS, UNK, AnomalyDetector, ThreadWindows, load_model, windows_of_trace
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = [*SPECIALS, "read", "write", "openat", "close", "mmap", "futex"]
 TOKEN = {name: i for i, name in enumerate(VOCAB)}
@@ -86,3 +90,37 @@ def test_windows_of_trace_pads_short_traces() -> None:
     w = windows_of_trace(np.array([5, 6]), 4)
     assert w.tolist() == [[PAD, PAD, PAD, 5], [PAD, PAD, 5, 6]]
     assert windows_of_trace(np.array([], dtype=np.int64), 4).shape == (0, 4)
+
+
+def test_rows_before_an_exec_belong_to_the_old_program() -> None:
+    names = ["rt_sigaction", "rt_sigaction", "execve", "brk", "mmap", "openat"]
+    batch = np.zeros(len(names), dtype=SYSCALL_DTYPE)
+    batch["tgid"] = batch["tid"] = 42
+    batch["nr"] = [syscall_number(n) for n in names]
+    tables = {c: np.arange(600, dtype=np.int64) for c in (False, True)}  # token = syscall number
+    tw = ThreadWindows(4, tables)
+    tw.exec(42)
+    win = tw.build(batch)
+    assert win.rows.tolist() == [3, 4, 5]  # the new program's windows start after its execve
+    assert win.tokens[0].tolist() == [PAD, PAD, PAD, syscall_number("brk")]
+    assert tw.dropped == 3
+    # without an exec event (a failed execve), nothing is left out
+    plain = ThreadWindows(4, tables).build(batch)
+    assert plain.rows.tolist() == list(range(len(names)))
+    # the exec applies once: the thread's next batch is all its own
+    later = tw.build(batch)
+    assert len(later) == len(names)
+
+
+def test_the_detector_scores_a_new_program_from_after_its_execve() -> None:
+    model = load_model(ROOT / "models" / "sysgram-default.onnx")
+    names = ["rt_sigaction", "rt_sigprocmask", "execve", "brk", "mmap", "openat", "read", "close"]
+    batch = np.zeros(len(names), dtype=SYSCALL_DTYPE)
+    batch["tgid"] = batch["tid"] = 77
+    batch["nr"] = [syscall_number(n) for n in names]
+    det = AnomalyDetector(model)
+    det.on_exec(77, [77])
+    det.push(batch, {77: "/usr/bin/cat"})
+    state = det.state(77)
+    assert state is not None and state.windows == 5 and det.stats["pre_exec_rows"] == 3
+    assert "execve" not in state.window and "rt_sigaction" not in state.window

@@ -7,9 +7,15 @@ Public API (numpy + onnxruntime only; training lives in ``training/``)::
     anomalies = detector.push(batch, exe_of)                  # batch: SYSCALL_DTYPE array; exe_of: tgid -> exe
     detector.on_exec(tgid, tids); detector.on_exit(tid)
     detector.state(pid) -> AnomalyState | None
+    detector.stats -> {"windows", "windows_scored", "cache_hits", "cache_evictions", "pre_exec_rows", ...}
+
+    cache = ScoreCache(size)                                  # numpy open-addressing table, key -> window score
+    found, scores = cache.lookup(keys); cache.insert(new_keys, new_scores)
+    win = ThreadWindows(n, model.nr_tokens).build(batch)      # Windows: views into one token buffer
+    win.keys(programs) == window_keys(win.tokens, programs); win.take(index) -> int64 [k, n]
 """
 
-from agent.model._detector import Anomaly, AnomalyDetector, AnomalyState, ScoreCache, window_keys
+from agent.model._detector import Anomaly, AnomalyDetector, AnomalyState, ScoreCache
 from agent.model._model import Model, file_sha256, load_model
 from agent.model._sidecar import (
     FORMAT,
@@ -25,7 +31,7 @@ from agent.model._sidecar import (
     read_sidecar,
     sidecar_path,
 )
-from agent.model._windows import ThreadWindows, Windows, tokens_of_batch, windows_of_trace
+from agent.model._windows import ThreadWindows, Windows, tokens_of_batch, window_keys, windows_of_trace
 
 __all__ = [
     "FORMAT",

@@ -12,63 +12,100 @@ import numpy as np
 
 from agent.model._model import Model
 from agent.model._sidecar import PAD
-from agent.model._windows import ThreadWindows
-
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
-_MIX = np.uint64(0xFF51AFD7ED558CCD)
-
-
-def window_keys(tokens: np.ndarray, programs: np.ndarray) -> np.ndarray:
-    """A 64-bit hash per (program, window), vectorised (collisions are negligible at cache sizes)."""
-    h = np.full(len(tokens), _FNV_OFFSET, dtype=np.uint64) ^ programs.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        for col in tokens.T.astype(np.uint64):
-            h = (h ^ col) * _FNV_PRIME
-        h ^= h >> np.uint64(33)
-        h *= _MIX
-        h ^= h >> np.uint64(33)
-    return h
+from agent.model._windows import ThreadWindows, Windows
 
 
 class ScoreCache:
-    """Bounded LRU: window key -> (per-position NLL, score). Touched once per distinct window per batch."""
+    """Bounded hash table, window key -> window score, looked up and filled a whole batch at a time (numpy only).
 
-    def __init__(self, size: int, n: int) -> None:
-        self.size = size
-        self._slot: OrderedDict[int, int] = OrderedDict()
-        self._nll = np.zeros((max(size, 0), n), dtype=np.float32)
-        self._score = np.zeros(max(size, 0), dtype=np.float64)
+    Open addressing with linear probing, at most half full. Each entry remembers the generation (batch) that
+    last used it; when new entries would not fit in ``size``, the table is rebuilt from its most recently used
+    half (a clock-like approximation of LRU that costs O(size) once per size/2 inserts).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(int(size), 0)
+        capacity = 1 << max(4, (2 * self.size - 1).bit_length()) if self.size else 0
+        self._mask = np.uint64(max(capacity - 1, 0))
+        self._keys = np.zeros(capacity, dtype=np.uint64)  # 0 marks an empty slot
+        self._scores = np.zeros(capacity, dtype=np.float64)
+        self._used = np.zeros(capacity, dtype=np.int64)
+        self._count = 0
+        self.generation = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return self._count
 
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Slot of each key, -1 where absent; hits become most recently used."""
-        if not self.size:
-            return np.full(len(keys), -1, dtype=np.int64)
-        slot, move = self._slot, self._slot.move_to_end
-        found = [slot.get(k, -1) for k in keys.tolist()]
-        for k, s in zip(keys.tolist(), found, strict=True):
-            if s >= 0:
-                move(k)
-        return np.asarray(found, dtype=np.int64)
+    @staticmethod
+    def _nonzero(keys: np.ndarray) -> np.ndarray:
+        return np.maximum(keys.astype(np.uint64, copy=False), np.uint64(1))  # 0 is the empty marker
 
-    def get(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._nll[slots], self._score[slots]
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, score where found) of each key; hits count as used in a new generation."""
+        self.generation += 1
+        found = np.zeros(len(keys), dtype=bool)
+        scores = np.zeros(len(keys), dtype=np.float64)
+        if not self._count or not len(keys):
+            return found, scores
+        keys = self._nonzero(keys)
+        mask = int(self._mask)
+        pos = keys.view(np.int64) & mask
+        at = self._keys[pos]
+        slot = np.where(at == keys, pos, -1)
+        # the few keys whose home slot holds another key probe on (at most half the table is full)
+        pending = np.flatnonzero((slot < 0) & (at != 0))
+        while len(pending):
+            step = (pos[pending] + 1) & mask
+            pos[pending] = step
+            at = self._keys[step]
+            hit = at == keys[pending]
+            slot[pending[hit]] = step[hit]
+            pending = pending[~hit & (at != 0)]
+        found = slot >= 0
+        slots = slot[found]
+        scores[found] = self._scores[slots]
+        self._used[slots] = self.generation
+        return found, scores
 
-    def insert(self, keys: np.ndarray, nll: np.ndarray, scores: np.ndarray) -> None:
-        if not self.size:
+    def insert(self, keys: np.ndarray, scores: np.ndarray) -> None:
+        """Add distinct keys that :meth:`lookup` did not find."""
+        if not self.size or not len(keys):
             return
-        keep = slice(max(0, len(keys) - self.size), None)  # more misses than room: keep the latest
-        for k, row, score in zip(keys[keep].tolist(), nll[keep], scores[keep].tolist(), strict=True):
-            if len(self._slot) < self.size:
-                s = len(self._slot)
-            else:
-                _, s = self._slot.popitem(last=False)
-            self._slot[k] = s
-            self._nll[s] = row
-            self._score[s] = score
+        keys, scores = self._nonzero(keys), np.asarray(scores, dtype=np.float64)
+        if len(keys) > self.size:  # more new windows than room: keep the latest
+            keys, scores = keys[-self.size:], scores[-self.size:]
+        if self._count + len(keys) > self.size:
+            self._evict(keep=min(self.size // 2, self.size - len(keys)))
+        self._place(keys, scores, np.full(len(keys), self.generation, dtype=np.int64))
+
+    def _evict(self, keep: int) -> None:
+        occupied = np.flatnonzero(self._keys)
+        if keep > 0 and len(occupied) > keep:
+            occupied = occupied[np.argpartition(-self._used[occupied], keep - 1)[:keep]]
+        elif keep <= 0:
+            occupied = occupied[:0]
+        keys, scores, used = self._keys[occupied], self._scores[occupied], self._used[occupied]
+        self.evictions += self._count - len(occupied)
+        self._keys[:] = 0
+        self._count = 0
+        self._place(keys, scores, used)
+
+    def _place(self, keys: np.ndarray, scores: np.ndarray, used: np.ndarray) -> None:
+        pos = keys.view(np.int64) & int(self._mask)
+        active = np.arange(len(keys))
+        while len(active):
+            free = self._keys[pos] == 0
+            # several keys may reach the same free slot in one step: the first of each takes it
+            slots, first = np.unique(pos[free], return_index=True)
+            winners = active[free][first]
+            self._keys[slots] = keys[winners]
+            self._scores[slots] = scores[winners]
+            self._used[slots] = used[winners]
+            lost = np.ones(len(active), dtype=bool)
+            lost[np.flatnonzero(free)[first]] = False
+            active, pos = active[lost], (pos[lost] + 1) & int(self._mask)
+        self._count += len(keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +198,7 @@ class AnomalyDetector:
                  max_processes: int = 65536) -> None:
         self.model = model
         self.n = model.n
-        self.cache = ScoreCache(cache_size, self.n)
+        self.cache = ScoreCache(cache_size)
         self.windows = ThreadWindows(self.n, model.nr_tokens)
         self.span_ns = span_ns
         self.alert_every_ns = alert_every_ns
@@ -169,17 +206,20 @@ class AnomalyDetector:
         self.max_processes = max_processes
         self._procs: OrderedDict[int, _Process] = OrderedDict()
         self._vocab = np.array(model.vocabulary, dtype=object)
+        self._limits: dict[int, tuple[str, float, float]] = {}
         self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "cache_hits": 0, "unk_tokens": 0,
                        "anomalies": 0, "batches": 0}
 
     @property
     def stats(self) -> dict[str, int]:
         return {**self._stats, "session_runs": self.model.session_runs, "cache_entries": len(self.cache),
+                "cache_evictions": self.cache.evictions,
+                "pre_exec_rows": self.windows.dropped,
                 "threads": len(self.windows), "processes": len(self._procs)}
 
     def on_exec(self, tgid: int, tids: Iterable[int]) -> None:
-        for tid in (tgid, *tids):
-            self.windows.reset(tid)
+        for tid in {tgid, *tids}:
+            self.windows.exec(tid)
         self._procs.pop(tgid, None)
 
     def on_exit(self, tid: int) -> None:
@@ -194,58 +234,65 @@ class AnomalyDetector:
         self._stats["batches"] += 1
         self._stats["syscalls"] += len(batch)
         self._stats["unk_tokens"] += win.unknown
-        if not len(win.rows):
+        if not len(win):
             return []
-        self._stats["windows"] += len(win.rows)
-        rows = batch[win.rows]
-        pids, pid_of = np.unique(rows["tgid"], return_inverse=True)
-        pid_list = pids.tolist()
+        self._stats["windows"] += len(win)
+        # windows come grouped by process: per-process figures are reductions over contiguous runs
+        tgids = batch["tgid"][win.rows]
+        starts = np.flatnonzero(np.r_[True, tgids[1:] != tgids[:-1]])
+        counts = np.diff(np.r_[starts, len(tgids)])
+        pid_list = tgids[starts].tolist()
         exes = [exe_of.get(p, "") for p in pid_list]
         prog_of_pid = np.array([self.model.program_id(e) for e in exes], dtype=np.int64)
-        programs = prog_of_pid[pid_of]
-        keys = window_keys(win.tokens, programs)
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        u_nll, u_score = self._lookup_or_score(uniq, first, win.tokens, programs)
-        scores = u_score[inverse.ravel()]
-        sums = np.bincount(pid_of, weights=scores, minlength=len(pids))
-        counts = np.bincount(pid_of, minlength=len(pids))
-        # the highest-scoring window of each process in this batch: last of each group sorted by (pid, score)
-        by = np.lexsort((scores, pid_of))
-        best = by[np.r_[np.flatnonzero(np.diff(pid_of[by])), len(by) - 1]]
-        last_ts = np.zeros(len(pids), dtype=np.uint64)
-        np.maximum.at(last_ts, pid_of, rows["ts"])
+        programs = np.repeat(prog_of_pid, counts)
+        scores = self._scores(win, programs)
+        sums = np.add.reduceat(scores, starts)
+        # the highest-scoring window of each process in this batch (the last one on ties)
+        top = np.repeat(np.maximum.reduceat(scores, starts), counts)
+        best = np.maximum.reduceat(np.where(scores >= top, np.arange(len(scores)), -1), starts)
+        best = np.where(best < 0, starts, best)  # NaN scores: fall back to the first window
+        last_ts = np.maximum.reduceat(batch["ts"][win.rows], starts)
+        best_tids = batch["tid"][win.rows[best]]
+        best_tokens = win.take(best)
         anomalies: list[Anomaly] = []
         for i, pid in enumerate(pid_list):
             w = int(best[i])
             anomaly = self._judge(pid, exes[i], int(prog_of_pid[i]), int(last_ts[i]), float(sums[i]),
-                                  int(counts[i]), win.tokens[w], u_nll[inverse.ravel()[w]], float(scores[w]),
-                                  int(rows["tid"][w]))
+                                  int(counts[i]), best_tokens[i], float(scores[w]), int(best_tids[i]))
             if anomaly is not None:
                 anomalies.append(anomaly)
         self._stats["anomalies"] += len(anomalies)
         return anomalies
 
-    def _lookup_or_score(self, uniq: np.ndarray, first: np.ndarray, tokens: np.ndarray, programs: np.ndarray
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        slots = self.cache.lookup(uniq)
-        u_nll = np.empty((len(uniq), self.n), dtype=np.float32)
-        u_score = np.empty(len(uniq), dtype=np.float64)
-        hit = slots >= 0
-        if hit.any():
-            u_nll[hit], u_score[hit] = self.cache.get(slots[hit])
-        miss = np.flatnonzero(~hit)
-        if len(miss):
-            rows = first[miss]
-            nll = self.model.score(tokens[rows], programs[rows])
-            u_nll[miss] = nll
-            u_score[miss] = self.model.window_scores(nll, tokens[rows])
-            self.cache.insert(uniq[miss], u_nll[miss], u_score[miss])
-        self._stats["windows_scored"] += len(miss)
-        self._stats["cache_hits"] += len(tokens) - len(miss)
-        return u_nll, u_score
+    def _scores(self, win: Windows, programs: np.ndarray) -> np.ndarray:
+        """Every window's score: from the cache, the rest (each distinct window once) from onnxruntime."""
+        keys = win.keys(programs)
+        found, scores = self.cache.lookup(keys)
+        missed = np.flatnonzero(~found)
+        distinct = 0
+        if len(missed):
+            new_keys, first, inverse = np.unique(keys[missed], return_index=True, return_inverse=True)
+            rows = missed[first]
+            tokens = win.take(rows)
+            new_scores = self.model.window_scores(self.model.score(tokens, programs[rows]), tokens)
+            scores[missed] = new_scores[inverse.ravel()]
+            self.cache.insert(new_keys, new_scores)
+            distinct = len(new_keys)
+        self._stats["windows_scored"] += distinct
+        self._stats["cache_hits"] += len(keys) - distinct
+        return scores
+
+    def _limits_of(self, program: int) -> tuple[str, float, float]:
+        """(program name, process threshold, window threshold) of a program slot, memoised (per process per batch)."""
+        limits = self._limits.get(program)
+        if limits is None:
+            th = self.model.sidecar.thresholds
+            name = self.model.program_name(program)
+            limits = self._limits[program] = (name, th.process_for(name), th.window_for(name))
+        return limits
 
     def _judge(self, pid: int, exe: str, program: int, ts: int, total: float, count: int, tokens: np.ndarray,
-               nll: np.ndarray, window_score: float, tid: int) -> Anomaly | None:
+               window_score: float, tid: int) -> Anomaly | None:
         proc = self._procs.get(pid)
         if proc is None or proc.exe != exe:
             proc = self._procs[pid] = _Process(exe=exe, span_start=ts)
@@ -257,12 +304,10 @@ class AnomalyDetector:
             proc.span_start, proc.total, proc.count = ts, 0.0, 0
         proc.total += total
         proc.count += count
-        th = self.model.sidecar.thresholds
-        program_name = self.model.program_name(program)
-        p_score, p_threshold = proc.total / proc.count, th.process_for(program_name)
-        w_threshold = th.window_for(program_name)
-        window = tuple(str(s) for s in self._vocab[tokens[tokens != PAD]])
-        real_nll = nll[tokens != PAD]
+        program_name, p_threshold, w_threshold = self._limits_of(program)
+        p_score = proc.total / proc.count
+        real = tokens != PAD
+        window = tuple(self._vocab[tokens[real]].tolist())
         anomalous = proc.count >= self.min_windows and p_score > p_threshold
         proc.state = AnomalyState(pid=pid, exe=exe, ts=ts, score=p_score, threshold=p_threshold,
                                   windows=proc.count, window_score=window_score, window_threshold=w_threshold,
@@ -270,7 +315,12 @@ class AnomalyDetector:
         if not anomalous or (proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns):
             return None
         proc.last_alert = ts
-        contributions = contributions_of(real_nll, window)
+        # the cache keeps scores only: the per-position NLL is recomputed for the rare window that alerts
+        nll = self.model.score(tokens[None, :], np.array([program], dtype=np.int64))[0]
+        scored = getattr(self.model.sidecar, "score_positions", None)  # a graph that scores only some positions
+        if scored is not None:
+            nll = np.where(np.isin(np.arange(len(nll)), scored), nll, 0.0)
+        contributions = contributions_of(nll[real], window)
         return Anomaly(
             ts=ts, pid=pid, tid=tid, exe=exe, score=window_score, threshold=w_threshold, window=window,
             contributions=contributions,
