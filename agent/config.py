@@ -35,6 +35,18 @@ class EnforceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerRuntimeConfig:
+    """Where container.name / image / privileged come from (see docs/process-table.md). A socket that is
+    absent is skipped; "" turns that runtime off."""
+
+    enabled: bool = True
+    docker_socket: str = "/var/run/docker.sock"
+    podman_socket: str = "/run/podman/podman.sock"
+    timeout: float = 0.2  # per request to the runtime
+    retry_after: float = 30.0  # a socket that failed is left alone this long
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     source: str = "<defaults>"
     state_dir: str = "/var/lib/sysgram"
@@ -46,6 +58,7 @@ class AgentConfig:
     queue_max_events: int = 2_000_000  # events the capture queue holds before it drops (overload)
     detail_syscalls: tuple[str, ...] = ()  # in addition to those the rules and policies need
     enforce: EnforceConfig = field(default_factory=EnforceConfig)
+    container_runtime: ContainerRuntimeConfig = field(default_factory=ContainerRuntimeConfig)
     outputs: Mapping[str, Any] = field(default_factory=dict)
     seccomp: Mapping[str, Any] = field(default_factory=dict)
     verdict: Mapping[str, Any] = field(default_factory=dict)
@@ -72,6 +85,7 @@ _TOP = {
     "queue_max_events": int,
     "detail_syscalls": list,
     "enforce": dict,
+    "container_runtime": dict,
     "outputs": dict,
     "seccomp": dict,
     "verdict": dict,
@@ -86,6 +100,13 @@ _ENFORCE = {
     "block_anomaly_score": float,
     "action": str,
     "deny_syscalls": dict,
+}
+_CONTAINER_RUNTIME = {
+    "enabled": bool,
+    "docker_socket": str,
+    "podman_socket": str,
+    "timeout": float,
+    "retry_after": float,
 }
 
 
@@ -161,6 +182,23 @@ def load_config(path: str) -> AgentConfig:
         raise ConfigError(
             "enforce.action: expected 'kill' or 'stop'", path=path, line=marks.get("enforce.action")
         )
+    runtime_raw = data.get("container_runtime", {}) or {}
+    _check(runtime_raw, _CONTAINER_RUNTIME, "container_runtime.", path, marks)
+    for key in ("timeout", "retry_after"):
+        if runtime_raw.get(key, 1) <= 0:
+            raise ConfigError(
+                f"container_runtime.{key}: expected a positive number of seconds",
+                path=path,
+                line=marks.get(f"container_runtime.{key}"),
+            )
+    defaults = ContainerRuntimeConfig()
+    container_runtime = ContainerRuntimeConfig(
+        enabled=runtime_raw.get("enabled", defaults.enabled),
+        docker_socket=runtime_raw.get("docker_socket", defaults.docker_socket),
+        podman_socket=runtime_raw.get("podman_socket", defaults.podman_socket),
+        timeout=float(runtime_raw.get("timeout", defaults.timeout)),
+        retry_after=float(runtime_raw.get("retry_after", defaults.retry_after)),
+    )
     enforce = EnforceConfig(
         enabled=bool(enforce_raw.get("enabled", False)),
         allow_exes=tuple(enforce_raw.get("allow_exes", ())),
@@ -183,6 +221,7 @@ def load_config(path: str) -> AgentConfig:
         queue_max_events=int(data.get("queue_max_events", 2_000_000)),
         detail_syscalls=tuple(data.get("detail_syscalls", ()) or ()),
         enforce=enforce,
+        container_runtime=container_runtime,
         outputs=data.get("outputs", {}) or {},
         seccomp=data.get("seccomp", {}) or {},
         verdict=data.get("verdict", {}) or {},

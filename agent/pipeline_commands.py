@@ -12,7 +12,7 @@ from typing import Any
 from agent.config import AgentConfig, EnforceConfig, load_config
 from agent.errors import ConfigError, NotYetAvailable
 from agent.pipeline import Pipeline, run_live, run_replay
-from agent.proc import ProcessTable
+from agent.proc import ProcessTable, RuntimeContainerLookup, RuntimeSocket, runtime_sockets_present
 from agent.verdict import DecisionTable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,9 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         if errors:
             first = errors[0]
             raise ConfigError(f"rules: {first.message}", path=first.file, line=first.line, col=first.col)
-        pipeline.engine = Engine(ruleset, table.get, anomaly_lookup=None)
+        pipeline.engine = Engine(
+            ruleset, table.get, anomaly_lookup=None, container_lookup=_container_lookup(cfg)
+        )
         details |= set(ruleset.interesting_syscalls())
     if cfg.model == str(DEFAULT_MODEL) and not DEFAULT_MODEL.exists():
         print(f"sysgram: warning: no shipped model at {DEFAULT_MODEL}: anomaly scoring is off "
@@ -149,6 +151,27 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
     os.makedirs(cfg.state_dir, exist_ok=True)
     pipeline.outputs = build_outputs(out_cfg, state_dir=cfg.state_dir, on_falco_alert=pipeline.on_falco_alert)
     return pipeline, details
+
+
+def _container_lookup(cfg: AgentConfig) -> RuntimeContainerLookup | None:
+    """container.name / image / privileged from Docker or Podman when one of their sockets is here; else
+    None (container.id alone, from the cgroup)."""
+    runtime = cfg.container_runtime
+    if not runtime.enabled:
+        return None
+    wanted = [
+        RuntimeSocket(path, kind)
+        for path, kind in ((runtime.docker_socket, "docker"), (runtime.podman_socket, "podman"))
+        if path
+    ]
+    present = runtime_sockets_present(wanted)
+    if not present:
+        return None
+    lookup = RuntimeContainerLookup(
+        present, timeout=runtime.timeout, first_wait=runtime.timeout, retry_after=runtime.retry_after
+    )
+    lookup.warm()  # the containers already running are known before their first event
+    return lookup
 
 
 def _anomaly_fields(detector: Any) -> Any:

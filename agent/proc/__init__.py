@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from agent.proc._container import parse_container_id
 from agent.proc._procfs import ProcReader, elf_is_i386
+from agent.proc._runtime import (
+    DEFAULT_SOCKETS,
+    RuntimeContainerLookup,
+    RuntimeSocket,
+    runtime_sockets_present,
+    split_image,
+)
 from agent.proc._table import ProcessTable
 from agent.proc.info import HOST_CONTAINER_ID, ProcessInfo, ProcessLookup
 
@@ -25,11 +32,16 @@ def read_process(pid: int, proc_root: str = "/proc") -> ProcessInfo | None:
 
 
 __all__ = [
+    "DEFAULT_SOCKETS",
     "HOST_CONTAINER_ID",
     "ProcessInfo",
     "ProcessLookup",
     "ProcessTable",
+    "RuntimeContainerLookup",
+    "RuntimeSocket",
     "elf_is_i386",
     "parse_container_id",
     "read_process",
+    "runtime_sockets_present",
+    "split_image",
 ]
