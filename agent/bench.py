@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +38,35 @@ class Figure:
     value: float | int | str
     unit: str = ""
     target: str = ""
+
+
+def added_ratio(ours_added: float, reference_added: float, digits: int = 2) -> float | str:
+    """Our added cost over the reference's; a note instead of a number when the host's noise hid the
+    reference's cost (it measured no slower than bare), so a meaningless ratio is never printed."""
+    if reference_added <= 0:
+        return "n/a: reference not slower than bare (noisy host, rerun)"
+    return round(ours_added / reference_added, digits)
+
+
+def loop_times(exe: str, n: int) -> tuple[float, float]:
+    """(CPU ns, wall ns) per call of ``exe N`` (a loop of N syscalls); CPU from the child's user+system time.
+
+    CPU time is the fair measure on a shared host: the loop also waits for a CPU, and that wait is noise,
+    while the cost of tracing its syscalls is charged to the loop's system time. Wall time matters where
+    a tracer can block the loop (auditd when its backlog is full)."""
+    t0 = time.perf_counter_ns()
+    proc = subprocess.Popen([exe, str(n)], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall_ns = time.perf_counter_ns() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, [exe, str(n)])
+    return (usage.ru_utime + usage.ru_stime) / n * 1e9, wall_ns / n
+
+
+def loop_cpu_ns(exe: str, n: int) -> float:
+    """CPU ns per call of ``exe N`` (see :func:`loop_times`)."""
+    return loop_times(exe, n)[0]
 
 
 def register(subparsers: Any) -> None:

@@ -1,0 +1,93 @@
+"""``sysgram bench capture``: the auditd reference leaves the host as found; a quick smoke run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.bench import added_ratio
+from agent.capture import bench as capture_bench
+from tests.conftest import requires_bpf, sysgram
+
+
+def _audit_available() -> str:
+    if shutil.which("auditctl") is None or shutil.which("auditd") is None:
+        return "auditd is not installed (sysgram bench capture installs it; this test does not)"
+    if subprocess.run(["auditctl", "-s"], capture_output=True).returncode != 0:
+        return "the kernel's audit interface is not available here"
+    return ""
+
+
+requires_audit = pytest.mark.skipif(bool(_audit_available()), reason=_audit_available() or "audit")
+
+
+def test_added_ratio_refuses_a_reference_the_noise_hid() -> None:
+    assert added_ratio(30.0, 20.0) == 1.5
+    assert isinstance(added_ratio(30.0, 0.0), str)
+    assert isinstance(added_ratio(30.0, -5.0), str)
+
+
+def test_audit_figures_say_why_when_not_measured() -> None:
+    ref = capture_bench.AuditReference(why_not="no audit here")
+    (figure,) = ref.figures("capture", 100.0, 50.0)
+    assert "no audit here" in str(figure.value)
+    measured = capture_bench.AuditReference(ns=1100.0, wall_ns=9000.0, lost=3).figures("capture", 100.0, 50.0)
+    by_name = {f.name: f.value for f in measured}
+    assert by_name["auditd added"] == 1000.0
+    assert by_name["auditd added / sysgram added"] == 20.0
+    assert by_name["audit records lost (kernel)"] == 3
+    assert by_name["getppid + auditd, wall time (waits on auditd's backlog)"] == 9000.0
+
+
+@requires_bpf
+@requires_audit
+def test_audit_reference_measures_then_restores_rules_and_daemon(tmp_path: Path) -> None:
+    before_rules = subprocess.run(["auditctl", "-l"], capture_output=True, text=True).stdout
+    before = capture_bench._audit_status()
+    exe = Path("/usr/bin/true").resolve()
+    calls: list[str] = []
+
+    def measure() -> tuple[float, float]:
+        # while measuring, our rule is in the kernel and a daemon is registered
+        calls.append(subprocess.run(["auditctl", "-l"], capture_output=True, text=True).stdout)
+        assert capture_bench._audit_status().get("pid", "0") != "0"
+        subprocess.run([str(exe)], check=True)
+        return 123.0, 456.0
+
+    ref = capture_bench.audit_reference(exe, measure, 2)
+    assert ref.why_not == "" and ref.ns == 123.0 and ref.wall_ns == 456.0
+    assert len(calls) == 2 and f"exe={exe}" in calls[0]
+    after = capture_bench._audit_status()
+    assert subprocess.run(["auditctl", "-l"], capture_output=True, text=True).stdout == before_rules
+    for key in ("enabled", "pid", "backlog_limit"):
+        assert after.get(key) == before.get(key), key
+
+
+@requires_bpf
+@pytest.mark.slow
+def test_capture_quick_json_has_the_references() -> None:
+    proc = sysgram("bench", "capture", "--quick", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    value = {f["name"]: f["value"] for f in json.loads(proc.stdout)}
+    assert value["getppid bare"] > 0 and value["getppid + floor (count-only BPF)"] > 0
+    assert isinstance(value["drops (all stages)"], int)
+    assert value["events consumed"] > 0
+    assert "auditd added" in value or "auditd reference" in value
+
+
+def test_loop_cpu_ns_charges_the_child_and_refuses_a_failing_loop(tmp_path: Path) -> None:
+    from agent.bench import loop_cpu_ns, loop_times
+
+    assert loop_cpu_ns("/bin/true", 1) >= 0
+    cpu_ns, wall_ns = loop_times("/bin/true", 1)
+    assert wall_ns > 0 and cpu_ns >= 0
+    spin = tmp_path / "spin.sh"
+    spin.write_text("#!/bin/sh\ni=0\nwhile [ $i -lt 20000 ]; do i=$((i+1)); done\n")
+    spin.chmod(0o755)
+    assert loop_cpu_ns(str(spin), 1) > 0  # a shell that counted spent CPU time
+    with pytest.raises(subprocess.CalledProcessError):
+        loop_cpu_ns("/bin/false", 1)

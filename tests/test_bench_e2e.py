@@ -1,0 +1,147 @@
+"""``sysgram bench e2e``: its helpers on real processes and files, and a smoke run of the quick mode.
+
+No speed is asserted: the figures must exist and be sane (counts add up, drops are counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent import pipeline_bench as pb
+from tests.conftest import requires_bpf, sysgram
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> pb.Tools:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    return pb.build_tools(tmp_path_factory.mktemp("bench-tools"))
+
+
+def test_unclean_counts_drops_unscored_windows_and_unevaluated_events() -> None:
+    clean = {
+        "drops": 0,
+        "details": 10,
+        "rules_evaluated": 10,
+        "model": {"windows": 100, "windows_scored": 40, "cache_hits": 60},
+    }
+    assert pb._unclean(clean) == {"drops": 0, "unscored_windows": 0, "unevaluated_events": 0}
+    dirty = {
+        "drops": 7,
+        "details": 12,
+        "kernel_signals": 1,
+        "rules_evaluated": 9,
+        "model": {"windows": 100, "windows_scored": 40, "cache_hits": 50},
+    }
+    assert pb._unclean(dirty) == {"drops": 7, "unscored_windows": 10, "unevaluated_events": 2}
+    # no model, no rules: nothing can be unscored or unevaluated
+    assert pb._unclean({"drops": 0, "details": 5}) == {
+        "drops": 0,
+        "unscored_windows": 0,
+        "unevaluated_events": 0,
+    }
+
+
+def test_latencies_match_each_trigger_once_by_its_file_name() -> None:
+    opened = {"trigger-1": 1_000_000, "trigger-2": 3_000_000}
+    arrivals = [
+        (4_000_000, '{"output_fields": {"fd.name": "/tmp/x/trigger-1"}}'),
+        (5_000_000, '{"output_fields": {"fd.name": "/tmp/x/trigger-1"}}'),  # a repeat is not counted twice
+        (9_000_000, "trigger-2 and trigger-99"),  # unknown names are ignored
+    ]
+    assert sorted(pb._latencies(opened, arrivals)) == [3.0, 6.0]
+    assert pb._latencies(opened, [(2_000_000, b"body naming trigger-2")]) == [-1.0]
+
+
+def test_percentile_picks_from_the_values() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert pb._percentile(values, 50) in (50.0, 51.0)
+    assert pb._percentile(values, 99) == 99.0
+    assert pb._percentile([5.0], 99) == 5.0
+    assert pb._percentile([], 50) != pb._percentile([], 50)  # NaN when nothing arrived
+
+
+def test_live_processes_are_spawned_and_always_cleaned_up(tools: pb.Tools) -> None:
+    with pb.live_processes(tools, 50) as n:
+        assert n == 50
+        parents = [p for p in _children(os.getpid()) if Path(f"/proc/{p}/exe").resolve() == tools.live]
+        assert len(parents) == 1
+        assert len(_children(parents[0])) == 50
+    assert not Path(f"/proc/{parents[0]}").exists() or _children(parents[0]) == []
+
+
+def test_live_processes_cleaned_up_when_the_block_raises(tools: pb.Tools) -> None:
+    with pytest.raises(RuntimeError), pb.live_processes(tools, 10):
+        parents = [p for p in _children(os.getpid()) if Path(f"/proc/{p}/exe").resolve() == tools.live]
+        raise RuntimeError("boom")
+    assert all(not Path(f"/proc/{p}").exists() for p in parents)
+
+
+def test_paced_load_reports_what_it_did(tools: pb.Tools) -> None:
+    assert pb._paced(tools, 20_000, 0.3, 2) > 0
+    out = subprocess.run([str(tools.paced), "0", "0.1"], capture_output=True, text=True, check=True).stdout
+    done, took = out.split()
+    assert int(done) > 0 and float(took) >= 0.1
+
+
+def test_generated_project_builds_with_make(tmp_path: Path) -> None:
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    project = pb.make_project(tmp_path, 3)
+    assert pb._build_s(project) > 0
+    out = subprocess.run([str(project / "prog")], capture_output=True, text=True, check=True).stdout
+    assert float(out) > 0
+
+
+def test_unknown_bench_part_is_one_line_exit_2() -> None:
+    proc = sysgram("bench", "nope")
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@requires_bpf
+@pytest.mark.slow
+def test_e2e_quick_json_has_sane_figures() -> None:
+    proc = sysgram("bench", "e2e", "--quick", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = {f["name"]: f for f in json.loads(proc.stdout)}
+    assert all(f["part"] == "e2e" for f in figures.values())
+    value = {name: f["value"] for name, f in figures.items()}
+    assert value["getppid bare"] > 0
+    assert value["getppid + floor (count-only BPF)"] > 0
+    assert value["getppid + full agent (sysgram run)"] > 0
+    assert isinstance(value["drops during the overhead loops"], int)
+    assert isinstance(value["drops during the latency runs"], int)
+    written, triggers = value["alerts written / triggers"].split("/")
+    assert int(written) == int(triggers) == pb.QUICK.triggers
+    received, _ = value["webhook POSTs received / triggers"].split("/")
+    assert int(received) == pb.QUICK.triggers
+    assert 0 <= value["syscall -> alert written p50"] <= value["syscall -> alert written p99"]
+    loaded = f" (under {pb.QUICK.latency_load / 1e6:g} M/s load)"
+    written, _ = value[f"alerts written / triggers{loaded}"].split("/")
+    assert int(written) == pb.QUICK.triggers
+    assert value[f"syscall -> webhook received p99{loaded}"] > 0
+    assert value["highest rate offered"] > 0
+    ended = value["stepping ended because"]
+    assert isinstance(ended, str) and ended
+    if "not clean" in ended:  # then the first unclean step says which counter was not zero
+        assert any(value[f"{k} at that step"] for k in ("drops", "unscored_windows", "unevaluated_events"))
+    else:
+        assert value["highest clean rate (0 drops/unscored/unevaluated)"] > 0
+    assert value["live processes spawned"] == pb.QUICK.live
+    assert value[f"agent RSS with {pb.QUICK.live:,} live processes"] > 0
+    assert value["process events seen"] >= pb.QUICK.live * 2  # a fork and an exit each, at least
+    assert value["build slowdown with the agent"] > 0
+    for name in ("drops during the memory runs", "drops during the builds"):
+        assert isinstance(value[name], int) and value[name] >= 0
