@@ -12,15 +12,17 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from agent.capture.recording import RecordingWriter
 from agent.capture.source import Chunk, LiveSource, ReplaySource
 from agent.events import FLAG_COMPAT, DetailEvent, ProcEvent
 from agent.proc import ProcessTable
 from agent.verdict import DecisionTable, Evidence, Verdict
+
+if TYPE_CHECKING:  # pyarrow (the recording format) is loaded only by the commands that record or replay
+    from agent.capture.recording import RecordingWriter
 
 ANOMALY_RULE = "Sysgram anomalous syscall sequence"
 SECCOMP_RULE = "Sysgram seccomp policy violation"
@@ -148,6 +150,8 @@ class Pipeline:
                 self.detector.on_exec(event.pid, (event.tid,))
             elif event.kind == "exit":
                 self.detector.on_exit(event.tid)
+                if event.tid == event.pid:
+                    self.detector.on_process_exit(event.pid, event.ts)
         if self.recorder is not None and self._matches(event.pid):
             self.recorder.add_event(event)
 
@@ -403,6 +407,8 @@ class Pipeline:
 
 
 def build_recorder_pipeline(output: str, filters: Filters) -> Pipeline:
+    from agent.capture.recording import RecordingWriter
+
     recorder = RecordingWriter(
         output,
         filters={"pids": sorted(filters.pids), "comms": sorted(filters.comms), "exes": sorted(filters.exes)},

@@ -188,3 +188,22 @@ def test_unknown_program_uses_the_generic_slot_and_unk_is_counted(model: Model) 
     assert det.stats["unk_tokens"] == 2
     st = det.state(30)
     assert st is not None and st.exe == "/opt/never/seen" and "<unk>" in st.window
+
+
+def test_exited_processes_stay_readable_for_a_while_then_are_forgotten(model: Model) -> None:
+    from agent.model._detector import EXITED_KEEP_NS
+
+    det = AnomalyDetector(model, cache_size=4096)
+    rng = np.random.default_rng(3)
+    for pid in (30, 31):
+        det.push(rows(habit_trace(HABITS[ALPHA], 100, rng), tgid=pid), {pid: ALPHA})
+    det.on_process_exit(30, ts=10**9)
+    assert det.state(30) is not None  # a Falco alert about it may still come in
+    # pid 31 is reused by a new process before 30's grace period ends: the new one's state is kept
+    det.on_process_exit(31, ts=10**9 + 1)
+    det.on_exec(31, (31,))
+    det.push(rows(habit_trace(HABITS[ALPHA], 100, rng), tgid=31, ts0=2 * 10**9), {31: ALPHA})
+    det.on_process_exit(99, ts=10**9 + EXITED_KEEP_NS + 2)
+    assert det.state(30) is None
+    assert det.state(31) is not None
+    assert det.stats["processes"] == 1

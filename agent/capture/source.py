@@ -20,7 +20,6 @@ from agent.capture import _layout as L
 from agent.capture._batches import BatchOrderer
 from agent.capture._decode import decode_detail, decode_exec_args, decode_proc
 from agent.capture._loader import Tracer
-from agent.capture.recording import read_recording
 from agent.events import DetailEvent, ProcEvent
 
 Chunk = np.ndarray | DetailEvent | ProcEvent
@@ -42,6 +41,8 @@ class ReplaySource:
     _stopped: bool = field(default=False, init=False)
 
     def start(self) -> None:
+        from agent.capture.recording import read_recording  # pyarrow: only when replaying
+
         self.recording = read_recording(self.path)
 
     def chunks(self) -> Iterator[list[Chunk]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -186,6 +186,9 @@ def explain(exe: str, pid: int, window_score: float, window_threshold: float, pr
             f"window scores {window_score:.2f} (threshold {window_threshold:.2f}), mostly from {parts or 'n/a'}")
 
 
+EXITED_KEEP_NS = 30_000_000_000
+
+
 class AnomalyDetector:
     """Feed it compact syscall batches; it returns anomalies (at most one per process per ``alert_every_ns``).
 
@@ -205,6 +208,7 @@ class AnomalyDetector:
         self.min_windows = model.sidecar.thresholds.min_windows if min_windows is None else min_windows
         self.max_processes = max_processes
         self._procs: OrderedDict[int, _Process] = OrderedDict()
+        self._exited: deque[tuple[int, int, _Process]] = deque()  # (exit ts, pid, its state)
         self._vocab = np.array(model.vocabulary, dtype=object)
         self._limits: dict[int, tuple[str, float, float]] = {}
         self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "cache_hits": 0, "unk_tokens": 0,
@@ -224,6 +228,17 @@ class AnomalyDetector:
 
     def on_exit(self, tid: int) -> None:
         self.windows.forget(tid)
+
+    def on_process_exit(self, pid: int, ts: int) -> None:
+        """The process is gone: its state stays readable for EXITED_KEEP_NS (a Falco alert about it may
+        still arrive to be cross-checked), then it is forgotten, so churn does not grow memory."""
+        proc = self._procs.get(pid)
+        if proc is not None:
+            self._exited.append((ts, pid, proc))
+        while self._exited and ts - self._exited[0][0] > EXITED_KEEP_NS:
+            _, old_pid, old = self._exited.popleft()
+            if self._procs.get(old_pid) is old:  # not a new process that reused the pid
+                del self._procs[old_pid]
 
     def state(self, pid: int) -> AnomalyState | None:
         proc = self._procs.get(pid)
