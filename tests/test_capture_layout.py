@@ -77,3 +77,39 @@ def test_compat_names_come_from_libseccomp() -> None:
     assert syscall_name(102, compat=True) == "socketcall"
     assert syscall_number("socketcall") == -1  # no such syscall on x86_64
     assert syscall_name(1000) == "sys_1000"
+
+
+def test_detail_records_decode_from_raw_bytes() -> None:
+    import socket
+    import struct
+
+    import numpy as np
+
+    from agent.capture._decode import decode_detail, decode_exec_args, decode_proc
+    from agent.capture.names import syscall_number
+
+    rec = np.zeros(1, L.SC_DETAIL)
+    rec["h"]["kind"], rec["h"]["nr"], rec["h"]["tgid"], rec["h"]["tid"], rec["h"]["ts"] = (
+        L.K_SYSCALL, syscall_number("connect"), 7, 8, 123,
+    )
+    rec["ret"] = -111
+    rec["args"][0] = [3, 0x7FFF0000, 16, 0, 0, 0]
+    addr = struct.pack("<H", socket.AF_INET) + struct.pack(">H", 8080) + bytes([127, 0, 0, 1]) + b"\0" * 8
+    rec["str"][0, 2] = addr
+    rec["len"][0] = [0, 0, len(addr)]
+    event = decode_detail(rec.tobytes())
+    assert (event.syscall, event.tgid, event.tid, event.ts, event.res) == ("connect", 7, 8, 123, -111)
+    assert event.args["fd"] == 3 and event.args["port"] == 8080 and event.args["addr"] == "127.0.0.1"
+
+    exe = np.zeros(1, L.EXEC_ARGS)
+    exe["h"]["tid"], exe["argc"], exe["filename"] = 9, 2, b"/bin/ls"
+    argv = b"ls\0-l\0"
+    exe["argv"] = np.frombuffer(argv.ljust(L.EXEC_ARGS["argv"].itemsize, b"\0"), dtype=L.EXEC_ARGS["argv"])
+    exe["argv_len"] = len(argv)
+    assert decode_exec_args(exe.tobytes()) == (9, "/bin/ls", ("ls", "-l"))
+
+    proc = np.zeros(1, L.PROC_EVENT)
+    proc["h"]["kind"], proc["h"]["tgid"], proc["h"]["tid"], proc["h"]["ts"] = L.K_EXEC, 9, 9, 5
+    proc["comm"], proc["filename"] = b"ls", b"/bin/ls"
+    ev = decode_proc(proc.tobytes())
+    assert (ev.kind, ev.pid, ev.tid, ev.comm, ev.filename) == ("exec", 9, 9, "ls", "/bin/ls")

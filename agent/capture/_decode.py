@@ -186,80 +186,79 @@ def decode_sockaddr(raw: bytes) -> dict[str, object]:
     return out
 
 
-def decode_detail(rec: np.void) -> DetailEvent:
-    h = rec["h"]
-    nr = int(h["nr"])
+# Fixed parts of the detail records, unpacked in one call: numpy field access on a single record costs
+# microseconds per field, and a busy host sends tens of thousands of detail records a second.
+_HDR = "<BBHIIIQ"  # kind flags nr tgid tid aux ts
+_SC_FIXED = struct.Struct(_HDR + "q6QQ3H")  # + ret args[6] deref len[3]
+_EXEC_FIXED = struct.Struct(_HDR + "II")  # + argc argv_len
+_PROC_FIXED = struct.Struct(_HDR + "Q")  # + clone_flags
+
+
+def _offset(dtype: np.dtype, field: str) -> int:
+    assert dtype.fields is not None
+    return int(dtype.fields[field][1])
+
+
+_SC_STR = _offset(L.SC_DETAIL, "str")
+_EXEC_FILENAME = _offset(L.EXEC_ARGS, "filename")
+_EXEC_ARGV = _offset(L.EXEC_ARGS, "argv")
+_PROC_COMM = _offset(L.PROC_EVENT, "comm")
+_PROC_FILENAME = _offset(L.PROC_EVENT, "filename")
+
+
+def _str_at(raw: bytes, offset: int, size: int) -> str:
+    end = raw.find(b"\0", offset, offset + size)
+    return raw[offset : end if end >= 0 else offset + size].decode("utf-8", "surrogateescape")
+
+
+def decode_detail(raw: bytes) -> DetailEvent:
+    """A K_SYSCALL record (struct sc_detail) -> the decoded syscall at its exit."""
+    _, _, nr, tgid, tid, _, ts, ret, *rest = _SC_FIXED.unpack_from(raw)
+    raw_args, deref, sockaddr_len = rest[:6], rest[6], rest[9]
     name = syscall_name(nr)
     spec = SPECS.get(name)
-    raw_args = [int(a) for a in rec["args"]]
     args: dict[str, object] = {}
     if spec is not None:
-        strings = (rec["str"][0], rec["str"][1])
         for i, arg_name in enumerate(spec.names):
             if arg_name is None or i >= 6:
                 continue
             if i == spec.str0:
-                args[arg_name] = _cstr(strings[0])
+                args[arg_name] = _str_at(raw, _SC_STR, L.STR_LEN)
             elif i == spec.str1:
-                args[arg_name] = _cstr(strings[1])
+                args[arg_name] = _str_at(raw, _SC_STR + L.STR_LEN, L.STR_LEN)
             elif arg_name in SIGNED_ARGS:
                 args[arg_name] = _int32(raw_args[i])
             else:
                 args[arg_name] = raw_args[i]
         if spec.deref_name:
-            args[spec.deref_name] = int(rec["deref"])
-        if spec.sockaddr != NONE and rec["len"][2]:
-            args.update(decode_sockaddr(bytes(rec["str"][2])[: int(rec["len"][2])]))
+            args[spec.deref_name] = deref
+        if spec.sockaddr != NONE and sockaddr_len:
+            start = _SC_STR + 2 * L.STR_LEN
+            args.update(decode_sockaddr(raw[start : start + min(sockaddr_len, L.STR_LEN)]))
     return DetailEvent(
-        ts=int(h["ts"]),
-        tgid=int(h["tgid"]),
-        tid=int(h["tid"]),
-        syscall=name,
-        nr=nr,
-        res=int(rec["ret"]),
-        args=args,
-        raw_args=tuple(raw_args),
+        ts=ts, tgid=tgid, tid=tid, syscall=name, nr=nr, res=ret, args=args, raw_args=tuple(raw_args)
     )
 
 
-def decode_exec_args(rec: np.void) -> tuple[int, str, tuple[str, ...]]:
-    """(tid, filename, argv) of an execve entry."""
-    length = int(rec["argv_len"])
-    raw = bytes(rec["argv"])[: min(length, L.ARGV_LEN + L.ARG_CHUNK)]
-    argv = tuple(a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[: int(rec["argc"])])
-    return int(rec["h"]["tid"]), _cstr(bytes(rec["filename"])), argv
+def decode_exec_args(raw: bytes) -> tuple[int, str, tuple[str, ...]]:
+    """(tid, filename, argv) of an execve entry (struct exec_args)."""
+    _, _, _, _, tid, _, _, argc, length = _EXEC_FIXED.unpack_from(raw)
+    argv_raw = raw[_EXEC_ARGV : _EXEC_ARGV + min(length, L.ARGV_LEN + L.ARG_CHUNK)]
+    argv = tuple(a.decode("utf-8", "surrogateescape") for a in argv_raw.split(b"\0")[:argc])
+    return tid, _str_at(raw, _EXEC_FILENAME, L.STR_LEN), argv
 
 
-def decode_proc(rec: np.void) -> ProcEvent:
-    h = rec["h"]
-    kind = int(h["kind"])
-    comm = _cstr(bytes(rec["comm"]))
+def decode_proc(raw: bytes) -> ProcEvent:
+    """A fork, exec or exit record (struct proc_event)."""
+    kind, flags, nr, tgid, tid, aux, ts, clone_flags = _PROC_FIXED.unpack_from(raw)
+    comm = _str_at(raw, _PROC_COMM, 16)
     if kind == L.K_FORK:
-        parent_nr = syscall_name(int(h["nr"])) if h["flags"] else ""
-        is_thread = (
-            bool(h["flags"])
-            and parent_nr in ("clone", "clone3")
-            and bool(int(rec["clone_flags"]) & CLONE_THREAD)
-        )
-        child_tid = int(h["aux"])
+        parent_nr = syscall_name(nr) if flags else ""
+        is_thread = bool(flags) and parent_nr in ("clone", "clone3") and bool(clone_flags & CLONE_THREAD)
         return ProcEvent(
-            "fork",
-            int(h["ts"]),
-            pid=int(h["tgid"]) if is_thread else child_tid,
-            tid=child_tid,
-            ppid=int(h["tgid"]),
-            comm=comm,
-            is_thread=is_thread,
+            "fork", ts, pid=tgid if is_thread else aux, tid=aux, ppid=tgid, comm=comm, is_thread=is_thread
         )
     if kind == L.K_EXEC:
-        return ProcEvent(
-            "exec",
-            int(h["ts"]),
-            pid=int(h["tgid"]),
-            tid=int(h["tid"]),
-            comm=comm,
-            filename=_cstr(bytes(rec["filename"])),
-        )
-    return ProcEvent(
-        "exit", int(h["ts"]), pid=int(h["tgid"]), tid=int(h["tid"]), comm=comm, is_thread=not bool(h["aux"])
-    )
+        return ProcEvent("exec", ts, pid=tgid, tid=tid, comm=comm, filename=_str_at(raw, _PROC_FILENAME, L.STR_LEN))
+    return ProcEvent("exit", ts, pid=tgid, tid=tid, comm=comm, is_thread=not bool(aux))
+

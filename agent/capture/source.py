@@ -190,7 +190,7 @@ class LiveSource:
         raw = ctypes.string_at(data, size)
         kind = raw[0]
         if kind == L.K_SYSCALL:
-            event = decode_detail(np.frombuffer(raw, dtype=L.SC_DETAIL, count=1)[0])
+            event = decode_detail(raw)
             if event.syscall in ("execve", "execveat"):
                 filename, argv = self._exec_args.pop(event.tid, ("", ()))
                 event = DetailEvent(
@@ -205,13 +205,12 @@ class LiveSource:
                 )
             self._details.append(event)
         elif kind == L.K_EXEC_ARGS:
-            tid, filename, argv = decode_exec_args(np.frombuffer(raw, dtype=L.EXEC_ARGS, count=1)[0])
+            tid, filename, argv = decode_exec_args(raw)
             self._exec_args[tid] = (filename, argv)
             if len(self._exec_args) > 65536:  # entries whose exit never came (killed mid-exec)
                 self._exec_args.pop(next(iter(self._exec_args)))
         elif kind in (L.K_FORK, L.K_EXEC, L.K_EXIT):
-            rec = np.frombuffer(raw, dtype=L.PROC_EVENT, count=1)[0]
-            proc = decode_proc(rec)
+            proc = decode_proc(raw)
             if proc.kind == "exit" and proc.is_thread and proc.tid == proc.pid:
                 return 0  # the leader thread left early; the process lives on in its other threads
             if proc.kind == "exit" and not proc.is_thread:
