@@ -384,11 +384,62 @@ static __always_inline struct proc_event *proc_reserve(__u8 kind) {
     return e;
 }
 
+#if ENFORCE
+/* Enforcement upkeep runs before, and independently of, the event record: a full ring buffer must never
+ * let a child escape its parent's policy or leave a stale entry for a reused pid. */
+static __always_inline void enforce_fork(__u32 parent_tgid, __u32 child) {
+    /* A child runs the same program as its parent until it execs: same policy. */
+    struct enforce_entry *pe = enforce.lookup(&parent_tgid);
+    if (pe && pe->policy_id) {
+        struct enforce_entry ce = {.signal = 0, .policy_id = pe->policy_id};
+        enforce.update(&child, &ce);
+    }
+    /* Protection passes to children only from allow-listed programs (INHERITED), never from PID 1, the
+     * agent or its ancestors (PINNED): every process descends from those. */
+    __u32 *prot = protected_tgids.lookup(&parent_tgid);
+    if (prot && *prot == PROT_INHERITED) {
+        __u32 inherited = PROT_INHERITED;
+        protected_tgids.update(&child, &inherited);
+    }
+}
+
+/* Per-exe policies and the allow-list apply from the first syscall of the new program. */
+static __always_inline void enforce_exec(__u32 tgid, const char *filename) {
+    __u32 zero = 0;
+    struct exe_key *key = exe_key_scratch.lookup(&zero);
+    if (!key)
+        return;
+    __builtin_memset(key, 0, sizeof(*key));
+    bpf_probe_read_kernel_str(key->path, STR_LEN, filename);
+    struct enforce_entry *pol = exe_policy.lookup(key);
+    if (pol) {
+        if (pol->signal == PROTECTED_FLAG) {
+            __u32 inherited = PROT_INHERITED;
+            protected_tgids.update(&tgid, &inherited);
+        } else {
+            struct enforce_entry ce = {.signal = 0, .policy_id = pol->policy_id};
+            enforce.update(&tgid, &ce);
+        }
+        return;
+    }
+    struct enforce_entry *cur = enforce.lookup(&tgid);
+    if (cur && !cur->signal)
+        enforce.delete(&tgid);
+    /* It left the allow-listed program it inherited protection from. */
+    __u32 *prot = protected_tgids.lookup(&tgid);
+    if (prot && *prot == PROT_INHERITED)
+        protected_tgids.delete(&tgid);
+}
+#endif
+
 TRACEPOINT_PROBE(sched, sched_process_fork) {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 parent_tgid = id >> 32;
     if (parent_tgid == SELF_TGID)
         return 0;
+#if ENFORCE
+    enforce_fork(parent_tgid, args->child_pid);
+#endif
     struct proc_event *e = proc_reserve(K_FORK);
     if (!e)
         return 0;
@@ -402,22 +453,6 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     }
     e->h.flags = p ? 1 : 0; /* 1: clone_flags are known */
     detail_rb.ringbuf_submit(e, 0);
-#if ENFORCE
-    /* A child runs the same program as its parent until it execs: same policy, same protection. */
-    __u32 child = args->child_pid;
-    struct enforce_entry *pe = enforce.lookup(&parent_tgid);
-    if (pe && pe->policy_id) {
-        struct enforce_entry ce = {.signal = 0, .policy_id = pe->policy_id};
-        enforce.update(&child, &ce);
-    }
-    /* Protection passes to children only from allow-listed programs (INHERITED), never from PID 1, the
-     * agent or its ancestors (PINNED): every process descends from those. */
-    __u32 *prot = protected_tgids.lookup(&parent_tgid);
-    if (prot && *prot == PROT_INHERITED) {
-        __u32 inherited = PROT_INHERITED;
-        protected_tgids.update(&child, &inherited);
-    }
-#endif
     return 0;
 }
 
@@ -429,38 +464,15 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     struct sc_batch *b = batches.lookup(&zero_key);
     if (b)
         b->last_tid = 0; /* the new program's first syscall starts a run */
+    const char *filename = (const char *)args + (args->data_loc_filename & 0xffff);
+#if ENFORCE
+    enforce_exec(id >> 32, filename);
+#endif
     struct proc_event *e = proc_reserve(K_EXEC);
     if (!e)
         return 0;
     e->h.aux = args->old_pid;
-    bpf_probe_read_kernel_str(e->filename, STR_LEN, (void *)args + (args->data_loc_filename & 0xffff));
-#if ENFORCE
-    /* Per-exe policies and the allow-list apply from the first syscall of the new program. */
-    __u32 zero = 0, tgid = id >> 32;
-    struct exe_key *key = exe_key_scratch.lookup(&zero);
-    if (key) {
-        __builtin_memset(key, 0, sizeof(*key));
-        bpf_probe_read_kernel_str(key->path, STR_LEN, (void *)args + (args->data_loc_filename & 0xffff));
-        struct enforce_entry *pol = exe_policy.lookup(key);
-        if (pol) {
-            if (pol->signal == PROTECTED_FLAG) {
-                __u32 inherited = PROT_INHERITED;
-                protected_tgids.update(&tgid, &inherited);
-            } else {
-                struct enforce_entry ce = {.signal = 0, .policy_id = pol->policy_id};
-                enforce.update(&tgid, &ce);
-            }
-        } else {
-            struct enforce_entry *cur = enforce.lookup(&tgid);
-            if (cur && !cur->signal)
-                enforce.delete(&tgid);
-            /* It left the allow-listed program it inherited protection from. */
-            __u32 *prot = protected_tgids.lookup(&tgid);
-            if (prot && *prot == PROT_INHERITED)
-                protected_tgids.delete(&tgid);
-        }
-    }
-#endif
+    bpf_probe_read_kernel_str(e->filename, STR_LEN, filename);
     detail_rb.ringbuf_submit(e, 0);
     return 0;
 }
@@ -470,14 +482,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     __u32 tgid = id >> 32;
     if (tgid == SELF_TGID)
         return 0;
+    if (args->group_dead) { /* before the record: a reused pid must never meet a stale entry */
+        enforce.delete(&tgid);
+        protected_tgids.delete(&tgid);
+    }
     struct proc_event *e = proc_reserve(K_EXIT);
     if (!e)
         return 0;
     e->h.aux = args->group_dead;
     detail_rb.ringbuf_submit(e, 0);
-    if (args->group_dead) {
-        enforce.delete(&tgid);
-        protected_tgids.delete(&tgid);
-    }
     return 0;
 }
