@@ -150,12 +150,25 @@ def test_bad_recordings_are_one_line_exit_2(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"x": [1, 2]}), foreign)
-    for path, words in ((truncated, "truncated"), (foreign, "not a sysgram recording")):
-        result = sysgram("inspect", str(path))
-        assert result.returncode == 2
-        assert "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-        assert str(path) in result.stderr and words in result.stderr
+    import numpy as np
+
+    from agent.events import SYSCALL_DTYPE
+
+    bad_nr = tmp_path / "badnr.parquet"
+    w = RecordingWriter(str(bad_nr))
+    rows = np.zeros(3, dtype=SYSCALL_DTYPE)
+    rows["nr"] = [0, 60000, 1]
+    w.add_syscalls(rows)
+    w.close({})
+    cases = ((truncated, "truncated"), (foreign, "not a sysgram recording"), (bad_nr, "out of range"))
+    for command in ("inspect", "replay"):
+        for path, words in cases:
+            extra = ("--no-model", "--state-dir", str(tmp_path / "state")) if command == "replay" else ()
+            result = sysgram(command, str(path), *extra)
+            assert result.returncode == 2, result.stderr
+            assert "Traceback" not in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+            assert str(path) in result.stderr and words in result.stderr
 
 
 def test_32bit_process_syscalls_are_named_with_i386_numbers(tmp_path: Path, workload: Path) -> None:
@@ -182,3 +195,16 @@ def test_32bit_process_syscalls_are_named_with_i386_numbers(tmp_path: Path, work
     me = {p["pid"]: p for p in summary["processes"]}[child.pid]
     # i386 getppid is 64 (x86_64: 110); i386 64 would be 'getppid' only if named on the i386 table.
     assert me["syscalls"].get("getppid") == 4321
+
+
+def test_record_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
+    for args, needle in (
+        (("-o", "/nonexistent-dir/x.parquet", "--seconds", "1"), "not a writable directory"),
+        (("-o", str(tmp_path / "x.parquet"), "--pid", "99999999", "--seconds", "1"), "no such process"),
+        (("-o", str(tmp_path / "x.parquet"), "--seconds", "-1"), "positive duration"),
+    ):
+        result = sysgram("record", *args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+    assert not os.path.exists("/nonexistent-dir")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter, defaultdict
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 
 from agent.capture.names import name_table
 from agent.capture.recording import Recording, read_recording
+from agent.errors import ConfigError
 from agent.events import FLAG_COMPAT, DetailEvent, ProcEvent
 
 
@@ -42,6 +44,11 @@ def register(subparsers: Any) -> None:
 def _record(args: argparse.Namespace) -> int:
     from agent.pipeline import Filters, build_recorder_pipeline, run_live
 
+    if args.seconds < 0:
+        raise ConfigError(f"--seconds {args.seconds:g}: expected a positive duration (or 0: until SIGINT)")
+    missing = [pid for pid in args.pid if not os.path.exists(f"/proc/{pid}")]
+    if missing:
+        raise ConfigError(f"--pid {missing[0]}: no such process")
     filters = Filters(pids=frozenset(args.pid), comms=frozenset(args.comm), exes=frozenset(args.exe))
     pipeline = build_recorder_pipeline(args.output, filters)
     return run_live(pipeline, seconds=args.seconds)

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from agent.capture.names import name_table
+from agent.capture.names import MAX_NR, name_table
 from agent.errors import RecordingError
 from agent.events import FLAG_COMPAT, SYSCALL_DTYPE, DetailEvent, ProcEvent
 from agent.proc.info import ProcessInfo
@@ -97,7 +97,13 @@ class RecordingWriter:
         }
         schema = SCHEMA.with_metadata({"sysgram": json.dumps(meta)})
         self._tmp = f"{self.path}.partial"
-        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd", use_dictionary=["name"])
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise RecordingError(f"cannot write the recording: {folder} is not a writable directory", path=self.path)
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd", use_dictionary=["name"])
+        except OSError as err:
+            raise RecordingError(f"cannot write the recording: {err}", path=self.path) from None
         self._syscall_parts: list[np.ndarray] = []
         self._syscall_rows = 0
         self._rows: list[tuple[Any, ...]] = []
@@ -320,6 +326,10 @@ def _decode(path: str, meta: dict[str, Any], table: pa.Table) -> Recording:
     syscall_idx = np.flatnonzero(is_syscall)
     for name, col in cols.items():
         syscalls[name] = col.take(pa.array(syscall_idx)).to_numpy()
+    bad = np.flatnonzero(syscalls["nr"] >= MAX_NR)
+    if len(bad):
+        row = int(syscall_idx[bad[0]])
+        raise RecordingError(f"row {row}: syscall number {int(syscalls['nr'][bad[0]])} out of range", path=path)
     other_idx = np.flatnonzero(~is_syscall)
     positions = np.cumsum(is_syscall)  # syscall rows at or before each row
     sub = table.take(pa.array(other_idx)).to_pylist()

@@ -109,7 +109,6 @@ class LiveSource:
         self._details: list[Chunk] = []
         self._exec_args: dict[int, tuple[str, tuple[str, ...]]] = {}
         self.queue_overflow = 0
-        self.enforced: list[DetailEvent] = []
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -227,7 +226,6 @@ class LiveSource:
                 0,
                 {"signal": int(h["aux"])},
             )
-            self.enforced.append(event)
             self._details.append(event)
         return 0
 
