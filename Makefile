@@ -9,7 +9,7 @@ RUN_ARGS ?=
 .PHONY: run test install system-deps venv lint typecheck bench install-service clean
 
 run: install
-	$(VENV)/bin/sysgram run --alerts-jsonl $(STATE_DIR)/alerts.jsonl $(RUN_ARGS)
+	$(VENV)/bin/sysgram run --state-dir $(STATE_DIR) --alerts-jsonl $(STATE_DIR)/alerts.jsonl $(RUN_ARGS)
 
 test: install
 	bash scripts/test.sh
