@@ -34,9 +34,12 @@ bench: install
 	$(VENV)/bin/sysgram bench
 
 # Install the systemd unit (documented in README): the agent as a host service.
+# The config may hold the webhook secret and the ingestion token: root only, also when it already exists.
 install-service: install
 	install -m 0644 deploy/sysgram.service /etc/systemd/system/sysgram.service
-	install -d /etc/sysgram && test -f /etc/sysgram/config.yaml || install -m 0644 deploy/config.yaml /etc/sysgram/config.yaml
+	install -d -m 0700 /etc/sysgram
+	test -f /etc/sysgram/config.yaml || install -m 0600 deploy/config.yaml /etc/sysgram/config.yaml
+	chmod 0600 /etc/sysgram/config.yaml
 	sed -i "s#@PREFIX@#$(CURDIR)#g" /etc/systemd/system/sysgram.service
 	systemctl daemon-reload
 	@echo "now: systemctl enable --now sysgram"

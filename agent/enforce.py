@@ -1,8 +1,10 @@
 """Blocking, done in the kernel: the BPF program signals a flagged process at its next syscall.
 
 Never PID 1, the agent itself or its ancestors, kernel threads, or anything allow-listed: checked here and
-in the kernel map both (``protected_tgids``, plus the per-exe allow-list applied at exec). Every block is
-recorded and raises an alert (the pipeline's job); what was refused is recorded too.
+in the kernel map both (``protected_tgids``, plus the per-exe allow-list applied at exec). A pid is held
+through a pidfd and its start time checked before anything is sent, so a reused pid is never hit. Every
+block is recorded and raises an alert (the pipeline's job); what was refused is recorded too, with why.
+See docs/enforcement.md.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from agent.capture.names import syscall_number
 from agent.config import EnforceConfig
+from agent.proc import ProcReader
 from agent.proc.info import ProcessInfo
 
 PROTECTED_FLAG = 1
@@ -24,6 +28,7 @@ PROTECTED_FLAG = 1
 # until they exec), PINNED for PID 1, the agent, its ancestors and allow_pids (never meant to pass on).
 INHERITED, PINNED = 1, 2
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+MAX_RECORDS = 10_000  # the newest blocks kept in memory (each one is also an alert)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,28 @@ def is_kernel_thread(pid: int) -> bool:
     return bool(flags & 0x00200000)  # PF_KTHREAD
 
 
+def resolved_exe(pid: int, fallback: str = "") -> str:
+    """The executable ``pid`` really runs (/proc/PID/exe: links and ``..`` resolved); else ``fallback``
+    resolved as far as it can be."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return os.path.realpath(fallback) if fallback.startswith("/") else fallback
+    return exe.removesuffix(" (deleted)")
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd holds; -1 once its process has exited (and so its pid may be reused)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return -1
+
+
 class Enforcer:
     def __init__(
         self, bpf: object, config: EnforceConfig, lookup: Callable[[int], ProcessInfo | None]
@@ -67,7 +94,12 @@ class Enforcer:
         self.config = config
         self.lookup = lookup
         self.protected: set[int] = {1, os.getpid(), *_ancestors_of_self(), *config.allow_pids}
-        self.records: list[BlockRecord] = []
+        self.records: deque[BlockRecord] = deque(maxlen=MAX_RECORDS)
+        # Both spellings of each allow-listed path: the kernel sees the path given to exec, /proc the real one.
+        self.allow_exes = frozenset({*config.allow_exes, *(os.path.realpath(e) for e in config.allow_exes)})
+        # deny_syscalls paths are resolved at config load; the ids index the kernel's deny_bitmaps
+        self.policy_ids = {exe: i for i, exe in enumerate(sorted(config.deny_syscalls), start=1)}
+        self._reader = ProcReader()
         self._lock = threading.Lock()
         self._install()
 
@@ -79,34 +111,69 @@ class Enforcer:
         for pid in self.protected:
             prot[ctypes.c_uint32(pid)] = ctypes.c_uint32(PINNED)  # type: ignore[index]
         exe_policy = self._map("exe_policy")
-        for exe in self.config.allow_exes:
-            key = exe_policy.Key()  # type: ignore[attr-defined]
-            key.path = exe.encode()[:255]
-            value = exe_policy.Leaf()  # type: ignore[attr-defined]
-            value.signal, value.policy_id = PROTECTED_FLAG, 0
-            exe_policy[key] = value  # type: ignore[index]
+        for exe in sorted(self.allow_exes):
+            self._set_exe_policy(exe_policy, exe, PROTECTED_FLAG, 0)
         bitmaps = self._map("deny_bitmaps")
-        for policy_id, (exe, names) in enumerate(sorted(self.config.deny_syscalls.items()), start=1):
+        for exe, policy_id in self.policy_ids.items():
             bm = bitmaps.Leaf()  # type: ignore[attr-defined]
-            for name in names:
-                nr = syscall_number(name)
+            for name in self.config.deny_syscalls[exe]:
+                nr = syscall_number(name)  # names were checked against libseccomp at config load
                 if 0 <= nr < 512:
                     bm.bits[nr >> 6] |= 1 << (nr & 63)
             bitmaps[ctypes.c_int(policy_id)] = bm  # type: ignore[index]
-            key = exe_policy.Key()  # type: ignore[attr-defined]
-            key.path = exe.encode()[:255]
-            value = exe_policy.Leaf()  # type: ignore[attr-defined]
-            value.signal, value.policy_id = 0, policy_id
-            exe_policy[key] = value  # type: ignore[index]
+            self._set_exe_policy(exe_policy, exe, 0, policy_id)
+
+    @staticmethod
+    def _set_exe_policy(exe_policy: object, exe: str, flag: int, policy_id: int) -> None:
+        key = exe_policy.Key()  # type: ignore[attr-defined]
+        key.path = exe.encode()[:255]
+        value = exe_policy.Leaf()  # type: ignore[attr-defined]
+        value.signal, value.policy_id = flag, policy_id
+        exe_policy[key] = value  # type: ignore[index]
 
     def protect_processes(self, procs: Iterable[ProcessInfo]) -> None:
         """Allow-listed executables already running when the agent started."""
         prot = self._map("protected_tgids")
-        allow = set(self.config.allow_exes)
         for info in procs:
-            if info.exe in allow:
+            if info.exe in self.allow_exes:
                 self.protected.add(info.pid)
                 prot[ctypes.c_uint32(info.pid)] = ctypes.c_uint32(INHERITED)  # type: ignore[index]
+
+    def on_exec(self, pid: int, exe: str = "") -> int:
+        """Apply the per-exe policy by the program ``pid`` really runs now, whatever path it was exec'd by
+        (``./x``, a symlink, ``/a/../x``): the kernel only matched the path string given to exec. Called
+        on every exec event (after the kernel's own exec-time step); ``exe`` is the process table's path,
+        used when /proc cannot say. Returns the deny policy id applied (0: none)."""
+        try:
+            pidfd = os.pidfd_open(pid)  # holds the process: its pid cannot be reused while we look
+        except OSError:
+            return 0  # gone: an entry now would wait for whoever gets the pid next
+        try:
+            return self._apply_exe_policy(pid, pidfd, resolved_exe(pid, exe))
+        finally:
+            os.close(pidfd)
+
+    def _apply_exe_policy(self, pid: int, pidfd: int, real: str) -> int:
+        key = ctypes.c_uint32(pid)
+        if real in self.allow_exes:
+            prot = self._map("protected_tgids")
+            prot[key] = ctypes.c_uint32(INHERITED)  # type: ignore[index]
+            if _pidfd_pid(pidfd) != pid:  # it exited meanwhile: the kernel's exit cleanup may have run
+                prot.pop(key, None)  # type: ignore[attr-defined]
+            return 0
+        policy_id = self.policy_ids.get(real, 0)
+        if not policy_id:
+            return 0
+        entry = self._map("enforce")
+        current = entry.get(key)  # type: ignore[attr-defined]
+        if current is not None and current.signal:
+            return policy_id  # a block is already pending: keep it
+        value = entry.Leaf()  # type: ignore[attr-defined]
+        value.signal, value.policy_id = 0, policy_id
+        entry[key] = value  # type: ignore[index]
+        if _pidfd_pid(pidfd) != pid:
+            entry.pop(key, None)  # type: ignore[attr-defined]
+        return policy_id
 
     def refusal(self, pid: int) -> str:
         """Why ``pid`` must never be blocked, or "" when it may be."""
@@ -115,34 +182,61 @@ class Enforcer:
         if pid in self.protected:
             return "the agent, its ancestors and allow-listed pids are never blocked"
         info = self.lookup(pid)
-        if info is not None and info.exe in self.config.allow_exes:
+        if info is not None and info.exe in self.allow_exes:
             return f"{info.exe} is allow-listed"
+        real = resolved_exe(pid)
+        if real in self.allow_exes:
+            return f"{real} is allow-listed"
         if is_kernel_thread(pid):
             return "kernel threads are never blocked"
         return ""
 
-    def block(self, pid: int, reason: str) -> BlockRecord:
+    def _identity_refusal(self, pid: int, pidfd: int, start_ns: int | None) -> str:
+        """Why the process the pidfd holds is not the one the decision was about ("" when it is)."""
+        if start_ns is None:
+            info = self.lookup(pid)
+            start_ns = info.start_ns if info is not None and info.start_ns > 0 else None
+        if start_ns is None:
+            return ""  # nothing to compare with: the pidfd alone pins the process now
+        now = self._reader.read_start_ns(pid)
+        if _pidfd_pid(pidfd) != pid or now is None:
+            return f"pid {pid} exited before it could be blocked"
+        if not self._reader.same_start(now, start_ns):
+            return f"pid {pid} was reused: the process now running started at {now} ns, not {start_ns} ns"
+        return ""
+
+    def block(self, pid: int, reason: str, start_ns: int | None = None) -> BlockRecord:
+        """Block ``pid`` (the configured action), or record why not. ``start_ns`` (CLOCK_MONOTONIC, as in
+        ProcessInfo.start_ns) is the start of the process the decision was about; when None, the process
+        table's is used."""
         sig_name = self.config.action
+        sig = SIGNALS[sig_name]
         why_not = self.refusal(pid)
+        pidfd = -1
+        if not why_not:
+            # Take the pidfd first: from here on the process it holds cannot be swapped for another.
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                why_not = f"pid {pid} is gone"
+        if not why_not:
+            why_not = self._identity_refusal(pid, pidfd, start_ns)
         if why_not:
+            if pidfd >= 0:
+                os.close(pidfd)
             rec = BlockRecord(time.time_ns(), pid, sig_name, False, f"refused: {why_not}")
         else:
             entry = self._map("enforce")
             value = entry.Leaf()  # type: ignore[attr-defined]
-            value.signal, value.policy_id = int(SIGNALS[sig_name]), 0
+            value.signal, value.policy_id = int(sig), 0
             entry[ctypes.c_uint32(pid)] = value  # type: ignore[index]
-            # A process asleep in a long syscall makes no next syscall: signal it from here too, through a
-            # pidfd taken now, so a reused pid is never hit. When the kernel holds the pid as protected (it
-            # inherited protection at fork) the BPF side will not signal it: do it at once.
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                pidfd = -1
-            if pidfd >= 0:
-                if self.kernel_protected(pid):
-                    self._fallback(pidfd, SIGNALS[sig_name])
-                else:
-                    threading.Timer(0.05, self._fallback, args=(pidfd, SIGNALS[sig_name])).start()
+            # A process asleep in a long syscall makes no next syscall: signal it from here too, through the
+            # pidfd. When the kernel holds the pid as protected (it inherited protection at fork) the BPF
+            # side will not signal it: do it at once.
+            if self.kernel_protected(pid):
+                self._fallback(pidfd, sig)
+            else:
+                threading.Timer(0.05, self._fallback, args=(pidfd, sig)).start()
             rec = BlockRecord(time.time_ns(), pid, sig_name, True, reason)
         with self._lock:
             self.records.append(rec)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import ipaddress
+import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from agent.config import AgentConfig, EnforceConfig, load_config
+from agent.config import AgentConfig, load_config, with_enforcement
 from agent.errors import ConfigError, NotYetAvailable
 from agent.pipeline import Pipeline, run_live, run_replay
 from agent.proc import ProcessTable, RuntimeContainerLookup, RuntimeSocket, runtime_sockets_present
@@ -20,6 +24,44 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "sysgram-default.onnx"
 DEFAULT_RULES = ROOT / "rules" / "sysgram_rules.yaml"
 DEFAULT_SECCOMP = {"host_default": str(ROOT / "rules" / "seccomp" / "host-default.json")}
+SECRET_ENV = "SYSGRAM_WEBHOOK_SECRET"  # the webhook secret without putting it on the command line (ps)
+T = TypeVar("T")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds more than 0, got {text!r}")
+    return value
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``PORT`` or ``[IPV6]:PORT`` -> (host, port); the host defaults to 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"--listen: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ConfigError(f"--listen: write an IPv6 address in brackets, e.g. [::1]:{port or 8765}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen: expected HOST:PORT or PORT with a port of 1-65535, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _located(cfg: AgentConfig, build: Callable[[], T]) -> T:
+    """``build()``; a ConfigError it raises about a section of the config names that key's line."""
+    try:
+        return build()
+    except ConfigError as err:
+        raise cfg.located(err) from None
 
 
 def register(subparsers: Any) -> None:
@@ -33,7 +75,7 @@ def register(subparsers: Any) -> None:
     learn = subparsers.add_parser(
         "learn", help="record this host's normal behaviour, then train a model on it"
     )
-    learn.add_argument("--seconds", type=float, required=True)
+    learn.add_argument("--seconds", type=_positive_seconds, required=True, help="how long to record (> 0)")
     learn.add_argument("-o", "--output", required=True, help="the model to write (.onnx; sidecar beside it)")
     learn.add_argument("--exe", action="append", default=[], help="only these executables")
     learn.add_argument("--epochs", type=int, default=0, help="training epochs (default: the trainer's)")
@@ -52,9 +94,14 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-default-rules", action="store_true", help="do not load rules/sysgram_rules.yaml")
     p.add_argument("--alerts-jsonl", help="also write alerts as JSON lines to this file")
     p.add_argument("--webhook", help="POST alerts to this URL (Falco JSON)")
-    p.add_argument("--webhook-secret", help="sign webhooks (Standard Webhooks); whsec_ secrets are base64")
     p.add_argument(
-        "--listen", help="ingestion + /metrics address HOST:PORT (default off; 127.0.0.1 if no host)"
+        "--webhook-secret",
+        help=f"sign webhooks (Standard Webhooks); whsec_ secrets are base64. Visible to every local user in "
+        f"ps: prefer the {SECRET_ENV} environment variable or outputs.webhook.secret in a 0600 config",
+    )
+    p.add_argument(
+        "--listen",
+        help="ingestion + /metrics address HOST:PORT, PORT or [IPV6]:PORT (default off; 127.0.0.1 if no host)",
     )
     p.add_argument("--falco-file", help="follow Falco's file_output (JSON lines) at this path")
     p.add_argument("--enforce", action="store_true", help="turn blocking on (off by default)")
@@ -64,21 +111,30 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> AgentConfig:
     cfg = load_config(args.config) if args.config else AgentConfig()
-    enforce = cfg.enforce
-    if args.enforce and not enforce.enabled:
-        enforce = EnforceConfig(
-            **{**{f: getattr(enforce, f) for f in enforce.__dataclass_fields__}, "enabled": True}
-        )
-    from dataclasses import replace
-
+    if args.enforce:
+        cfg = with_enforcement(cfg)
     return replace(
         cfg,
-        enforce=enforce,
         state_dir=args.state_dir or cfg.state_dir,
         model="" if args.no_model else (args.model or cfg.model or str(DEFAULT_MODEL)),
         rules=(*cfg.rules, *args.rules),
         default_rules=cfg.default_rules and not args.no_default_rules,
     )
+
+
+def _state_dir(cfg: AgentConfig, from_cli: bool) -> None:
+    """Create the state directory, or one line saying why it cannot be used."""
+    path = None if from_cli else cfg.source
+    line = None if from_cli else cfg.line_of("state_dir")
+    name = "--state-dir" if from_cli else "state_dir"
+    if os.path.exists(cfg.state_dir) and not os.path.isdir(cfg.state_dir):
+        raise ConfigError(f"{name}: {cfg.state_dir} is not a directory", path=path, line=line)
+    try:
+        os.makedirs(cfg.state_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot create {cfg.state_dir}: {err.strerror}", path=path, line=line) from None
+    if not os.access(cfg.state_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}: {cfg.state_dir} is not writable", path=path, line=line)
 
 
 def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -89,30 +145,26 @@ def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, An
         section["jsonl"] = {**(section.get("jsonl") or {}), "path": args.alerts_jsonl}
     if args.webhook:
         section["webhook"] = {**(section.get("webhook") or {}), "url": args.webhook}
-    if args.webhook_secret:
-        if not args.webhook:
-            raise ConfigError("--webhook-secret needs --webhook")
-        section["webhook"]["secret"] = args.webhook_secret
+    secret = args.webhook_secret or os.environ.get(SECRET_ENV)
+    if secret:
+        if not section.get("webhook"):
+            raise ConfigError(f"--webhook-secret ({SECRET_ENV}) needs --webhook or outputs.webhook")
+        webhook = section["webhook"]
+        section["webhook"] = {**({"url": webhook} if isinstance(webhook, str) else webhook), "secret": secret}
     if args.falco_file:
         section["falco_file"] = args.falco_file
     if args.listen:
-        host, _, port = args.listen.rpartition(":")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"--listen: expected HOST:PORT or PORT, got {args.listen!r}")
-        section["listen"] = {
-            **(section.get("listen") or {}),
-            "address": host or "127.0.0.1",
-            "port": int(port),
-        }
+        host, port = parse_listen(args.listen)
+        listen = {k: v for k, v in (section.get("listen") or {}).items() if k != "host"}
+        section["listen"] = {**listen, "address": host, "port": port}
     return section
 
 
 def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline, set[str]]:
     """Every room the config turns on, wired; and the syscalls that need details."""
     table = ProcessTable()
-    pipeline = Pipeline(
-        table=table, decisions=DecisionTable.from_mapping(cfg.verdict, cfg.enforce, source=cfg.source)
-    )
+    decisions = _located(cfg, lambda: DecisionTable.from_mapping(cfg.verdict, cfg.enforce, source=cfg.source))
+    pipeline = Pipeline(table=table, decisions=decisions)
     # The process table always needs exec (exact argv) and cwd changes (resolving relative paths).
     details: set[str] = {"execve", "execveat", "chdir", "fchdir", *cfg.detail_syscalls}
     rule_files = [*([str(DEFAULT_RULES)] if cfg.default_rules and DEFAULT_RULES.exists() else []), *cfg.rules]
@@ -120,7 +172,7 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         from agent.falco import Engine, load_rules
 
         ruleset, diagnostics = load_rules(rule_files, rule_matching=cfg.rule_matching)
-        errors = [d for d in diagnostics if getattr(d, "severity", "error") == "error"]
+        errors = [d for d in diagnostics if d.is_error]
         if errors:
             first = errors[0]
             raise ConfigError(f"rules: {first.message}", path=first.file, line=first.line, col=first.col)
@@ -142,14 +194,17 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         from agent.seccomp import PolicyEvaluator, SeccompConfig
 
         base = os.path.dirname(os.path.abspath(cfg.source)) if os.path.exists(cfg.source) else "."
-        pipeline.policy = PolicyEvaluator(
-            SeccompConfig.from_dict(seccomp_section, base_dir=base, source=cfg.source)
+        seccomp_config = _located(
+            cfg, lambda: SeccompConfig.from_dict(seccomp_section, base_dir=base, source=cfg.source)
         )
+        pipeline.policy = PolicyEvaluator(seccomp_config)
         details |= set(pipeline.policy.interesting_syscalls())
     from agent.respond import OutputConfig, build_outputs
 
-    out_cfg = OutputConfig.from_mapping(_outputs_section(cfg, args), source=cfg.source)
-    os.makedirs(cfg.state_dir, exist_ok=True)
+    out_cfg = _located(cfg, lambda: OutputConfig.from_mapping(_outputs_section(cfg, args), source=cfg.source))
+    if cfg.enforce.block_ingested and (out_cfg.listen is None or not out_cfg.listen.token):
+        raise cfg.error("enforce.block_ingested", "needs outputs.listen with a bearer token")
+    _state_dir(cfg, from_cli=bool(args.state_dir))
     pipeline.outputs = build_outputs(out_cfg, state_dir=cfg.state_dir, on_falco_alert=pipeline.on_falco_alert)
     return pipeline, details
 
@@ -215,6 +270,7 @@ def _run(args: argparse.Namespace) -> int:
             pipeline.enforcer = Enforcer(tracer.bpf, enforce_cfg, pipeline.table.get)
             pipeline.enforcer.protect_processes(pipeline.table.snapshot())
 
+    # run_live calls this once the tracer is loaded (a typed Pipeline field is asked for: sec_needs.md #4).
     pipeline.attach_tracer = attach  # type: ignore[attr-defined]
     return run_live(
         pipeline,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
+from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
 from tests.conftest import sysgram
 
@@ -66,3 +66,172 @@ def test_bad_listen_address_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--listen" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _load_error(tmp_path: Path, text: str | bytes) -> ConfigError:
+    p = tmp_path / "c.yaml"
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(p))
+    assert str(info.value).startswith(f"{p}:")  # file and line, then the message: one line
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("enforce:\n  allow_pids: [abc]\n", 2, "enforce.allow_pids[0]: expected a positive pid"),
+        ("enforce:\n  allow_pids:\n    - 12\n    - true\n", 4, "enforce.allow_pids[1]"),
+        ("enforce:\n  deny_syscalls: {/bin/true: 5}\n", 2, "expected a list of strings"),
+        ("enforce:\n  deny_syscalls:\n    /bin/true: read\n", 3, "got str 'read'"),
+        ("enforce:\n  deny_syscalls:\n    /bin/true: [read, nosuchcall]\n", 3, "unknown syscall 'nosuchcall'"),
+        ("enforce:\n  deny_syscalls:\n    bin/true: [read]\n", 3, "absolute executable path"),
+        ("enforce:\n  deny_syscalls:\n    /bin/true: []\n", 3, "at least one syscall"),
+        ("enforce:\n  block_min_priority: Critcal\n", 2, "unknown priority 'Critcal'"),
+        ("enforce:\n  block_anomaly_score: .nan\n", 2, "enforce.block_anomaly_score: expected a finite"),
+        ("enforce:\n  block_anomaly_score: -1\n", 2, "enforce.block_anomaly_score"),
+        ("enforce:\n  allow_exes: [1, 2]\n", 2, "enforce.allow_exes[0]: expected a non-empty string"),
+        ("enforce:\n  allow_exes: [sshd]\n", 2, "absolute executable path"),
+        ("enforce:\n  block_tags: sysgram.block\n", 2, "enforce.block_tags: expected list, got str"),
+        ("detail_syscalls: [bogus_call]\n", 1, "unknown syscall 'bogus_call'"),
+        ("flush_interval: -5\n", 1, "flush_interval: expected a finite number more than 0"),
+        ("flush_interval: .inf\n", 1, "flush_interval"),
+        ("state_dir: /tmp/a\nmodel: x\nstate_dir: /tmp/b\n", 3, "duplicate key 'state_dir' (first on line 1)"),
+        ("enforce:\n  enabled: true\n  enabled: false\n", 3, "duplicate key 'enabled' (first on line 2)"),
+        ("enforce:\n  block_ingested: true\n", 2, "needs outputs.listen.token"),
+        ("enforce:\n  block_ingested: true\noutputs:\n  listen: {port: 9000}\n", 2, "outputs.listen.token"),
+    ],
+)
+def test_bad_values_name_file_and_line(tmp_path: Path, text: str, line: int, words: str) -> None:
+    err = _load_error(tmp_path, text)
+    assert err.line == line
+    assert words in err.message
+
+
+def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
+    err = _load_error(tmp_path, b"state_dir: /tmp/x\n\xff\xfe bad\n")
+    assert err.line == 2 and "UTF-8" in err.message
+
+
+def test_enforcement_values_are_read(tmp_path: Path) -> None:
+    real = tmp_path / "bin" / "tool"
+    real.parent.mkdir()
+    real.write_bytes(b"")
+    (tmp_path / "link").symlink_to(real)
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "enforce:\n"
+        "  allow_pids: [42]\n"
+        "  block_min_priority: critical\n"
+        "  block_anomaly_score: 3\n"
+        f"  deny_syscalls:\n    {tmp_path}/link: [ptrace, getppid]\n"
+        "  block_ingested: true\n"
+        "outputs:\n  listen: {token: s3cret}\n"
+    )
+    enforce = load_config(str(p)).enforce
+    assert enforce.allow_pids == (42,)
+    assert enforce.block_min_priority == "Critical"
+    assert enforce.block_anomaly_score == 3.0
+    assert dict(enforce.deny_syscalls) == {str(real): ("ptrace", "getppid")}  # resolved at load
+    assert enforce.block_ingested
+
+
+def test_cli_state_dir_that_cannot_be_used_is_one_line(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    recording = tmp_path / "none.parquet"
+    for state_dir, words in (("/proc/sysgram-nope", "cannot create"), (str(a_file), "not a directory")):
+        result = sysgram("replay", str(recording), "--no-model", "--state-dir", state_dir)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sysgram: error: --state-dir: ") and words in lines[0]
+
+
+def test_config_state_dir_error_names_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("model: ''\nstate_dir: /proc/sysgram-nope\n")
+    result = sysgram("replay", str(tmp_path / "none.parquet"), "--no-model", "--config", str(p))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"sysgram: error: {p}:2: state_dir: cannot create /proc/sysgram-nope: No such file or directory"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "line", "words"),
+    [
+        ("outputs:\n  console: false\n  webhook: {url: ftp://x}\n", 3, "outputs.webhook.url"),
+        ("outputs:\n  listen: {port: 99999}\n", 2, "outputs.listen.port"),
+        ("verdict:\n  escalate: 1\n  anomaly_priority: Nope\n", 3, "verdict.anomaly_priority"),
+        ("seccomp:\n  bogus: 1\n", 2, "seccomp.bogus"),
+    ],
+)
+def test_other_rooms_sections_name_the_line(tmp_path: Path, section: str, line: int, words: str) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(section)
+    result = sysgram("replay", str(tmp_path / "none.parquet"), "--no-model", "--no-default-rules",
+                     "--config", str(p), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sysgram: error: {p}:{line}: {words}"), lines
+
+
+@pytest.mark.parametrize(
+    ("listen", "words"),
+    [("99999", "1-65535"), ("0", "1-65535"), ("::1:8765", "brackets"), ("[nope]:8765", "not an IPv6")],
+)
+def test_bad_listen_option_is_one_line(tmp_path: Path, listen: str, words: str) -> None:
+    result = sysgram("replay", str(tmp_path / "none.parquet"), "--no-model", "--no-default-rules",
+                     "--listen", listen, "--state-dir", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--listen" in lines[0] and words in lines[0]
+
+
+def test_parse_listen_accepts_bracketed_ipv6() -> None:
+    from agent.pipeline_commands import parse_listen
+
+    assert parse_listen("[::1]:8766") == ("::1", 8766)
+    assert parse_listen("8766") == ("127.0.0.1", 8766)
+    assert parse_listen("10.0.0.1:80") == ("10.0.0.1", 80)
+
+
+def test_learn_needs_positive_seconds(tmp_path: Path) -> None:
+    for seconds in ("-1", "0", "nan"):
+        result = sysgram("learn", "--seconds", seconds, "-o", str(tmp_path / "m.onnx"))
+        assert result.returncode == 2
+        assert "--seconds" in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "m.onnx").exists()
+
+
+def test_webhook_secret_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from agent.pipeline_commands import SECRET_ENV, _agent_options, _outputs_section
+
+    parser = argparse.ArgumentParser()
+    _agent_options(parser)
+    monkeypatch.setenv(SECRET_ENV, "from-the-env")
+    args = parser.parse_args(["--webhook", "http://127.0.0.1:9/hook"])
+    section = _outputs_section(load_config_text("outputs: {console: false}\n"), args)
+    assert section["webhook"] == {"url": "http://127.0.0.1:9/hook", "secret": "from-the-env"}
+    # the command line still wins; without a webhook anywhere a secret is refused
+    args = parser.parse_args(["--webhook", "http://127.0.0.1:9/hook", "--webhook-secret", "cli"])
+    assert _outputs_section(load_config_text(""), args)["webhook"]["secret"] == "cli"
+    with pytest.raises(ConfigError, match=SECRET_ENV):
+        _outputs_section(load_config_text(""), parser.parse_args([]))
+    monkeypatch.delenv(SECRET_ENV)
+    assert "webhook" not in _outputs_section(load_config_text(""), parser.parse_args([]))
+
+
+def load_config_text(text: str) -> AgentConfig:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
+        fh.write(text)
+        fh.flush()
+        return load_config(fh.name)

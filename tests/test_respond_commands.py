@@ -71,3 +71,12 @@ def test_bench_quick_delivers_everything() -> None:
         assert killed.value == 10
         assert all(float(figures[f"open -> {what} p{q}"].value) > 0 for what in ("process dead", "block alert written")
                    for q in (50, 99))
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
+def test_alerts_listen_refuses_a_port_out_of_range(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["alerts", "listen", "--port", port, "--seconds", "0.1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--port" in err and "1-65535" in err and "Traceback" not in err

@@ -226,3 +226,119 @@ def test_parse_accepts_null_fields_and_rejects_bad_tags() -> None:
     assert alert.output_fields == {} and alert.tags == () and alert.hostname == ""
     with pytest.raises(ValueError, match="tags"):
         parse_falco_alert({**FALCO_PAYLOAD, "tags": "T1555"})
+
+
+class Flaky(Collected):
+    """Fails on the alerts named in ``failing`` until they are removed from it."""
+
+    def __init__(self, failing: set[str]) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def __call__(self, alert: FalcoAlert) -> None:
+        if alert.rule in self.failing:
+            raise RuntimeError("the pipeline is busy")
+        super().__call__(alert)
+
+
+def test_file_tail_keeps_a_line_whose_callback_failed_and_retries_it_in_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "events.json"
+    path.write_text("")
+    got = Flaky({"two"})
+    metrics = Metrics()
+    tail = FalcoFileTail(path, got, metrics)
+    append(path, line("one") + line("two") + line("three"))
+    with caplog.at_level("ERROR", logger="sysgram.respond"):
+        assert tail.poll() == 1
+        assert tail.poll() == 0  # still failing: "three" waits behind "two"
+    assert [a.rule for a in got.alerts] == ["one"]
+    assert metrics.value("sysgram_falco_ingest_errors_total", reason="callback") == 2
+    assert any(f"{path}:2:" in r.getMessage() for r in caplog.records)  # the line that failed, by number
+    append(path, line("four"))
+    got.failing.clear()
+    assert tail.poll() == 3
+    tail.close()
+    assert [a.rule for a in got.alerts] == ["one", "two", "three", "four"]
+
+
+def test_file_tail_counts_lines_from_1_again_after_truncation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "events.json"
+    path.write_text("")
+    tail = FalcoFileTail(path, Collected(), Metrics())
+    append(path, line("a") + line("b") + line("c"))
+    assert tail.poll() == 3
+    path.write_text("garbage\n")  # copytruncate, then a broken first line
+    with caplog.at_level("WARNING", logger="sysgram.respond"):
+        assert tail.poll() == 0
+    tail.close()
+    assert [r.getMessage().split(" not a Falco")[0] for r in caplog.records] == [f"{path}:1:"]
+
+
+def test_file_tail_does_not_leave_a_rotated_file_with_lines_unhanded(tmp_path: Path) -> None:
+    path = tmp_path / "events.json"
+    path.write_text("")
+    got = Flaky({"old-2"})
+    tail = FalcoFileTail(path, got, Metrics())
+    append(path, line("old-1") + line("old-2") + line("old-3"))
+    os.rename(path, tmp_path / "events.json.1")
+    path.write_text(line("new-1"))
+    tail.poll()
+    got.failing.clear()
+    tail.poll()
+    tail.poll()
+    tail.close()
+    assert [a.rule for a in got.alerts] == ["old-1", "old-2", "old-3", "new-1"]
+
+
+def test_is_local_tells_this_hosts_alerts_from_others() -> None:
+    import socket
+
+    here = socket.gethostname()
+    assert parse_falco_alert({**FALCO_PAYLOAD, "hostname": here}).is_local
+    assert parse_falco_alert({**FALCO_PAYLOAD, "hostname": here.upper()}).is_local
+    assert parse_falco_alert({**FALCO_PAYLOAD, "hostname": ""}).is_local  # nothing says otherwise
+    assert not parse_falco_alert({**FALCO_PAYLOAD, "hostname": here + "-elsewhere"}).is_local
+
+
+def test_a_stalled_client_is_dropped_after_the_socket_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from agent.respond import _ingest
+
+    assert _ingest._Handler.timeout is not None and _ingest._Handler.timeout > 0
+    monkeypatch.setattr(_ingest._Handler, "timeout", 0.3)  # the real one, shortened for the test
+    srv = IngestServer(Collected(), Metrics(), address="127.0.0.1", port=0).start()
+    try:
+        with socket.create_connection(srv.address, timeout=30) as conn:
+            conn.sendall(b"POST / HTTP/1.1\r\nhost: x\r\n")  # ... and then nothing more
+            # The server gives up on us: it closes the connection (recv sees the end) well before ours ends.
+            assert conn.recv(1024) == b""
+    finally:
+        srv.close()
+
+
+def test_the_server_listens_on_ipv6_loopback() -> None:
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    got = Collected()
+    try:
+        srv = IngestServer(got, Metrics(), address="::1", port=0).start()
+    except ConfigError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    try:
+        assert srv.url.startswith("http://[::1]:")
+        assert httpx.post(srv.url + "/", json=FALCO_PAYLOAD, timeout=10).status_code == 200
+    finally:
+        srv.close()
+    assert [a.rule for a in got.alerts] == [FALCO_PAYLOAD["rule"]]
+
+
+def test_a_port_out_of_range_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="out of range"):
+        IngestServer(Collected(), Metrics(), address="127.0.0.1", port=99999)

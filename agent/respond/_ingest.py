@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,12 @@ from agent.respond._metrics import METRICS_CONTENT_TYPE, Metrics
 log = logging.getLogger("sysgram.respond")
 
 MAX_BODY = 1024 * 1024
+CLIENT_TIMEOUT = 10.0  # seconds a client may stall mid-request before its connection (and thread) is dropped
+
+
+def _local_names() -> frozenset[str]:
+    names = {socket.gethostname(), socket.getfqdn()}
+    return frozenset(n.lower() for n in names if n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,16 @@ class FalcoAlert:
     hostname: str = ""
     source: str = "syscall"
     uuid: str = ""  # Falcosidekick adds one; Falco itself does not
+
+    @property
+    def is_local(self) -> bool:
+        """Whether Falco ran on this host (an empty hostname cannot say otherwise). A pid in another host's
+        alert names some unrelated process here: such alerts are never correlated or blocked by pid."""
+        if not self.hostname:
+            return True
+        name = self.hostname.lower()
+        local = _local_names()
+        return name in local or name.split(".", 1)[0] in {n.split(".", 1)[0] for n in local}
 
     @property
     def time_ns(self) -> int:
@@ -115,10 +132,15 @@ class _Server(ThreadingHTTPServer):
     ingest: IngestServer
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "sysgram"
     protocol_version = "HTTP/1.1"
+    timeout = CLIENT_TIMEOUT  # socket timeout: a stalled client cannot hold its thread forever
     disable_nagle_algorithm = True  # headers and body are separate writes
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -207,11 +229,14 @@ class IngestServer:
             raise ConfigError(f"listen: a bearer token is required to listen on {address} (not loopback)")
         if token is not None and not token:
             raise ConfigError("listen: the bearer token must not be empty")
+        if not 0 <= port <= 65535:  # 0: any free port
+            raise ConfigError(f"listen: port {port} is out of range (1-65535)")
         self.callback = callback
         self.metrics = metrics
         self.token = token
         try:
-            self._server = _Server((address, port), _Handler)
+            server_class = _Server6 if ":" in address else _Server  # an IPv6 literal such as ::1
+            self._server = server_class((address, port), _Handler)
         except OSError as err:
             raise ConfigError(f"listen: cannot listen on {address}:{port}: {err.strerror}") from None
         self._server.ingest = self
@@ -231,7 +256,7 @@ class IngestServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> IngestServer:
         self._thread = threading.Thread(
@@ -271,6 +296,9 @@ class FalcoFileTail:
         self._inode: tuple[int, int] | None = None
         self._partial = b""
         self._line_no = 0
+        # A line whose alert the callback failed on, with its line number: handed on again first next poll
+        # (nothing accepted is lost), before any line after it (order kept).
+        self._retry: tuple[bytes, int] | None = None
         self._open(at_end=not from_start)
 
     def _open(self, *, at_end: bool) -> None:
@@ -312,42 +340,60 @@ class FalcoFileTail:
             return handed  # rotated away and not yet recreated: keep the old one open
         if (st.st_dev, st.st_ino) != self._inode:
             handed += self._drain(final=True)
+            if self._retry is not None:
+                return handed  # the old file is read to its end only once its lines are handed on
             self._file.close()
             self._open(at_end=False)
             handed += self._drain()
         elif st.st_size < self._file.tell():  # truncated in place (copytruncate)
             self._file.seek(0)
-            self._partial = b""
+            # Whole lines still waiting behind a failed one were read already: they are kept.
+            waiting, newline, _ = self._partial.rpartition(b"\n")
+            self._partial, self._line_no = waiting + newline, 0
             handed += self._drain()
         return handed
 
     def _drain(self, *, final: bool = False) -> int:
         handed = 0
+        if self._retry is not None:
+            line, line_no = self._retry
+            self._retry = None
+            handed += self._line(line, line_no)
+            if self._retry is not None:
+                return handed  # still failing: keep the rest waiting behind it
         while chunk := self._file.read(65536):
             self._partial += chunk
             *lines, self._partial = self._partial.split(b"\n")
-            for line in lines:
-                handed += self._line(line)
+            for i, line in enumerate(lines):
+                self._line_no += 1
+                handed += self._line(line, self._line_no)
+                if self._retry is not None:
+                    # The callback failed: the unread lines go back in front of the partial one, in order.
+                    rest = lines[i + 1:]
+                    self._partial = b"\n".join([*rest, self._partial]) if rest else self._partial
+                    return handed
         if final and self._partial.strip():
-            handed += self._line(self._partial)  # the old file will not grow any more
+            self._line_no += 1
+            handed += self._line(self._partial, self._line_no)  # the old file will not grow any more
             self._partial = b""
         return handed
 
-    def _line(self, line: bytes) -> int:
-        self._line_no += 1
+    def _line(self, line: bytes, line_no: int) -> int:
         if not line.strip():
             return 0
         try:
             alert = parse_falco_json(line)
         except FalcoPayloadError as err:
             self.metrics.falco_error("malformed")
-            log.warning("%s:%d: not a Falco alert: %s", self.path, self._line_no, err)
+            log.warning("%s:%d: not a Falco alert: %s", self.path, line_no, err)
             return 0
         try:
             self.callback(alert)
         except Exception as err:
             self.metrics.falco_error("callback")
-            log.error("%s:%d: handling Falco alert %r failed: %s", self.path, self._line_no, alert.rule, err)
+            log.error("%s:%d: handling Falco alert %r failed (will retry): %s", self.path, line_no, alert.rule,
+                      err)
+            self._retry = (line, line_no)
             return 0
         self.metrics.falco_ingested("file")
         return 1

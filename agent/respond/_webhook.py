@@ -10,7 +10,7 @@ Delivery policy (docs/alerts.md says the same):
   to the other sinks, and alerts keep being spooled (up to ``spool_max``) until re-enabled.
 * any other answer (a 400 with garbage, a 3xx...): a rejection; retried with backoff up to
   ``max_attempts`` times, then moved to the dead letters (kept in the spool file, an internal alert
-  raised, ``sysgram spool --requeue-dead`` puts them back in line).
+  raised, ``sysgram alerts spool --requeue-dead`` puts them back in line).
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ class WebhookSink:
         self._raise_internal(internal_alert(
             "Sysgram webhook endpoint disabled", "Error",
             f"webhook {self.url} {why}; delivery stopped, {self.spool.depth} alerts kept in the spool "
-            f"(re-enable with: sysgram spool STATE_DIR --enable)",
+            f"(re-enable with: sysgram alerts spool STATE_DIR --enable)",
             url=self.url, spooled=self.spool.depth,
         ))
 

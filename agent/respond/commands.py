@@ -38,11 +38,17 @@ def register(subparsers: Any) -> None:
 
     listen = sub.add_parser("listen", help="print Falco alerts posted to it (serves /metrics)")
     listen.add_argument("--address", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    listen.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    listen.add_argument("--port", type=_port, default=8765, help="port 1-65535 (default 8765)")
     listen.add_argument("--token", help="bearer token (required off loopback); env SYSGRAM_LISTEN_TOKEN")
     listen.add_argument("--falco-file", metavar="PATH", help="also follow Falco's file_output")
     listen.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
     listen.set_defaults(handler=_listen)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
 
 
 def _test(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from agent.seccomp._policy import (
     seccomp_status,
 )
 from agent.seccomp._profile import (
+    ARCHES,
     CAPABILITIES,
     Action,
     ArgCondition,
@@ -30,6 +31,7 @@ from agent.seccomp._profile import (
 )
 
 __all__ = [
+    "ARCHES",
     "CAPABILITIES",
     "EXEC_BASELINE",
     "Action",

@@ -7,10 +7,12 @@ Section (YAML, loaded by the config room; validated here)::
       container_default: ../shared/seccomp-profiles/docker-default.json   # any container; null = none
       assign:                                             # first match wins, before the defaults
         - profile: profiles/nginx.json
-          exes: ["/usr/sbin/nginx", "/opt/*/bin/nginx"]   # globs on the resolved exe path
+          exes: ["/usr/sbin/nginx", "/opt/*/bin/nginx"]   # globs on the exe path, or its resolved path
         - profile: profiles/db.json
           containers: ["3f2a9c1b7d4e"]                     # container id (or its prefix, >= 12 chars)
 
+An ``exes`` glob matches the exe path as the process table knows it (made absolute) or, for host processes,
+that path with symlinks and ``..`` resolved: a program run through a link gets its real program's profile.
 An entry with both ``exes`` and ``containers`` needs both to match. Relative paths are taken from the
 directory of the config file.
 """
@@ -43,9 +45,20 @@ class ProfileAssignment:
     containers: tuple[str, ...] = ()
 
     def matches(self, proc: ProcessInfo) -> bool:
-        if self.exes and not any(fnmatch.fnmatchcase(proc.exe, pattern) for pattern in self.exes):
-            return False
+        if self.exes:
+            paths = _exe_paths(proc)
+            if not any(fnmatch.fnmatchcase(path, pattern) for path in paths for pattern in self.exes):
+                return False
         return not self.containers or any(_same_container(proc.container_id, c) for c in self.containers)
+
+
+def _exe_paths(proc: ProcessInfo) -> tuple[str, ...]:
+    """The exe as known, and resolved (links, ``..``) when it is a host path: a container's paths live in
+    its own mount namespace, where this host's links mean nothing."""
+    if proc.container_id != HOST_CONTAINER_ID or not proc.exe.startswith("/"):
+        return (proc.exe,)
+    real = os.path.realpath(proc.exe)
+    return (proc.exe,) if real == proc.exe else (proc.exe, real)
 
 
 def _same_container(container_id: str, wanted: str) -> bool:

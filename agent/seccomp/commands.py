@@ -111,17 +111,31 @@ def _int_arg(text: str, position: int) -> int:
         raise ConfigError(f"ARG {position}: {text!r} is not an integer") from None
 
 
+def _arch(text: str | None) -> str | None:
+    """``SCMP_ARCH_X86`` (or ``x86``, any case) -> the OCI name; None stays None (the host's)."""
+    from agent.seccomp import ARCHES
+
+    if text is None:
+        return None
+    name = text.upper()
+    name = name if name.startswith("SCMP_ARCH_") else f"SCMP_ARCH_{name}"
+    if name not in ARCHES:
+        raise ConfigError(f"--arch: unknown architecture {text!r} (one of {', '.join(ARCHES)})")
+    return name
+
+
 def _eval(args: argparse.Namespace) -> int:
     from agent.capture.names import known_names
     from agent.seccomp import ProfileEvaluator, load_profile
 
+    arch = _arch(args.arch)
     if len(args.args) > 6:
         raise ConfigError("a syscall has at most 6 arguments")
     if args.syscall not in known_names(False) | known_names(True):
         raise ConfigError(f"SYSCALL: unknown syscall {args.syscall!r}")
     values = tuple(_int_arg(a, i) for i, a in enumerate(args.args))
     profile = load_profile(args.profile)
-    decision = ProfileEvaluator(profile).decide(args.syscall, values, _caps(args.caps) or 0, args.arch)
+    decision = ProfileEvaluator(profile).decide(args.syscall, values, _caps(args.caps) or 0, arch)
     print(decision.explanation)
     return 0
 

@@ -1,7 +1,8 @@
 """The cross-check: one decision step over the anomaly scorer, the Falco engine, the seccomp evaluator and
 ingested Falco alerts. Machine learning alone never blocks.
 
-The decision table (defaults; each row configurable under ``verdict:`` in the config, see docs/verdicts.md):
+The decision table (defaults; each row configurable under ``verdict:`` in the config; blocking is
+described in docs/enforcement.md):
 
 =============================  ===========================  ==========================================
 evidence                        severity                     action
@@ -17,7 +18,9 @@ anomaly + rule                  rule priority raised by      alert; block when t
 anomaly + seccomp violation     ``anomaly_seccomp_priority`` alert
                                 Error
 ingested Falco alert            its priority, raised by      alert (correlated with the process's anomaly
- (+ anomalous process)          ``escalate`` when anomalous  state); blocks like a rule when enabled
+ (+ anomalous process)          ``escalate`` when anomalous  state); never blocks unless
+                                                             ``enforce.block_ingested`` (which needs a
+                                                             bearer token on the ingestion endpoint)
 =============================  ===========================  ==========================================
 """
 
@@ -27,17 +30,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent.config import EnforceConfig
+from agent.config import PRIORITIES, EnforceConfig, canonical_priority
 from agent.errors import ConfigError
 
-PRIORITIES = ("Emergency", "Alert", "Critical", "Error", "Warning", "Notice", "Informational", "Debug")
 Action = Literal["log", "alert", "block"]
 
 
 def _rank(priority: str) -> int:
-    p = priority.capitalize()
-    p = "Informational" if p == "Info" else p
-    return PRIORITIES.index(p) if p in PRIORITIES else PRIORITIES.index("Warning")
+    p = canonical_priority(priority)
+    return PRIORITIES.index(p) if p is not None else PRIORITIES.index("Warning")
 
 
 def escalate(priority: str, levels: int) -> str:
@@ -85,6 +86,7 @@ class DecisionTable:
             "escalate",
             "min_priority",
         }
+        values: dict[str, Any] = {}
         for key, value in data.items():
             if key not in known:
                 raise ConfigError(
@@ -93,19 +95,28 @@ class DecisionTable:
             if key == "escalate":
                 if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 7:
                     raise ConfigError("verdict.escalate: expected an integer 0..7", path=source)
-            elif not isinstance(value, str) or value.capitalize() not in (*PRIORITIES, "Info"):
-                raise ConfigError(
-                    f"verdict.{key}: expected a priority ({', '.join(PRIORITIES)})", path=source
-                )
-        return cls(enforce=enforce, **dict(data))
+                values[key] = value
+            else:
+                canonical = canonical_priority(value) if isinstance(value, str) else None
+                if canonical is None:
+                    raise ConfigError(
+                        f"verdict.{key}: expected a priority ({', '.join(PRIORITIES)}), got {value!r}",
+                        path=source,
+                    )
+                values[key] = canonical
+        return cls(enforce=enforce, **values)
 
     def _blocks(self, ev: Evidence, anomalous_score: float | None) -> bool:
         e = self.enforce
         if not e.enabled or ev.kind not in ("rule", "falco"):
             return False
+        # An ingested alert comes from whoever can reach the endpoint: it names any pid it likes.
+        if ev.kind == "falco" and not e.block_ingested:
+            return False
         if ev.name in e.block_rules or any(t in e.block_tags for t in ev.tags):
             return True
-        if e.block_min_priority and _rank(ev.priority) <= _rank(e.block_min_priority):
+        threshold = canonical_priority(e.block_min_priority) if e.block_min_priority else None
+        if threshold is not None and _rank(ev.priority) <= PRIORITIES.index(threshold):
             return True
         return bool(
             e.block_anomaly_score and anomalous_score is not None and anomalous_score >= e.block_anomaly_score
