@@ -31,6 +31,10 @@ OVERLOAD_RULE = "Sysgram internal: syscall event drop"  # named after Falco's "F
 OVERLOAD_PRIORITY: Final = "Critical"  # lost events are blind spots an attacker can make on purpose
 OVERLOAD_INTERVAL_NS = 30_000_000_000  # at most one overload alert per 30 s
 SAMPLE_INTERVAL_S = 1.0  # how often drops and model stats are sampled into the metrics
+DETECTOR_SLICE_ROWS = 65536
+# The agent runs ahead of the workloads it watches (auditd boosts itself likewise: priority_boost = 4):
+# at nice 0 a busy host's fair share left it ~0.3 cores and it dropped events (docs/performance.md).
+AGENT_NICE = -10
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,23 +119,31 @@ class Pipeline:
         self.counters["syscalls"] += len(batch)
         if self.metrics is not None:
             self.metrics.events.inc(len(batch))
-        compat = self.table.compat_mask(batch["tgid"])
-        if compat.any():
-            batch = batch.copy()
-            batch["flags"][compat] |= FLAG_COMPAT
+        tgid = batch["tgid"]
+        # Rows come in runs of one process: the batch's processes are the run heads, not a sort of every row.
+        heads = np.empty(len(tgid), dtype=bool)
+        heads[0] = True
+        np.not_equal(tgid[1:], tgid[:-1], out=heads[1:])
+        pids = set(tgid[heads].tolist())
+        exe_of = self.table.exe_of(pids)  # also reads processes the table has not seen yet
+        if self.table.has_compat:
+            compat = self.table.compat_mask(tgid)
+            if compat.any():
+                batch = batch.copy()
+                batch["flags"][compat] |= FLAG_COMPAT
         if self.recorder is not None:
             if self.filters.active:
-                tgids = np.unique(batch["tgid"])
-                keep = np.array([t for t in tgids.tolist() if self._matches(t)], dtype=np.uint32)
+                keep = np.array([t for t in sorted(pids) if self._matches(t)], dtype=np.uint32)
                 batch = batch[np.isin(batch["tgid"], keep)]
             self.recorder.add_syscalls(batch)
         if self.detector is not None:
-            exe_of = self.table.exe_of(np.unique(batch["tgid"]).tolist())
-            for anomaly in self.detector.push(batch, exe_of):
-                self.counters["anomalies"] += 1
-                if self.metrics is not None:
-                    self.metrics.anomalies.inc()
-                self._anomaly(anomaly)
+            # bounded slices keep the detector's per-window temporaries small after a backlog
+            for start in range(0, len(batch), DETECTOR_SLICE_ROWS):
+                for anomaly in self.detector.push(batch[start:start + DETECTOR_SLICE_ROWS], exe_of):
+                    self.counters["anomalies"] += 1
+                    if self.metrics is not None:
+                        self.metrics.anomalies.inc()
+                    self._anomaly(anomaly)
 
     def _proc(self, event: ProcEvent) -> None:
         self.counters["proc_events"] += 1
@@ -425,6 +437,37 @@ def _ready(source: LiveSource) -> None:
     )
 
 
+def _own_threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [threading.get_native_id()]
+
+
+def boost_priority(nice: int) -> dict[int, int]:
+    """Set every thread of this process to ``nice`` (threads started later inherit it from their creator);
+    -> each changed thread's previous nice value, for :func:`restore_priority`. Threads where the
+    change is refused (no CAP_SYS_NICE) keep theirs."""
+    previous: dict[int, int] = {}
+    for tid in _own_threads():
+        try:
+            old = os.getpriority(os.PRIO_PROCESS, tid)  # on Linux, PRIO_PROCESS with a tid is one thread
+            if old != nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                previous[tid] = old
+        except OSError:  # refused, or the thread is gone
+            continue
+    return previous
+
+
+def restore_priority(previous: dict[int, int]) -> None:
+    for tid, old in previous.items():
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, old)
+        except OSError:
+            continue
+
+
 def run_live(
     pipeline: Pipeline,
     *,
@@ -433,8 +476,14 @@ def run_live(
     enforce: bool = False,
     flush_interval: float = 0.02,
     queue_max_events: int = 2_000_000,
+    nice: int | None = AGENT_NICE,
 ) -> int:
-    """Capture until SIGINT/SIGTERM (or ``seconds``); print ``sysgram: stats {json}`` last; exit 0."""
+    """Capture until SIGINT/SIGTERM (or ``seconds``); print ``sysgram: stats {json}`` last; exit 0.
+
+    ``nice``: the scheduling priority of the agent's threads while it captures (None: leave it). The
+    agent's work follows the host's syscalls; at the default nice 0, under load it gets a fair share of
+    the CPUs like any busy thread and falls behind while using well under a core (docs/performance.md).
+    """
     from agent.capture._decode import SPECS
 
     details = set(SPECS) if detail_syscalls is None else detail_syscalls
@@ -443,9 +492,14 @@ def run_live(
     )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    boosted: dict[int, int] = {}
     try:
+        if nice is not None:
+            boosted = boost_priority(nice)  # before the capture threads start: they inherit it
         pipeline.seed()
         source.start()
+        if nice is not None:
+            boosted = {**boost_priority(nice), **boosted}  # threads started since (the first value wins)
         if getattr(pipeline, "attach_tracer", None):
             pipeline.attach_tracer(source.tracer)  # type: ignore[attr-defined]
         _ready(source)
@@ -473,6 +527,7 @@ def run_live(
         source.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        restore_priority(boosted)
     return _finish(pipeline, drops)
 
 

@@ -214,6 +214,19 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def thread_schedstat(pid: int, tid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of one thread, from its schedstat."""
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+        on_cpu, waiting, _ = fh.read().split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+
+def proc_nice(pid: int) -> int:
+    """The nice value of a process's main thread (field 19 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rpartition(")")[2].split()[16])
+
+
 def _proc_status_kb(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -575,6 +588,7 @@ def _overhead(tools: Tools, scale: Scale) -> list[Figure]:
     with running(_agent_args(tools.workdir)) as agent:
         idle_rss = _settle_rss(agent, 5.0)
         idle_cores = _cpu_rate(agent, 1.0)
+        nice = proc_nice(agent.pid)
         ours = [_loop_ns(tools.loop, scale.loop_syscalls) for _ in range(scale.overhead_rounds)]
         t0 = time.monotonic()
         stats = agent.stop()  # it handles everything queued before it prints its stats
@@ -602,6 +616,8 @@ def _overhead(tools: Tools, scale: Scale) -> list[Figure]:
         ),
         Figure(PART, "agent RSS idle", round(idle_rss, 1), "MB"),
         Figure(PART, "agent CPU idle (the host's own syscalls)", round(idle_cores, 2), "cores"),
+        # the agent runs ahead of the workloads (run_live's nice): every figure here is with that priority
+        Figure(PART, "agent's scheduling priority (nice)", nice, ""),
     ]
 
 
@@ -648,15 +664,19 @@ def _latency(tools: Tools, scale: Scale) -> list[Figure]:
 
 def _sustained(tools: Tools, scale: Scale) -> list[Figure]:
     """Step the offered rate up, one fresh agent per step, until the agent's stats are not clean."""
-    best: tuple[float, float, float] | None = None  # achieved rate, agent CPU (cores), peak RSS MB
+    # achieved rate, agent CPU (cores), peak RSS MB, pipeline thread CPU ns/syscall and run-queue wait (cores)
+    best: tuple[float, float, float, float, float] | None = None
     first_bad: tuple[float, dict[str, int]] | None = None
     offered_max = 0.0
     ended = "every step was clean"
     for rate in scale.rates:
         with running(_agent_args(tools.workdir)) as agent:
             cpu0, t0 = agent.cpu_s(), time.monotonic()
+            main0 = thread_schedstat(agent.pid, agent.pid)  # the pipeline thread is the main thread
             achieved = _paced(tools, rate, scale.step_seconds, scale.loaders)
-            cpu = (agent.cpu_s() - cpu0) / (time.monotonic() - t0)
+            main1 = thread_schedstat(agent.pid, agent.pid)
+            wall = time.monotonic() - t0
+            cpu = (agent.cpu_s() - cpu0) / wall
             peak = agent.peak_rss_mb()
             unclean = _unclean(agent.stop())
         offered_max = max(offered_max, achieved)
@@ -664,7 +684,9 @@ def _sustained(tools: Tools, scale: Scale) -> list[Figure]:
             first_bad = (achieved, unclean)
             ended = "the agent's stats were not clean"
             break
-        best = (achieved, cpu, peak)
+        pipeline_ns = (main1[0] - main0[0]) * 1e9 / max(achieved * wall, 1.0)
+        if best is None or achieved > best[0]:  # a later step the host could not feed may offer less
+            best = (achieved, cpu, peak, pipeline_ns, (main1[1] - main0[1]) / wall)
         if achieved < 0.9 * rate:  # the host cannot offer more: the agent was not the limit
             ended = f"the host could not offer more (asked {rate / 1e6:g} M/s, got {achieved / 1e6:.3f})"
             break
@@ -678,6 +700,10 @@ def _sustained(tools: Tools, scale: Scale) -> list[Figure]:
         ),
         Figure(PART, "agent CPU at that rate", round(best[1], 2) if best else 0.0, "cores"),
         Figure(PART, "agent peak RSS at that rate", round(best[2], 1) if best else 0.0, "MB"),
+        Figure(PART, "pipeline thread CPU per offered syscall", round(best[3], 1) if best else 0.0, "ns"),
+        # time the pipeline thread was runnable but had no CPU: the scheduler's share, not the agent's cost
+        Figure(PART, "pipeline thread waiting for a CPU at that rate", round(best[4], 2) if best else 0.0,
+               "of wall time"),
         Figure(PART, "highest rate offered", round(offered_max / 1e6, 3), "M syscalls/s"),
         Figure(PART, "stepping ended because", ended),
     ]

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,30 @@ def test_e2e_quick_json_has_sane_figures() -> None:
     assert value["build slowdown with the agent"] > 0
     for name in ("drops during the memory runs", "drops during the builds"):
         assert isinstance(value[name], int) and value[name] >= 0
+
+
+def test_proc_nice_reads_a_real_process_priority() -> None:
+    child = subprocess.Popen(["nice", "-n", "7", "sleep", "5"])
+    try:
+        for _ in range(100):  # nice(1) execs sleep at once; wait until it has
+            if Path(f"/proc/{child.pid}/cmdline").read_bytes().startswith(b"sleep"):
+                break
+            time.sleep(0.01)
+        assert pb.proc_nice(child.pid) == os.getpriority(os.PRIO_PROCESS, os.getpid()) + 7 or pb.proc_nice(
+            child.pid
+        ) == 19
+        assert pb.proc_nice(os.getpid()) == os.getpriority(os.PRIO_PROCESS, os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_thread_schedstat_counts_a_busy_thread_cpu_time() -> None:
+    me = os.getpid()
+    before = pb.thread_schedstat(me, me)
+    end = time.process_time() + 0.05
+    while time.process_time() < end:  # 50 ms of CPU on this (the main) thread
+        pass
+    after = pb.thread_schedstat(me, me)
+    assert after[0] - before[0] >= 0.04
+    assert after[1] >= before[1] >= 0.0

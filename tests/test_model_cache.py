@@ -170,3 +170,27 @@ def test_an_evicted_window_is_scored_again_with_the_same_result(model: Model) ->
     assert det.stats["windows_scored"] - before > 0  # they had been evicted: onnxruntime again
     ref = AnomalyDetector(model, cache_size=0)
     assert np.allclose(again, scores_by_row(ref, [first], exe_of), rtol=0, atol=1e-9)
+
+
+def test_runs_of_one_repeated_window_score_as_every_window_does(model: Model) -> None:
+    # long constant runs (a getppid loop) in two threads, between bursts of varied syscalls
+    parts = []
+    for k, name in enumerate(["getppid", "futex", "read"]):
+        burst = stream(200, threads=2, seed=30 + k, names=COMMON)
+        loop = np.zeros(3000, dtype=SYSCALL_DTYPE)
+        loop["tid"] = 501 + (np.arange(3000) // 700) % 2
+        loop["tgid"] = 500
+        loop["nr"] = syscall_number(name)
+        parts += [burst, loop]
+    data = np.concatenate(parts)
+    data["ts"] = np.arange(len(data), dtype=np.uint64) * 1000
+    exe_of = {int(t): "/usr/bin/python3.11" for t in np.unique(data["tgid"])}
+    det = AnomalyDetector(model, cache_size=4096)
+    got = scores_by_row(det, np.array_split(data, 3), exe_of)
+    assert det.stats["windows_scored"] + det.stats["cache_hits"] == len(data)
+    win = ThreadWindows(model.n, model.nr_tokens).build(data)
+    tokens = win.tokens
+    programs = np.full(len(tokens), model.program_id("/usr/bin/python3.11"), dtype=np.int64)
+    want = np.empty(len(data))
+    want[win.rows] = model.window_scores(model.score(tokens, programs), tokens)
+    assert np.allclose(got, want, rtol=0, atol=1e-9)

@@ -207,3 +207,17 @@ def test_exited_processes_stay_readable_for_a_while_then_are_forgotten(model: Mo
     assert det.state(30) is None
     assert det.state(31) is not None
     assert det.stats["processes"] == 1
+
+
+def test_only_the_latest_exited_processes_are_kept_under_churn(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.model._detector as detector_module
+
+    monkeypatch.setattr(detector_module, "EXITED_KEEP_MAX", 3)
+    det = AnomalyDetector(model, cache_size=4096)
+    rng = np.random.default_rng(4)
+    for pid in range(40, 46):
+        det.push(rows(habit_trace(HABITS[ALPHA], 30, rng), tgid=pid), {pid: ALPHA})
+    for k, pid in enumerate(range(40, 46)):  # six exits within the grace period
+        det.on_process_exit(pid, ts=10**9 + k)
+    assert [pid for pid in range(40, 46) if det.state(pid) is not None] == [43, 44, 45]
+    assert det.stats["processes"] == 3

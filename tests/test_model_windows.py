@@ -124,3 +124,34 @@ def test_the_detector_scores_a_new_program_from_after_its_execve() -> None:
     state = det.state(77)
     assert state is not None and state.windows == 5 and det.stats["pre_exec_rows"] == 3
     assert "execve" not in state.window and "rt_sigaction" not in state.window
+
+
+def test_interleaved_runs_give_process_major_windows_and_thread_facts() -> None:
+    rng = np.random.default_rng(21)
+    names = VOCAB[3:]
+    rows: list[tuple[int, int, str]] = []
+    for _ in range(60):  # runs of one thread, in any order, as the capture hands them over
+        tid = int(rng.choice([305, 301, 402, 303, 401]))
+        rows += [(tid // 100, tid, names[int(rng.integers(len(names)))]) for _ in range(int(rng.integers(1, 9)))]
+    batch = batch_of(rows)
+    win = ThreadWindows(4, tables()).build(batch)
+    # windows are grouped by (tgid, tid); batch order within a thread
+    keys = [(rows[r][0], rows[r][1], int(r)) for r in win.rows]
+    assert keys == sorted(keys)
+    threads = sorted({(r[0], r[1]) for r in rows})
+    assert list(zip(win.thread_tgids.tolist(), win.thread_tids.tolist(), strict=True)) == threads
+    for k, (_tgid, tid) in enumerate(threads):
+        mine = [i for i, r in enumerate(rows) if r[1] == tid]
+        start = int(win.thread_starts[k])
+        assert win.rows[start:start + len(mine)].tolist() == mine
+        assert int(win.thread_last_rows[k]) == mine[-1]
+        assert win.tokens[start:start + len(mine)].tolist() == naive_windows([TOKEN[rows[i][2]] for i in mine], 4)
+
+
+def test_thread_facts_name_the_batch_rows_when_pre_exec_rows_are_left_out() -> None:
+    tw = ThreadWindows(3, tables())
+    tw.exec(9)
+    rows = [(9, 9, "read"), (8, 8, "write"), (9, 9, "execve"), (9, 9, "openat"), (8, 8, "close"), (9, 9, "mmap")]
+    win = tw.build(batch_of(rows))
+    assert win.rows.tolist() == [1, 4, 3, 5]  # process 8 first; process 9 from after its execve
+    assert win.thread_tids.tolist() == [8, 9] and win.thread_last_rows.tolist() == [4, 5]

@@ -295,3 +295,17 @@ def test_bad_settings_and_missing_proc_root(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         ProcessTable(proc_root=str(tmp_path / "nowhere")).seed()
     assert str(tmp_path / "nowhere") in str(err.value)
+
+
+def test_has_compat_says_whether_compat_mask_can_be_skipped(tmp_path: Path) -> None:
+    i386 = tmp_path / "old32"
+    i386.write_bytes(b"\x7fELF\x01\x01\x01" + b"\0" * 9 + b"\x02\x00\x03\x00" + b"\0" * 44)
+    root = tmp_path / "proc"
+    make_proc(root, 41, comm="new64", exe="/usr/bin/new64")
+    table = ProcessTable(proc_root=str(root))
+    table.seed()
+    assert not table.has_compat
+    make_proc(root, 40, comm="old32", exe=str(i386), start_ticks=700)
+    assert table.exe_of([40, 41]) == {40: str(i386), 41: "/usr/bin/new64"}  # read lazily
+    assert table.has_compat
+    assert table.compat_mask(np.array([41, 40], dtype=np.uint32)).tolist() == [False, True]

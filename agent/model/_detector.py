@@ -12,7 +12,7 @@ import numpy as np
 
 from agent.model._model import Model
 from agent.model._sidecar import PAD
-from agent.model._windows import ThreadWindows, Windows
+from agent.model._windows import ThreadWindows, Windows, run_heads
 
 
 class ScoreCache:
@@ -159,7 +159,7 @@ class Anomaly:
         }
 
 
-@dataclass
+@dataclass(slots=True)  # one per live process: no per-instance __dict__
 class _Process:
     exe: str
     span_start: int = 0
@@ -167,6 +167,9 @@ class _Process:
     count: int = 0
     last_alert: int | None = None
     state: AnomalyState | None = None
+    # the latest batch's verdict, made an AnomalyState only when asked for (most never are):
+    # (ts, score, threshold, windows, window score, window threshold, window tokens as bytes, anomalous)
+    latest: tuple[int, float, float, int, float, float, bytes, bool] | None = None
 
 
 def contributions_of(nll: np.ndarray, window: tuple[str, ...], top: int = 3) -> tuple[tuple[int, str, float], ...]:
@@ -187,6 +190,7 @@ def explain(exe: str, pid: int, window_score: float, window_threshold: float, pr
 
 
 EXITED_KEEP_NS = 30_000_000_000
+EXITED_KEEP_MAX = 4096  # and at most this many: fork/exit churn would otherwise keep ~30 s of processes
 
 
 class AnomalyDetector:
@@ -210,6 +214,7 @@ class AnomalyDetector:
         self._procs: OrderedDict[int, _Process] = OrderedDict()
         self._exited: deque[tuple[int, int, _Process]] = deque()  # (exit ts, pid, its state)
         self._vocab = np.array(model.vocabulary, dtype=object)
+        self._token_dtype = np.uint16 if len(self._vocab) <= 1 << 16 else np.int64  # a kept window, compact
         self._limits: dict[int, tuple[str, float, float]] = {}
         self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "cache_hits": 0, "unk_tokens": 0,
                        "anomalies": 0, "batches": 0}
@@ -231,18 +236,32 @@ class AnomalyDetector:
 
     def on_process_exit(self, pid: int, ts: int) -> None:
         """The process is gone: its state stays readable for EXITED_KEEP_NS (a Falco alert about it may
-        still arrive to be cross-checked), then it is forgotten, so churn does not grow memory."""
+        still arrive to be cross-checked) and while it is among the EXITED_KEEP_MAX latest exits, then it
+        is forgotten, so churn does not grow memory."""
         proc = self._procs.get(pid)
         if proc is not None:
             self._exited.append((ts, pid, proc))
-        while self._exited and ts - self._exited[0][0] > EXITED_KEEP_NS:
+        while self._exited and (ts - self._exited[0][0] > EXITED_KEEP_NS or len(self._exited) > EXITED_KEEP_MAX):
             _, old_pid, old = self._exited.popleft()
             if self._procs.get(old_pid) is old:  # not a new process that reused the pid
                 del self._procs[old_pid]
 
     def state(self, pid: int) -> AnomalyState | None:
         proc = self._procs.get(pid)
-        return proc.state if proc else None
+        if proc is None:
+            return None
+        if proc.latest is not None:
+            ts, score, threshold, windows, window_score, window_threshold, tokens, anomalous = proc.latest
+            proc.state = AnomalyState(pid=pid, exe=proc.exe, ts=ts, score=score, threshold=threshold,
+                                      windows=windows, window_score=window_score,
+                                      window_threshold=window_threshold,
+                                      window=self._window(np.frombuffer(tokens, dtype=self._token_dtype)),
+                                      is_anomalous=anomalous)
+            proc.latest = None
+        return proc.state
+
+    def _window(self, tokens: np.ndarray) -> tuple[str, ...]:
+        return tuple(self._vocab[tokens[tokens != PAD]].tolist())
 
     def push(self, batch: np.ndarray, exe_of: Mapping[int, str]) -> list[Anomaly]:
         win = self.windows.build(batch)
@@ -252,11 +271,13 @@ class AnomalyDetector:
         if not len(win):
             return []
         self._stats["windows"] += len(win)
-        # windows come grouped by process: per-process figures are reductions over contiguous runs
-        tgids = batch["tgid"][win.rows]
-        starts = np.flatnonzero(np.r_[True, tgids[1:] != tgids[:-1]])
-        counts = np.diff(np.r_[starts, len(tgids)])
-        pid_list = tgids[starts].tolist()
+        # windows come grouped by process, then thread: per-process figures are reductions over contiguous
+        # runs, found from the threads (a few hundred) rather than from every window
+        thread_tgids = win.thread_tgids
+        first_thread = run_heads(thread_tgids)
+        starts = win.thread_starts[first_thread]
+        counts = np.diff(np.append(starts, len(win)))
+        pid_list = thread_tgids[first_thread].tolist()
         exes = [exe_of.get(p, "") for p in pid_list]
         prog_of_pid = np.array([self.model.program_id(e) for e in exes], dtype=np.int64)
         programs = np.repeat(prog_of_pid, counts)
@@ -266,8 +287,9 @@ class AnomalyDetector:
         top = np.repeat(np.maximum.reduceat(scores, starts), counts)
         best = np.maximum.reduceat(np.where(scores >= top, np.arange(len(scores)), -1), starts)
         best = np.where(best < 0, starts, best)  # NaN scores: fall back to the first window
-        last_ts = np.maximum.reduceat(batch["ts"][win.rows], starts)
-        best_tids = batch["tid"][win.rows[best]]
+        # a thread's rows are in time order: its last window is its latest
+        last_ts = np.maximum.reduceat(batch["ts"][win.thread_last_rows], first_thread)
+        best_tids = win.thread_tids[np.searchsorted(win.thread_starts, best, side="right") - 1]
         best_tokens = win.take(best)
         anomalies: list[Anomaly] = []
         for i, pid in enumerate(pid_list):
@@ -282,17 +304,27 @@ class AnomalyDetector:
     def _scores(self, win: Windows, programs: np.ndarray) -> np.ndarray:
         """Every window's score: from the cache, the rest (each distinct window once) from onnxruntime."""
         keys = win.keys(programs)
-        found, scores = self.cache.lookup(keys)
+        # A thread repeating one syscall (the loops that make millions of syscalls/s) repeats its window:
+        # look up each run of equal consecutive keys once when that saves at least half the lookups.
+        heads: np.ndarray | None = None
+        if len(keys) > 64:
+            heads = run_heads(keys)
+            if 2 * len(heads) > len(keys):
+                heads = None
+        distinct_keys = keys if heads is None else keys[heads]
+        found, scores = self.cache.lookup(distinct_keys)
         missed = np.flatnonzero(~found)
         distinct = 0
         if len(missed):
-            new_keys, first, inverse = np.unique(keys[missed], return_index=True, return_inverse=True)
-            rows = missed[first]
+            new_keys, first, inverse = np.unique(distinct_keys[missed], return_index=True, return_inverse=True)
+            rows = missed[first] if heads is None else heads[missed[first]]
             tokens = win.take(rows)
             new_scores = self.model.window_scores(self.model.score(tokens, programs[rows]), tokens)
             scores[missed] = new_scores[inverse.ravel()]
             self.cache.insert(new_keys, new_scores)
             distinct = len(new_keys)
+        if heads is not None:
+            scores = np.repeat(scores, np.diff(np.append(heads, len(keys))))
         self._stats["windows_scored"] += distinct
         self._stats["cache_hits"] += len(keys) - distinct
         return scores
@@ -321,14 +353,13 @@ class AnomalyDetector:
         proc.count += count
         program_name, p_threshold, w_threshold = self._limits_of(program)
         p_score = proc.total / proc.count
-        real = tokens != PAD
-        window = tuple(self._vocab[tokens[real]].tolist())
         anomalous = proc.count >= self.min_windows and p_score > p_threshold
-        proc.state = AnomalyState(pid=pid, exe=exe, ts=ts, score=p_score, threshold=p_threshold,
-                                  windows=proc.count, window_score=window_score, window_threshold=w_threshold,
-                                  window=window, is_anomalous=anomalous)
+        proc.latest = (ts, p_score, p_threshold, proc.count, window_score, w_threshold,
+                       tokens.astype(self._token_dtype).tobytes(), anomalous)
         if not anomalous or (proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns):
             return None
+        real = tokens != PAD
+        window = self._window(tokens)
         proc.last_alert = ts
         # the cache keeps scores only: the per-position NLL is recomputed for the rare window that alerts
         nll = self.model.score(tokens[None, :], np.array([program], dtype=np.int64))[0]

@@ -285,6 +285,11 @@ class ProcessTable:
                 out[pid] = info.exe if info is not None else ""
         return out
 
+    @property
+    def has_compat(self) -> bool:
+        """Whether any known process is 32-bit (else :meth:`compat_mask` is all False)."""
+        return bool(self._compat_pids)
+
     def compat_mask(self, tgids: np.ndarray) -> np.ndarray:
         """Which rows' tgids are 32-bit (i386) processes."""
         tgids = np.asarray(tgids)
