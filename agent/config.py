@@ -70,6 +70,9 @@ class AgentConfig:
     rule_matching: str = "all"
     flush_interval: float = 0.02
     queue_max_events: int = 2_000_000  # events the capture queue holds before it drops (overload)
+    # The agent's threads run at this nice value (auditd boosts itself the same way): at 0 the scheduler's
+    # fair share starved the agent on a busy host and it dropped events (docs/performance.md).
+    priority_nice: int = -10
     detail_syscalls: tuple[str, ...] = ()  # in addition to those the rules and policies need
     enforce: EnforceConfig = field(default_factory=EnforceConfig)
     container_runtime: ContainerRuntimeConfig = field(default_factory=ContainerRuntimeConfig)
@@ -104,6 +107,7 @@ _TOP = {
     "rule_matching": str,
     "flush_interval": float,
     "queue_max_events": int,
+    "priority_nice": int,
     "detail_syscalls": list,
     "enforce": dict,
     "container_runtime": dict,
@@ -287,6 +291,8 @@ def load_config(path: str) -> AgentConfig:
         raise at.fail("rule_matching", "expected 'all' or 'first'")
     if data.get("queue_max_events", 1) < 1:
         raise at.fail("queue_max_events", "expected a positive integer")
+    if not -20 <= data.get("priority_nice", 0) <= 19:
+        raise at.fail("priority_nice", "expected a nice value from -20 to 19 (0: normal priority)")
     flush_interval = at.number(data.get("flush_interval", 0.02), "flush_interval", minimum=0, exclusive=True)
     runtime_raw = data.get("container_runtime", {})
     _check(runtime_raw, _CONTAINER_RUNTIME, "container_runtime.", path, marks)
@@ -309,6 +315,7 @@ def load_config(path: str) -> AgentConfig:
         rule_matching=data.get("rule_matching", "all"),
         flush_interval=flush_interval,
         queue_max_events=int(data.get("queue_max_events", 2_000_000)),
+        priority_nice=int(data.get("priority_nice", -10)),
         detail_syscalls=detail_syscalls,
         enforce=enforce,
         container_runtime=container_runtime,

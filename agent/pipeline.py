@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -61,6 +61,7 @@ class Pipeline:
     decisions: DecisionTable = field(default_factory=DecisionTable)
     outputs: Any = None  # agent.respond.Outputs
     enforcer: Any = None  # agent.enforce.Enforcer
+    on_tracer: Callable[[Any], None] | None = None  # called with the live tracer once it is attached
     counters: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -155,6 +156,11 @@ class Pipeline:
         ):
             self._matched.add(event.pid)
         self.table.apply(event)
+        if event.kind == "exec" and self.enforcer is not None:
+            # The kernel matched the path string given to exec (./x, symlinks and a/../x get past it):
+            # apply the per-exe policy again by what the process really runs.
+            info = self.table.get(event.pid)
+            self.enforcer.on_exec(event.pid, info.exe if info is not None else event.filename)
         if self.engine is not None:
             self.engine.on_proc_event(event)
         if self.detector is not None:
@@ -302,7 +308,8 @@ class Pipeline:
     def on_falco_alert(self, falco_alert: Any) -> None:
         """A real Falco's alert, ingested: cross-checked with the process's anomaly state."""
         self.counters["falco_alerts"] += 1
-        pid = falco_alert.output_fields.get("proc.pid")
+        # A pid from another host's Falco names some other process here: never correlate or block by it.
+        pid = falco_alert.output_fields.get("proc.pid") if falco_alert.is_local else None
         evidence = [
             Evidence(
                 "falco", falco_alert.rule, falco_alert.priority, tuple(falco_alert.tags), falco_alert.output
@@ -325,15 +332,12 @@ class Pipeline:
                 "sysgram.source": "falco",
                 "sysgram.anomaly.score": state.score if state else None,
                 "sysgram.anomaly.is_anomalous": bool(state and state.is_anomalous),
+                "sysgram.remote": not falco_alert.is_local,
             }
         )
         with self._lock:
             if verdict.action == "block" and self.enforcer is not None and isinstance(pid, int):
-                record = self.enforcer.block(pid, f"falco: {falco_alert.rule}")
-                self.counters["blocks" if record.done else "blocks_refused"] += 1
-                if self.metrics is not None:
-                    self.metrics.block(record.signal if record.done else "refused")
-                fields["sysgram.action"] = f"{record.signal} sent" if record.done else record.reason
+                fields.update(self._block(pid, f"falco: {falco_alert.rule}", verdict, fields, time.monotonic_ns()))
             self._send(
                 falco_alert.rule,
                 verdict.severity,
@@ -500,8 +504,8 @@ def run_live(
         source.start()
         if nice is not None:
             boosted = {**boost_priority(nice), **boosted}  # threads started since (the first value wins)
-        if getattr(pipeline, "attach_tracer", None):
-            pipeline.attach_tracer(source.tracer)  # type: ignore[attr-defined]
+        if pipeline.on_tracer is not None:
+            pipeline.on_tracer(source.tracer)
         _ready(source)
         deadline = time.monotonic() + seconds if seconds > 0 else None
         last_reap = time.monotonic()

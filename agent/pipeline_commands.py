@@ -270,8 +270,7 @@ def _run(args: argparse.Namespace) -> int:
             pipeline.enforcer = Enforcer(tracer.bpf, enforce_cfg, pipeline.table.get)
             pipeline.enforcer.protect_processes(pipeline.table.snapshot())
 
-    # run_live calls this once the tracer is loaded (a typed Pipeline field is asked for: sec_needs.md #4).
-    pipeline.attach_tracer = attach  # type: ignore[attr-defined]
+    pipeline.on_tracer = attach
     return run_live(
         pipeline,
         seconds=args.seconds,
@@ -279,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
         enforce=enforce_cfg.enabled,
         flush_interval=cfg.flush_interval,
         queue_max_events=cfg.queue_max_events,
+        nice=cfg.priority_nice,
     )
 
 

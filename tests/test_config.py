@@ -235,3 +235,15 @@ def load_config_text(text: str) -> AgentConfig:
         fh.write(text)
         fh.flush()
         return load_config(fh.name)
+
+
+def test_priority_nice_defaults_to_a_boost_and_is_checked(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("state_dir: /tmp/x\n")
+    assert load_config(str(p)).priority_nice == -10
+    p.write_text("priority_nice: 0\n")
+    assert load_config(str(p)).priority_nice == 0
+    p.write_text("state_dir: /tmp/x\npriority_nice: -40\n")
+    with pytest.raises(ConfigError, match="priority_nice") as err:
+        load_config(str(p))
+    assert err.value.line == 2

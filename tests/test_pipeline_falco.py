@@ -9,6 +9,7 @@ for the anomalous one.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -110,7 +111,7 @@ def falco_payload(pid: int, name: str) -> dict[str, object]:
         "output_fields": {"proc.pid": pid, "proc.name": name},
         "tags": ["test"],
         "source": "syscall",
-        "hostname": "node-1",
+        "hostname": socket.gethostname(),  # this host: its pid is correlated
     }
 
 
