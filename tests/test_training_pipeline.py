@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -22,7 +23,7 @@ TINY = {"hidden": 32, "bottleneck": 16, "dim": 8}
 ADFA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adfa-ld"
 
 
-def tiny_cfg(**kw: object) -> TrainConfig:
+def tiny_cfg(**kw: Any) -> TrainConfig:
     return TrainConfig(**{"n": 8, "epochs": 2, "threads": 1, "min_program_syscalls": 500, "net": TINY, **kw})
 
 
@@ -116,7 +117,8 @@ def test_eval_adfa_real_dataset_reduced(capsys: pytest.CaptureFixture[str]) -> N
     code = main(["eval", "adfa", str(ADFA), "--json", "--quick", "--epochs", "2"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    # A reduced run (subset, 2 epochs) on a loaded 2-core machine: a smoke check that the model beats chance;
-    # the full-size figures come from `sysgram eval adfa` (see docs/model.md).
-    assert result["model"]["auc"] > 0.55 and result["stide"]["auc"] > 0.6
+    # A reduced run (250 training traces, 2 epochs; measured AUC 0.69, STIDE 0.82): the model must be clearly
+    # above chance; it does not beat STIDE at this size. Full-size figures: `sysgram eval adfa` (docs/model.md).
+    assert result["model"]["auc"] > 0.62 and result["stide"]["auc"] > 0.75
+    assert result["model"]["scoring"] == "newest" and result["model"]["n"] == 32
     assert result["model"]["normal_traces"] > 100 and result["model"]["attack_traces"] > 100

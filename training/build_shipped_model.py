@@ -25,6 +25,9 @@ COMMS = ["bash", "sh", "dash", "ls", "cat", "grep", "sed", "awk", "sort", "find"
          "rm", "mkdir", "stat", "date", "id", "ps", "python3", "apt-get", "apt-cache", "dpkg", "dpkg-query",
          "curl", "sha256sum", "head", "tail", "wc", "env", "uname", "xargs"]
 
+# the runtime model: half the width of the ADFA-LD configuration, ~2x the raw ONNX rate (docs/model.md)
+SHIPPED_NET = {"hidden": 64, "bottleneck": 32, "dim": 16}
+
 WORKLOAD = r"""
 set -u
 w=$(mktemp -d)
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.keep_recording:
             shutil.copy(rec, args.keep_recording)
-        report = train_from_recordings([rec], args.out, epochs=args.epochs, seed=args.seed, progress=True)
+        report = train_from_recordings([rec], args.out, epochs=args.epochs, seed=args.seed, progress=True,
+                                       net=SHIPPED_NET)
     print(f"wrote {report.onnx_path}: {len(report.programs) - 1} programs, {report.windows:,} windows, "
           f"{report.vocabulary_size} tokens, {report.seconds:.0f}s")
     return 0

@@ -84,7 +84,8 @@ def evaluate_adfa(root: str | Path, cfg: TrainConfig, *, quick: bool = False, pr
         result[f"model_{how}"] = rates(np.array([aggregate(s, how) for s in normal_w]),
                                        np.array([aggregate(s, how) for s in attack_w]))
     model_rates = dict(result["model_mean"])
-    model_rates.update({"aggregate": "mean", "n": cfg.n, "epochs_run": report.epochs_run,
+    model_rates.update({"aggregate": "mean", "n": cfg.n, "scoring": "newest" if cfg.newest else "masked",
+                        "epochs_run": report.epochs_run,
                         "train_seconds": round(report.seconds, 1), "score_seconds": round(score_seconds, 1),
                         "train_traces": report.traces, "train_windows": report.windows})
     stide_normal, stide_attack = stide_scores(train, normal), stide_scores(train, attack)

@@ -20,8 +20,15 @@ class NetConfig:
     dim: int = 24
     passes: int = 4
     dropout: float = 0.1
+    # None: `passes` passes score every position. An int: one pass hides only this position and scores it
+    # alone (n-1 = predict the newest syscall from the n-1 before it), which is passes x cheaper at runtime
+    target: int | None = None
 
-    def as_dict(self) -> dict[str, int | float]:
+    @property
+    def scoring_passes(self) -> int:
+        return 1 if self.target is not None else self.passes
+
+    def as_dict(self) -> dict[str, int | float | None]:
         return asdict(self)
 
 
@@ -63,6 +70,47 @@ class MaskedWindowAE(nn.Module):
         """hidden [B, hidden] -> logits [B, n, V] at every position (training)."""
         out = torch.einsum("bh,nhd->bnd", self.drop(hidden), self.position_out) + self.position_bias
         return self.to_token(self.act(out))
+
+    def logits_at(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """hidden [B, hidden] -> logits [B, V] at one position (training a target model)."""
+        out = self.drop(hidden) @ self.position_out[position] + self.position_bias[position]
+        return self.to_token(self.act(out))
+
+
+class TargetScoringGraph(nn.Module):
+    """The one-pass graph of a target model: tokens [B, n], program [B] -> nll [B, n], zero but at the target.
+
+    The target position's input is swapped for MASK; only that position is decoded.
+    """
+
+    keep: torch.Tensor
+    only_target: torch.Tensor
+
+    def __init__(self, net: MaskedWindowAE) -> None:
+        super().__init__()
+        cfg = net.cfg
+        if cfg.target is None or not 0 <= cfg.target < cfg.n:
+            raise ValueError(f"target {cfg.target} is not a position of n={cfg.n}")
+        self.net = net
+        self.target = cfg.target
+        keep = torch.ones(cfg.n, dtype=torch.long)
+        keep[cfg.target] = 0
+        self.register_buffer("keep", keep, persistent=False)
+        self.register_buffer("only_target", (1 - keep).to(torch.float32), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, program: torch.Tensor) -> torch.Tensor:
+        net, t = self.net, self.target
+        inputs = tokens * self.keep + MASK * (1 - self.keep)
+        h = net.encode(inputs, program)
+        logp = torch.log_softmax(net.logits_at(h, t), dim=-1)  # [B, V]
+        target = tokens[:, t]
+        nll = -torch.gather(logp, 1, target.unsqueeze(-1))  # [B, 1]
+        return nll * self.only_target * (tokens != PAD).to(nll.dtype)
+
+
+def scoring_graph(net: MaskedWindowAE) -> nn.Module:
+    """The graph that ships for ``net``: one target pass or ``passes`` masked passes."""
+    return TargetScoringGraph(net) if net.cfg.target is not None else ScoringGraph(net)
 
 
 class ScoringGraph(nn.Module):

@@ -40,10 +40,10 @@ from agent.model import (
     windows_of_trace,
 )
 from training.datasets import Trace, data_hash, traces_from_recordings
-from training.net import MaskedWindowAE, NetConfig, ScoringGraph
+from training.net import MaskedWindowAE, NetConfig, scoring_graph
 
 OPSET = 17
-DEFAULT_N = 16
+DEFAULT_N = 32
 MASK_RATE = 0.25
 UNK_NOISE = 0.01  # inputs swapped for UNK in training, so unseen syscalls at runtime are familiar noise
 GENERIC_DROPOUT = 0.2  # windows trained as "any program" so the generic slot learns the mixture
@@ -51,6 +51,7 @@ DEFAULT_WINDOW_FAR = 1e-3
 DEFAULT_PROCESS_FAR = 0.01
 DEFAULT_MIN_WINDOWS = 32
 AGGREGATE = "mean"  # chosen on ADFA-LD: see docs/model.md
+UNK_QUANTILE = 0.99  # an unseen syscall costs this quantile of held-out NLL (see calibrate_unk_cost)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class TrainConfig:
     window_far: float = DEFAULT_WINDOW_FAR
     process_far: float = DEFAULT_PROCESS_FAR
     min_windows: int = DEFAULT_MIN_WINDOWS
+    # score only the newest syscall of each window from the n-1 before it (one pass, see NetConfig.target);
+    # False: the masked autoencoder scoring every position in NetConfig.passes passes
+    newest: bool = True
+    context_mask: float = 0.1  # target models: context positions hidden in training (robustness)
     net: dict[str, Any] = field(default_factory=dict)  # NetConfig overrides (hidden, bottleneck, dim, ...)
 
 
@@ -147,6 +152,16 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _corrupt_target(tokens: torch.Tensor, target: int, context_mask: float, gen: torch.Generator
+                    ) -> torch.Tensor:
+    """Hide the target position; hide a few context positions too and sprinkle UNK (robust to odd context)."""
+    real = tokens != PAD
+    hide = (torch.rand(tokens.shape, generator=gen) < context_mask) & real
+    hide[:, target] = True
+    noisy = (torch.rand(tokens.shape, generator=gen) < UNK_NOISE) & real & ~hide
+    return tokens.masked_fill(hide, MASK).masked_fill(noisy, UNK)
+
+
 def _corrupt(tokens: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Hide ~25% of positions (at least one real one) behind MASK; sprinkle UNK noise on the rest."""
     real = tokens != PAD
@@ -161,14 +176,15 @@ def _corrupt(tokens: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, 
 
 def holdout_nll(net: MaskedWindowAE, windows: np.ndarray, programs: np.ndarray, batch: int = 8192) -> float:
     """Mean per-position NLL of held-out windows under the deterministic scoring passes."""
-    graph = ScoringGraph(net).eval()
+    graph = scoring_graph(net).eval()
+    target = net.cfg.target
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(windows), batch):
             tok = torch.from_numpy(windows[s:s + batch])
             nll = graph(tok, torch.from_numpy(programs[s:s + batch]))
             total += float(nll.sum())
-            count += int((tok != PAD).sum())
+            count += int((tok != PAD).sum() if target is None else (tok[:, target] != PAD).sum())
     return total / max(count, 1)
 
 
@@ -197,9 +213,14 @@ def fit(windows: np.ndarray, programs: np.ndarray, val_windows: np.ndarray, val_
                 tokens, prog = tokens_all[idx], programs_all[idx]
                 if net_cfg.programs > 1:
                     prog = prog.masked_fill(torch.rand(prog.shape, generator=gen) < GENERIC_DROPOUT, 0)
-                inputs, hide = _corrupt(tokens, gen)
-                logits = net.logits(net.encode(inputs, prog))
-                loss = loss_fn(logits[hide], tokens[hide])
+                if net_cfg.target is None:
+                    inputs, hide = _corrupt(tokens, gen)
+                    logits = net.logits(net.encode(inputs, prog))
+                    loss = loss_fn(logits[hide], tokens[hide])
+                else:
+                    inputs = _corrupt_target(tokens, net_cfg.target, cfg.context_mask, gen)
+                    loss = loss_fn(net.logits_at(net.encode(inputs, prog), net_cfg.target),
+                                   tokens[:, net_cfg.target])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -249,7 +270,7 @@ def export_onnx(net: MaskedWindowAE, path: str | Path, check_windows: np.ndarray
 
     Returns the largest absolute difference seen (raises ModelError beyond 1e-3).
     """
-    graph = ScoringGraph(net).eval()
+    graph = scoring_graph(net).eval()
     cfg = net.cfg
     example = (torch.zeros(2, cfg.n, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     tmp = f"{path}.partial"
@@ -261,7 +282,7 @@ def export_onnx(net: MaskedWindowAE, path: str | Path, check_windows: np.ndarray
         )
     proto = onnx.load(tmp)
     for key, value in (("vocab_size", cfg.vocab_size), ("n", cfg.n), ("programs", cfg.programs),
-                       ("passes", cfg.passes)):
+                       ("passes", cfg.scoring_passes)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"sysgram.{key}", str(value)
     proto.producer_name = "sysgram-training"
@@ -295,6 +316,24 @@ def trace_window_scores(model: Model, traces: Sequence[Trace]) -> list[np.ndarra
     scores = model.window_scores(nll, windows[first])[inverse.ravel()]
     bounds = np.searchsorted(owner, np.arange(len(traces) + 1))
     return [scores[bounds[i]:bounds[i + 1]] for i in range(len(traces))]
+
+
+def calibrate_unk_cost(model: Model, windows: np.ndarray, programs: np.ndarray) -> float:
+    """What an unseen syscall costs: the UNK_QUANTILE of held-out NLL of known syscalls (capped at log |V|).
+
+    log |V| per unseen syscall let a few syscalls absent from training dominate a normal trace's mean; a
+    syscall never seen is treated as about as surprising as the rarest known ones.
+    """
+    ceiling = float(math.log(model.sidecar.vocab_size))
+    if not len(windows):
+        return ceiling
+    both = np.unique(np.column_stack([programs, windows]), axis=0)[:200_000]
+    uniq = both[:, 1:]
+    nll = model.score(uniq, both[:, 0])
+    positions = list(model.sidecar.score_positions or range(model.n))
+    known = (uniq[:, positions] != PAD) & (uniq[:, positions] != UNK)
+    values = nll[:, positions][known]
+    return min(ceiling, float(np.quantile(values, UNK_QUANTILE))) if len(values) else ceiling
 
 
 def aggregate(scores: np.ndarray, how: str = AGGREGATE) -> float:
@@ -373,7 +412,8 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
         raise ConfigError(f"too little training data ({len(traces)} traces; need at least two per program)")
     vocabulary = build_vocabulary(train)
     programs = build_programs(train, cfg.min_program_syscalls)
-    net_cfg = NetConfig(vocab_size=len(vocabulary), n=cfg.n, programs=len(programs), **cfg.net)
+    net_over = {"target": cfg.n - 1, **cfg.net} if cfg.newest else dict(cfg.net)
+    net_cfg = NetConfig(vocab_size=len(vocabulary), n=cfg.n, programs=len(programs), **net_over)
     windows, progs, _ = encode_traces(train, vocabulary, programs, cfg.n)
     if cfg.max_windows is not None and len(windows) > cfg.max_windows:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(windows), cfg.max_windows, replace=False))
@@ -384,7 +424,7 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
     diff = export_onnx(net, out, val_windows, val_progs)
     sidecar: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "onnx": out.name, "onnx_sha256": file_sha256(out),
-        "n": cfg.n, "passes": net_cfg.passes, "vocabulary": vocabulary, "programs": programs,
+        "n": cfg.n, "passes": net_cfg.scoring_passes, "vocabulary": vocabulary, "programs": programs,
         "specials": {"pad": PAD, "unk": UNK, "mask": MASK},
         "inputs": {"tokens": ["batch", cfg.n], "program": ["batch"]}, "outputs": {"nll": ["batch", cfg.n]},
         "opset": OPSET, "unk_cost": float(math.log(len(vocabulary))), "aggregate": AGGREGATE,
@@ -392,7 +432,11 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
                        "min_windows": cfg.min_windows, "target_window_far": cfg.window_far,
                        "target_process_far": cfg.process_far},
     }
+    if net_cfg.target is not None:
+        sidecar["score_positions"] = [net_cfg.target]
     side_path = sidecar_path(out)
+    side_path.write_text(json.dumps(sidecar))
+    sidecar["unk_cost"] = calibrate_unk_cost(load_model(out, threads=cfg.threads), val_windows, val_progs)
     side_path.write_text(json.dumps(sidecar))
     model = load_model(out, threads=cfg.threads)
     thresholds, calibration = calibrate(model, held, cfg)
@@ -421,13 +465,13 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
 
 def train_from_recordings(paths: Sequence[str], out: str, *, exes: Sequence[str] = (), epochs: int = 8,
                           seed: int = 0, progress: bool = True, n: int = DEFAULT_N,
-                          max_windows: int | None = 400_000) -> TrainReport:
+                          max_windows: int | None = 400_000, net: dict[str, Any] | None = None) -> TrainReport:
     """What ``sysgram train`` and the pipeline's ``sysgram learn`` call after recording."""
     traces = traces_from_recordings(paths, exes)
     if not traces:
         where = f" for {', '.join(exes)}" if exes else ""
         raise ConfigError(f"no syscalls{where} in the recordings", path=paths[0] if paths else None)
-    cfg = TrainConfig(n=n, epochs=epochs, seed=seed, max_windows=max_windows)
+    cfg = TrainConfig(n=n, epochs=epochs, seed=seed, max_windows=max_windows, net=dict(net or {}))
     return train_model(traces, out, cfg, progress=progress,
                        how=f"train_from_recordings({list(paths)!r}, exes={list(exes)!r}, epochs={epochs}, "
-                           f"seed={seed})")
+                           f"seed={seed}, net={net!r})")

@@ -72,7 +72,11 @@ class Model:
         return out
 
     def window_scores(self, nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """Mean NLL over the real (non-PAD) positions of each window."""
+        """Mean NLL over the real (non-PAD) scored positions of each window (all positions unless the
+        sidecar names ``score_positions``, as a one-pass target model does)."""
+        positions = self.sidecar.score_positions
+        if positions is not None:
+            nll, tokens = nll[:, list(positions)], tokens[:, list(positions)]
         real = np.maximum((tokens != PAD).sum(axis=1), 1)
         return nll.sum(axis=1) / real
 
@@ -81,6 +85,7 @@ def _session(path: str, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # ~25% over basic, measured
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])

@@ -44,6 +44,8 @@ class Sidecar:
     aggregate: str
     thresholds: Thresholds
     raw: dict[str, Any]
+    # optional: the only positions the graph scores (a one-pass target model); None = every position
+    score_positions: tuple[int, ...] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -91,6 +93,12 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
         raise ModelError(f"sidecar vocabulary must be unique names starting with {list(SPECIALS)}", path=path)
     if not programs or programs[0] != GENERIC_PROGRAM or not all(isinstance(p, str) for p in programs):
         raise ModelError(f"sidecar programs must be names starting with {GENERIC_PROGRAM!r}", path=path)
+    score_positions = raw.get("score_positions")
+    if score_positions is not None:
+        if (not isinstance(score_positions, list) or not score_positions
+                or not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < n for p in score_positions)):
+            raise ModelError(f"sidecar score_positions must be a non-empty list of positions 0..{n - 1}", path=path)
+        score_positions = tuple(score_positions)
     th = _need(raw, "thresholds", dict, path)
     try:
         thresholds = Thresholds(
@@ -106,6 +114,7 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
         path=path, n=n, passes=passes, vocabulary=tuple(vocab), programs=tuple(programs),
         unk_cost=float(_need(raw, "unk_cost", (int, float), path)),
         aggregate=str(raw.get("aggregate", "mean")), thresholds=thresholds, raw=raw,
+        score_positions=score_positions,
     )
 
 

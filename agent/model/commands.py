@@ -10,6 +10,8 @@ from typing import Any
 
 from agent.errors import ConfigError
 
+ADFA_EPOCHS = 20  # the configuration measured on ADFA-LD (docs/model.md), ~10 min end to end on 2 cores
+
 
 def register(subparsers: Any) -> None:
     train = subparsers.add_parser("train", help="train the anomaly model from recordings (needs the train extras)")
@@ -31,9 +33,13 @@ def register(subparsers: Any) -> None:
     adfa.add_argument("--json", action="store_true", help="print the results as JSON")
     adfa.add_argument("--plot", metavar="PNG", help="write both ROC curves to this PNG")
     adfa.add_argument("--quick", action="store_true", help="a subset of traces and few epochs (smoke test)")
-    adfa.add_argument("--epochs", type=_positive, default=None)
+    adfa.add_argument("--epochs", type=_positive, default=ADFA_EPOCHS,
+                      help=f"training epochs (default {ADFA_EPOCHS}: measured in docs/model.md)")
     adfa.add_argument("--window", type=_positive, default=None, help="window length n")
     adfa.add_argument("--seed", type=int, default=0)
+    adfa.add_argument("--masked", action="store_true",
+                      help="the 4-pass masked autoencoder scoring every position (before issue 3), not the newest "
+                           "syscall from the n-1 before it")
     adfa.add_argument("--save-model", metavar="MODEL.onnx", help="keep the trained model")
     adfa.set_defaults(handler=_eval_adfa)
 
@@ -77,7 +83,7 @@ def _eval_adfa(args: argparse.Namespace) -> int:
 
     if not Path(args.directory).is_dir():
         raise ConfigError("no such directory", path=args.directory)
-    cfg = TrainConfig(n=args.window or DEFAULT_N, seed=args.seed,
+    cfg = TrainConfig(n=args.window or (16 if args.masked else DEFAULT_N), seed=args.seed, newest=not args.masked,
                       **({"epochs": args.epochs} if args.epochs else {}))
     result = evaluate_adfa(args.directory, cfg, quick=args.quick, progress=not args.json,
                            model_out=args.save_model)
