@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
+
+if TYPE_CHECKING:  # loaded when a model is: every other sysgram command starts without it
+    import onnxruntime as ort
 
 from agent.capture.names import name_table
 from agent.errors import ModelError
@@ -82,6 +85,8 @@ class Model:
 
 
 def _session(path: str, threads: int) -> ort.InferenceSession:
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
