@@ -190,6 +190,13 @@ class _Switch:
         else:
             self.bpf.attach_tracepoint(tp="raw_syscalls:sys_enter", fn_name=self.fn)
 
+    def run_ns(self) -> tuple[int, int]:
+        """(total ns, runs) of the program so far, from the kernel's BPF stats (kernel.bpf_stats_enabled)."""
+        fd = self.bpf.funcs[self.fn.encode()].fd
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
+            info = dict(line.split(":", 1) for line in fh.read().splitlines() if ":" in line)
+        return int(info.get("run_time_ns", "0")), int(info.get("run_cnt", "0"))
+
     def off(self) -> None:
         if self.raw:
             self.bpf.detach_raw_tracepoint(tp="sys_enter")
@@ -240,6 +247,7 @@ def run(quick: bool = False) -> list[Figure]:
                     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
                     cpu_s += (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
                 switch.off()
+        run_before, run_after = _program_rounds(settings, exe, n)
         time.sleep(0.3)
         source.flush_all()
         time.sleep(0.3)
@@ -276,9 +284,54 @@ def run(quick: bool = False) -> list[Figure]:
             "x",
             "<= 1.5 (goal 1.3)",
         ),
+        *_program_figures(run_before, run_after),
         *audit.figures(PART, bare_ns, added["sysgram"]),
         Figure(PART, "syscall rate under capture", round(1e3 / best["sysgram"], 2), "M/s"),
         Figure(PART, "events consumed", events, "events"),
         Figure(PART, "drops (all stages)", sum(drops.values()), "events", "0"),
         Figure(PART, "userspace CPU per million events", round(cpu_s / events * 1e6, 3), "CPU s"),
+    ]
+
+
+def _program_rounds(
+    settings: dict[str, _Switch], exe: Path, n: int
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """One more loop per program with the kernel's BPF stats on (they add two clock reads to every run, so
+    the loop-time rounds above are measured with them off)."""
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    if not stats.exists():
+        return {}, {}
+    previous = stats.read_text().strip()
+    before: dict[str, tuple[int, int]] = {}
+    after: dict[str, tuple[int, int]] = {}
+    try:
+        stats.write_text("1")
+        for name, switch in settings.items():
+            before[name] = switch.run_ns()
+            switch.on()
+            _loop_ns(exe, n)
+            switch.off()
+            after[name] = switch.run_ns()
+    except OSError:
+        return {}, {}
+    finally:
+        stats.write_text(previous)
+    return before, after
+
+
+def _program_figures(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[Figure]:
+    """Each program's own run time per call (kernel BPF stats; includes the stats' own clock reads, the
+    same for all three), beside the loop-time figures, which the host's noise moves more."""
+    per_call = {}
+    if not after:
+        return [Figure(PART, "BPF program run time", "not measured: kernel BPF stats unavailable")]
+    for name in after:
+        ns, runs = after[name][0] - before[name][0], after[name][1] - before[name][1]
+        if runs <= 0:
+            return [Figure(PART, "BPF program run time", "not measured: kernel BPF stats unavailable")]
+        per_call[name] = ns / runs
+    return [
+        Figure(PART, "BPF run time per call: floor (raw tracepoint)", round(per_call["floor_raw"], 1), "ns"),
+        Figure(PART, "BPF run time per call: floor (raw_syscalls tracepoint)", round(per_call["floor_tp"], 1), "ns"),
+        Figure(PART, "BPF run time per call: sysgram", round(per_call["sysgram"], 1), "ns"),
     ]
