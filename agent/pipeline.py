@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from agent.capture.names import syscall_name
 from agent.capture.source import Chunk, LiveSource, ReplaySource
 from agent.events import FLAG_COMPAT, DetailEvent, ProcEvent
 from agent.proc import ProcessTable
@@ -177,6 +178,7 @@ class Pipeline:
         self.counters["details"] += 1
         if event.syscall == "sysgram_enforced":
             self.counters["kernel_signals"] += 1
+            self._kernel_block(event)
             return
         if event.syscall in ("execve", "execveat") and event.res == 0:
             self.table.apply_exec_detail(event)
@@ -292,6 +294,32 @@ class Pipeline:
             ts,
         )
         return action
+
+    def _kernel_block(self, event: DetailEvent) -> None:
+        """The BPF program signalled a process. When the agent asked for it (a verdict), the block alert is
+        already out; otherwise an in-kernel policy (deny_syscalls) decided, and this records it."""
+        recent = self.enforcer.records if self.enforcer is not None else ()
+        if any(r.pid == event.tgid and r.done for r in recent):
+            return
+        info = self.table.get(event.tgid)
+        exe = info.exe if info is not None else ""
+        signal_name = {9: "SIGKILL", 19: "SIGSTOP"}.get(int(event.args.get("signal", 0)), "signal")
+        denied = syscall_name(event.nr)
+        self.counters["blocks"] += 1
+        if self.metrics is not None:
+            self.metrics.block(signal_name)
+        output = (
+            f"Sysgram blocked pid {event.tgid} ({signal_name}): the in-kernel policy for {exe or 'its program'} "
+            f"denies {denied}"
+        )
+        fields = {
+            "proc.pid": event.tgid,
+            "proc.exe": exe or None,
+            "proc.name": info.comm if info is not None else None,
+            "evt.type": denied,
+            "sysgram.action": f"{signal_name} sent (in kernel)",
+        }
+        self._send(BLOCK_RULE, "Critical", output, fields, ("sysgram", "enforcement"), event.ts)
 
     def _send(
         self, rule: str, priority: str, output: str, fields: dict[str, Any], tags: tuple[str, ...], ts: int

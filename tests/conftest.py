@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,20 @@ def sysgram(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT, **kw
     )  # type: ignore[call-overload]
+
+
+def start_sysgram(*args: str, ready_timeout: float = 120.0) -> subprocess.Popen[str]:
+    """``sysgram ARGS`` in the background, returned once it printed ``sysgram: ready`` (stderr is a pipe the
+    caller reads at the end, e.g. with communicate()); fails the test with its stderr if it died first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "sysgram: ready" in line or (not line and proc.poll() is not None):
+            break
+    if proc.poll() is not None:
+        raise AssertionError(f"sysgram {' '.join(args)} did not start: {proc.stderr.read()[-2000:]}")
+    return proc

@@ -7,14 +7,12 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, requires_bpf
+from tests.conftest import ROOT, requires_bpf, start_sysgram
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -46,11 +44,7 @@ def test_sysgram_block_rule_kills_only_the_offender(tmp_path: Path, opener: Path
     config = tmp_path / "config.yaml"
     config.write_text(f"enforce:\n  enabled: true\n  allow_exes: [{allowed_copy}]\n")
     alerts = tmp_path / "alerts.jsonl"
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent",
+    agent = start_sysgram(
             "run",
             "--no-model",
             "--no-default-rules",
@@ -63,19 +57,8 @@ def test_sysgram_block_rule_kills_only_the_offender(tmp_path: Path, opener: Path
             "--alerts-jsonl",
             str(alerts),
             "--quiet",
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
-        assert agent.stderr is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = agent.stderr.readline()
-            if "sysgram: ready" in line or (not line and agent.poll() is not None):
-                break
-        assert agent.poll() is None, agent.stderr.read()
         victim = subprocess.Popen([str(opener), blocked, "3"])
         bystander = subprocess.Popen([str(opener), other, "1"])
         allowed = subprocess.Popen([str(allowed_copy), blocked, "1"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from agent.pipeline import ANOMALY_RULE
-from tests.conftest import ROOT, requires_bpf
+from tests.conftest import requires_bpf, start_sysgram
 from tests.test_pipeline_live import LiveAgent
 
 pytestmark = [requires_bpf, pytest.mark.bpf, pytest.mark.slow]
@@ -77,17 +76,7 @@ def habit_model(habits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     tmp = tmp_path_factory.mktemp("model")
     recording = tmp / "normal.parquet"
-    recorder = subprocess.Popen(
-        [sys.executable, "-m", "agent", "record", "-o", str(recording), "--exe", str(habits),
-         "--state-dir", str(tmp / "state")],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
-    )
-    assert recorder.stderr is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = recorder.stderr.readline()
-        if "ready" in line or (not line and recorder.poll() is not None):
-            break
+    recorder = start_sysgram("record", "-o", str(recording), "--exe", str(habits), "--state-dir", str(tmp / "state"))
     for _ in range(10):
         subprocess.run([str(habits), "normal", "0.4"], check=True, timeout=30)
     time.sleep(0.5)
@@ -127,7 +116,7 @@ def test_falco_http_alert_is_cross_checked_with_the_live_anomaly_state(
             lambda: [r for r in agent.records()
                      if r["rule"] == ANOMALY_RULE and r["output_fields"]["proc.pid"] == odd.pid], 20
         )
-        assert flagged, agent.records()
+        assert flagged, [(r["output_fields"].get("proc.pid"), r["output_fields"].get("proc.exe"), r["output"][:200], odd.pid, normal.pid) for r in agent.records()]
         time.sleep(1.0)  # the normal run has a span of windows by now, too
         for proc, name in ((odd, "odd"), (normal, "normal")):
             reply = httpx.post(agent.url + "/", json=falco_payload(proc.pid, name), timeout=10)

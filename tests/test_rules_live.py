@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, SHARED, requires_bpf
+from tests.conftest import SHARED, requires_bpf, start_sysgram
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -207,21 +207,13 @@ def _run_agent_and_act(base: Path) -> tuple[Path, list[dict[str, Any]], dict[str
     work = base / f"act-{secrets.token_hex(6)}"
     work.mkdir()
     alerts = base / "alerts.jsonl"
-    agent = subprocess.Popen(
-        [PY, "-m", "agent", "run", "--no-model", "--no-default-rules", "--rules", str(UPSTREAM),
-         "--alerts-jsonl", str(alerts), "--state-dir", str(base / "state"), "--quiet"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    agent = start_sysgram(
+        "run", "--no-model", "--no-default-rules", "--rules", str(UPSTREAM),
+        "--alerts-jsonl", str(alerts), "--state-dir", str(base / "state"), "--quiet",
     )
     pids: dict[str, int] = {}
     container_id = None
     try:
-        assert agent.stderr is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = agent.stderr.readline()
-            if "sysgram: ready" in line or (not line and agent.poll() is not None):
-                break
-        assert agent.poll() is None, agent.stderr.read()
         _host_actions(work, pids)
         container_id = _container_actions(work)
         time.sleep(1.0)  # let the agent drain what the kernel has already sent

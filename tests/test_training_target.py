@@ -70,18 +70,3 @@ def test_sidecar_rejects_bad_score_positions(tmp_path: Path) -> None:
             parse_sidecar({**raw, "score_positions": bad}, "m.json")
     assert parse_sidecar({**raw, "score_positions": None}, "m.json").score_positions is None
 
-
-def test_process_threshold_covers_the_running_mean_the_runtime_judges() -> None:
-    import numpy as np
-
-    from training.train import peak_running_mean
-
-    # a start-up that scores high, then a long cheap routine: the whole-trace mean hides the start
-    startup_then_routine = np.array([2.7] * 40 + [0.05] * 400)
-    whole_mean = float(startup_then_routine.mean())
-    peak = peak_running_mean(startup_then_routine, min_windows=32)
-    assert abs(peak - 2.7) < 1e-9 and whole_mean < 0.3
-    # judged only from min_windows on: a lone spike at the first window does not set the peak
-    spike_first = np.array([9.0] + [0.1] * 99)
-    assert peak_running_mean(spike_first, min_windows=50) < 0.3
-    assert peak_running_mean(np.array([1.0, 3.0]), min_windows=5) == 2.0  # too short: its mean

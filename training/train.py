@@ -352,16 +352,6 @@ def aggregate(scores: np.ndarray, how: str = AGGREGATE) -> float:
     raise ValueError(how)
 
 
-def peak_running_mean(scores: np.ndarray, min_windows: int) -> float:
-    """The highest mean the runtime can see for this trace: it judges a process's running mean at every
-    batch once it has ``min_windows`` windows, and a program's start-up (the loader, reading its settings)
-    scores higher than its routine. Calibrating on whole-trace means let normal processes alert at start."""
-    if len(scores) < max(min_windows, 1):
-        return float(scores.mean()) if len(scores) else 0.0
-    running = np.cumsum(scores, dtype=np.float64) / np.arange(1, len(scores) + 1)
-    return float(running[min_windows - 1 :].max())
-
-
 def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Thresholds per program from held-out normal traces at the target false-alarm rates."""
     per_trace = trace_window_scores(model, holdout)
@@ -379,9 +369,7 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
         windows = np.concatenate(scores)
         # the runtime judges a process only once it has min_windows windows: calibrate on those traces
         judged = [s for s in scores if len(s) >= cfg.min_windows] or scores
-        aggregates = np.array(
-            [peak_running_mean(s, cfg.min_windows) if AGGREGATE == "mean" else aggregate(s) for s in judged]
-        )
+        aggregates = np.array([aggregate(s) for s in judged])
         window_th[program] = float(np.quantile(windows, 1 - cfg.window_far))
         # a quantile of few traces is shaky: never below the largest seen when there are under 1/FAR of them
         q = 1 - cfg.process_far
@@ -396,9 +384,7 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
         raise ConfigError("no held-out data to calibrate thresholds on (need at least two traces)")
     thresholds = {"window": window_th, "process": process_th, "min_windows": cfg.min_windows,
                   "target_window_far": cfg.window_far, "target_process_far": cfg.process_far,
-                  "aggregate": AGGREGATE,
-                  "process_calibrated_on": "peak running mean from min_windows" if AGGREGATE == "mean"
-                  else "whole-trace aggregate"}
+                  "aggregate": AGGREGATE}
     return thresholds, calibration
 
 
