@@ -120,3 +120,27 @@ def test_a_thread_hopping_between_cpus_keeps_its_order(tmp_path: Path) -> None:
     # The hops really happened (the test means nothing otherwise).
     assert int((mine["nr"] == affinity).sum()) == -(-rounds // hop)
     assert (np.diff(mine["ts"].astype(np.int64)) >= 0).mean() > 0.99
+
+
+def test_queued_syscall_details_are_bounded_but_process_events_are_kept() -> None:
+    from agent.capture.source import LiveSource
+    from agent.events import DetailEvent, ProcEvent
+
+    source = LiveSource(detail_syscalls=set(), queue_max_details=5)
+
+    def detail(i: int) -> DetailEvent:
+        return DetailEvent(i, 10, 10, "openat", 257, 3, {"name": f"/tmp/{i}"})
+
+    source._details = [detail(i) for i in range(4)]
+    source._hand_over()
+    source._details = [detail(i) for i in range(4, 8)] + [ProcEvent("exit", 9, 10, 10)]
+    source._hand_over()  # 4 more would make 8 > 5: these details are dropped and counted, the exit is kept
+    assert source.drops()["detail_queue_overflow"] == 4
+    first, second = source.get(0.0), source.get(0.0)
+    assert first is not None and second is not None
+    assert [c.ts for c in first] == [0, 1, 2, 3]
+    assert [type(c).__name__ for c in second] == ["ProcEvent"]
+    source._details = [detail(i) for i in range(8, 12)]  # the queue drained: room again
+    source._hand_over()
+    group = source.get(0.0)
+    assert group is not None and len(group) == 4

@@ -491,7 +491,7 @@ def test_config_container_runtime_section(tmp_path: Path) -> None:
     [
         ("model: a\ncontainer_runtime:\n  socket: /x\n", 3, "unknown key 'container_runtime.socket'"),
         ("container_runtime:\n  enabled: yes please\n", 2, "expected bool"),
-        ("container_runtime:\n  retry_after: -1\n", 2, "positive"),
+        ("container_runtime:\n  retry_after: -1\n", 2, "more than 0"),
         ("container_runtime: [1]\n", 1, "expected dict"),
     ],
 )
@@ -512,7 +512,8 @@ def _pipeline_lookup(tmp_path: Path, runtime: ContainerRuntimeConfig) -> Any:
         state_dir=str(tmp_path / "state"), rules=(str(rules),), default_rules=False, container_runtime=runtime
     )
     args = argparse.Namespace(
-        quiet=True, alerts_jsonl=None, webhook=None, webhook_secret=None, falco_file=None, listen=None
+        quiet=True, alerts_jsonl=None, webhook=None, webhook_secret=None, falco_file=None, listen=None,
+        state_dir=str(tmp_path / "state"),
     )
     pipeline, _ = build_pipeline(cfg, args)
     assert pipeline.engine is not None

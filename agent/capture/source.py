@@ -86,6 +86,7 @@ class LiveSource:
         enforce: bool = False,
         flush_interval: float = 0.02,
         queue_max_events: int = 2_000_000,
+        queue_max_details: int = 20_000,
         compact_rb_pages: int | None = None,
         detail_rb_pages: int | None = None,
     ) -> None:
@@ -93,6 +94,11 @@ class LiveSource:
         self.enforce = enforce
         self.flush_interval = flush_interval
         self.queue_max_events = queue_max_events
+        # Decoded syscall details are Python objects of ~1-2 KB: an exec storm the pipeline cannot keep up
+        # with must not grow memory without bound (process events are always kept: the table needs them).
+        self.queue_max_details = queue_max_details
+        self._queued_details = 0
+        self.detail_queue_overflow = 0
         self._rb_pages = {
             k: v
             for k, v in (("compact_rb_pages", compact_rb_pages), ("detail_rb_pages", detail_rb_pages))
@@ -152,6 +158,7 @@ class LiveSource:
             + stats.get("proc_lost", 0),
             "pending_full": stats.get("pending_full", 0),
             "userspace_queue_overflow": self.queue_overflow,
+            "detail_queue_overflow": self.detail_queue_overflow,
         }
 
     def kernel_stats(self) -> dict[str, int]:
@@ -166,7 +173,7 @@ class LiveSource:
                 if not self._queue:
                     return
                 group = self._queue.popleft()
-                self._queued_events -= _count(group)
+                self._dequeued(group)
             yield group
 
     def get(self, timeout: float) -> list[Chunk] | None:
@@ -177,8 +184,12 @@ class LiveSource:
             if not self._queue:
                 return None
             group = self._queue.popleft()
-            self._queued_events -= _count(group)
+            self._dequeued(group)
             return group
+
+    def _dequeued(self, group: list[Chunk]) -> None:
+        self._queued_events -= _count(group)
+        self._queued_details -= sum(1 for c in group if _is_syscall_detail(c))
 
     # -- reader thread ---------------------------------------------------------------------------------
     def _on_compact(self, _ctx: object, data: int, size: int) -> int:
@@ -254,14 +265,18 @@ class LiveSource:
         self._raw_batches, self._details = [], []
         if not group:
             return
-        n = _count(group)
         with self._cond:
-            if self._queued_events + n > self.queue_max_events:
+            if self._queued_events + _count(group) > self.queue_max_events:
                 self.queue_overflow += len(syscalls)
                 group = [c for c in group if not isinstance(c, np.ndarray)]  # keep the detail stream
-                n = len(group)
+            details = sum(1 for c in group if _is_syscall_detail(c))
+            if details and self._queued_details + details > self.queue_max_details:
+                self.detail_queue_overflow += details
+                group = [c for c in group if not _is_syscall_detail(c)]
+                details = 0
             self._queue.append(group)
-            self._queued_events += n
+            self._queued_events += _count(group)
+            self._queued_details += details
             self._cond.notify()
 
     def flush_all(self) -> None:
@@ -302,6 +317,11 @@ class _CpuTicker:
             if stop.is_set():
                 break
         self.finished.set()
+
+
+def _is_syscall_detail(chunk: Chunk) -> bool:
+    """A decoded syscall (what the detail bound drops under overload); never a kernel block record."""
+    return isinstance(chunk, DetailEvent) and chunk.syscall != "sysgram_enforced"
 
 
 def _count(group: list[Chunk]) -> int:
