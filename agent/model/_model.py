@@ -17,7 +17,7 @@ from agent.errors import ModelError
 from agent.model._sidecar import GENERIC_PROGRAM, PAD, UNK, Sidecar, read_sidecar
 
 INPUT_TOKENS, INPUT_PROGRAM, OUTPUT_NLL = "tokens", "program", "nll"
-_RUN_CHUNK = 8192  # windows per session run: big enough to amortise, small enough for cache-friendly tensors
+_RUN_CHUNK = 1024  # windows per session run: 1024 ran ~1.8x faster than 8192 (cache-friendly tensors; measured)
 
 
 @dataclass
