@@ -384,13 +384,17 @@ def _h_listen(eng: Engine, ev: DetailEvent) -> FdInfo | None:
     return fd
 
 
+def _cloexec(ev: DetailEvent) -> bool:
+    """Whether the call's ``flags`` argument (accept4, dup3) asks for close-on-exec."""
+    flags = ev.args.get("flags", 0)
+    return isinstance(flags, int) and bool(flags & _O_CLOEXEC)
+
+
 def _h_accept(eng: Engine, ev: DetailEvent) -> FdInfo | None:
     listener = _sock_for(eng, ev)
     addr, port = _addr(ev)
-    flags = ev.args.get("flags", 0)
-    cloexec = bool(flags & _O_CLOEXEC) if isinstance(flags, int) else False
     fd = listener._replace(num=ev.res if ev.res >= 0 else -1, rip=addr, rport=port, is_server=True,
-                           connected=ev.res >= 0, name_changed=False, cloexec=cloexec)
+                           connected=ev.res >= 0, name_changed=False, cloexec=_cloexec(ev))
     if fd.is_ip:
         fd = fd._replace(name=socket_name(fd))
     if ev.res >= 0:
@@ -423,9 +427,7 @@ def _h_sendto(eng: Engine, ev: DetailEvent) -> FdInfo | None:
 def _h_dup(eng: Engine, ev: DetailEvent) -> FdInfo | None:
     old = eng._get(ev.tgid, ev.args.get("oldfd"))
     if old is not None and ev.res >= 0:
-        flags = ev.args.get("flags", 0)
-        eng._put(ev.tgid, old._replace(num=ev.res, cloexec=bool(flags & _O_CLOEXEC) if isinstance(flags, int)
-                                       else False))
+        eng._put(ev.tgid, old._replace(num=ev.res, cloexec=_cloexec(ev)))
     return old
 
 

@@ -13,6 +13,7 @@ import os
 import pwd
 import stat as stat_mod
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.proc._cache import BoundedCache
@@ -202,28 +203,10 @@ class ProcReader:
         }
 
     def user_name(self, uid: int) -> str:
-        if uid < 0:
-            return ""
-        name = self._users.get(uid)
-        if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                name = ""
-            self._users.put(uid, name)
-        return name
+        return _cached_name(self._users, uid, lambda i: pwd.getpwuid(i).pw_name)
 
     def group_name(self, gid: int) -> str:
-        if gid < 0:
-            return ""
-        name = self._groups.get(gid)
-        if name is None:
-            try:
-                name = grp.getgrgid(gid).gr_name
-            except KeyError:
-                name = ""
-            self._groups.put(gid, name)
-        return name
+        return _cached_name(self._groups, gid, lambda i: grp.getgrgid(i).gr_name)
 
     def container_id(self, cgroup_text: str) -> str:
         cid = self._containers.get(cgroup_text)
@@ -426,3 +409,17 @@ def _read_at_most(dir_fd: int, name: str, size: int) -> bytes:
         return os.read(fd, size)
     finally:
         os.close(fd)
+
+
+def _cached_name(cache: BoundedCache[int, str], ident: int, lookup: Callable[[int], str]) -> str:
+    """A user or group name by id, through ``cache``; "" for an unset (negative) or unknown id."""
+    if ident < 0:
+        return ""
+    name = cache.get(ident)
+    if name is None:
+        try:
+            name = lookup(ident)
+        except KeyError:
+            name = ""
+        cache.put(ident, name)
+    return name
