@@ -48,6 +48,18 @@ class DetailEvent:
     raw_args: tuple[int, ...] = ()  # the six register arguments as the kernel saw them (for seccomp)
 
 
+@dataclass(frozen=True, slots=True)
+class KernelSignal:
+    """The BPF program sent ``signal`` to process ``pid`` at its syscall ``nr`` (enforcement in the kernel:
+    a verdict the agent wrote into the enforce map, or an in-kernel per-exe deny policy)."""
+
+    ts: int
+    pid: int
+    tid: int
+    nr: int
+    signal: int
+
+
 ProcKind = Literal["fork", "exec", "exit"]
 
 

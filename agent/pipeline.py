@@ -18,7 +18,7 @@ import numpy as np
 
 from agent.capture.names import syscall_name
 from agent.capture.source import Chunk, LiveSource, ReplaySource
-from agent.events import FLAG_COMPAT, DetailEvent, ProcEvent
+from agent.events import FLAG_COMPAT, DetailEvent, KernelSignal, ProcEvent
 from agent.proc import ProcessTable
 from agent.verdict import DecisionTable, Evidence, Verdict
 
@@ -112,6 +112,8 @@ class Pipeline:
                     self._syscalls(chunk)
                 elif isinstance(chunk, ProcEvent):
                     self._proc(chunk)
+                elif isinstance(chunk, KernelSignal):
+                    self._kernel_block(chunk)
                 else:
                     self._detail(chunk)
 
@@ -176,10 +178,6 @@ class Pipeline:
 
     def _detail(self, event: DetailEvent) -> None:
         self.counters["details"] += 1
-        if event.syscall == "sysgram_enforced":
-            self.counters["kernel_signals"] += 1
-            self._kernel_block(event)
-            return
         if event.syscall in ("execve", "execveat") and event.res == 0:
             self.table.apply_exec_detail(event)
             if self.recorder is not None and self._matches(event.tgid):
@@ -295,25 +293,26 @@ class Pipeline:
         )
         return action
 
-    def _kernel_block(self, event: DetailEvent) -> None:
+    def _kernel_block(self, event: KernelSignal) -> None:
         """The BPF program signalled a process. When the agent asked for it (a verdict), the block alert is
         already out; otherwise an in-kernel policy (deny_syscalls) decided, and this records it."""
+        self.counters["kernel_signals"] += 1
         recent = self.enforcer.records if self.enforcer is not None else ()
-        if any(r.pid == event.tgid and r.done for r in recent):
+        if any(r.pid == event.pid and r.done for r in recent):
             return
-        info = self.table.get(event.tgid)
+        info = self.table.get(event.pid)
         exe = info.exe if info is not None else ""
-        signal_name = {9: "SIGKILL", 19: "SIGSTOP"}.get(int(event.args.get("signal", 0)), "signal")
+        signal_name = {9: "SIGKILL", 19: "SIGSTOP"}.get(event.signal, "signal")
         denied = syscall_name(event.nr)
         self.counters["blocks"] += 1
         if self.metrics is not None:
             self.metrics.block(signal_name)
         output = (
-            f"Sysgram blocked pid {event.tgid} ({signal_name}): the in-kernel policy for {exe or 'its program'} "
+            f"Sysgram blocked pid {event.pid} ({signal_name}): the in-kernel policy for {exe or 'its program'} "
             f"denies {denied}"
         )
         fields = {
-            "proc.pid": event.tgid,
+            "proc.pid": event.pid,
             "proc.exe": exe or None,
             "proc.name": info.comm if info is not None else None,
             "evt.type": denied,

@@ -85,7 +85,7 @@ def test_detail_records_decode_from_raw_bytes() -> None:
 
     import numpy as np
 
-    from agent.capture._decode import decode_detail, decode_exec_args, decode_proc
+    from agent.capture._decode import decode_detail, decode_exec_args, decode_kernel_signal, decode_proc
     from agent.capture.names import syscall_number
 
     rec = np.zeros(1, L.SC_DETAIL)
@@ -113,3 +113,8 @@ def test_detail_records_decode_from_raw_bytes() -> None:
     proc["comm"], proc["filename"] = b"ls", b"/bin/ls"
     ev = decode_proc(proc.tobytes())
     assert (ev.kind, ev.pid, ev.tid, ev.comm, ev.filename) == ("exec", 9, 9, "ls", "/bin/ls")
+
+    hdr = np.zeros(1, L.DETAIL_HDR)
+    hdr["kind"], hdr["nr"], hdr["tgid"], hdr["tid"], hdr["aux"], hdr["ts"] = L.K_ENFORCED, 110, 9, 10, 9, 77
+    sig = decode_kernel_signal(hdr.tobytes())
+    assert (sig.pid, sig.tid, sig.nr, sig.signal, sig.ts) == (9, 10, 110, 9, 77)

@@ -12,7 +12,7 @@ import numpy as np
 
 from agent.capture import _layout as L
 from agent.capture.names import syscall_name, syscall_number
-from agent.events import DetailEvent, ProcEvent
+from agent.events import DetailEvent, KernelSignal, ProcEvent
 
 NONE = 0xFF
 LEN_PTR = 0xFE  # accept: the address length is written through a pointer
@@ -238,6 +238,12 @@ def decode_detail(raw: bytes) -> DetailEvent:
     return DetailEvent(
         ts=ts, tgid=tgid, tid=tid, syscall=name, nr=nr, res=ret, args=args, raw_args=tuple(raw_args)
     )
+
+
+def decode_kernel_signal(raw: bytes) -> KernelSignal:
+    """A K_ENFORCED record (a bare detail header: aux is the signal sent)."""
+    _, _, nr, tgid, tid, sig, ts = struct.unpack_from(_HDR, raw)
+    return KernelSignal(ts=ts, pid=tgid, tid=tid, nr=nr, signal=sig)
 
 
 def decode_exec_args(raw: bytes) -> tuple[int, str, tuple[str, ...]]:

@@ -18,11 +18,11 @@ import numpy as np
 
 from agent.capture import _layout as L
 from agent.capture._batches import BatchOrderer
-from agent.capture._decode import decode_detail, decode_exec_args, decode_proc
+from agent.capture._decode import decode_detail, decode_exec_args, decode_kernel_signal, decode_proc
 from agent.capture._loader import Tracer
-from agent.events import DetailEvent, ProcEvent
+from agent.events import DetailEvent, KernelSignal, ProcEvent
 
-Chunk = np.ndarray | DetailEvent | ProcEvent
+Chunk = np.ndarray | DetailEvent | ProcEvent | KernelSignal
 
 
 class EventSource(Protocol):
@@ -227,17 +227,7 @@ class LiveSource:
                 proc = ProcEvent("exit", proc.ts, proc.pid, proc.pid, comm=proc.comm)
             self._details.append(proc)
         elif kind == L.K_ENFORCED:
-            h = np.frombuffer(raw, dtype=L.DETAIL_HDR, count=1)[0]
-            event = DetailEvent(
-                int(h["ts"]),
-                int(h["tgid"]),
-                int(h["tid"]),
-                "sysgram_enforced",
-                int(h["nr"]),
-                0,
-                {"signal": int(h["aux"])},
-            )
-            self._details.append(event)
+            self._details.append(decode_kernel_signal(raw))
         return 0
 
     def _read_loop(self) -> None:
@@ -320,8 +310,8 @@ class _CpuTicker:
 
 
 def _is_syscall_detail(chunk: Chunk) -> bool:
-    """A decoded syscall (what the detail bound drops under overload); never a kernel block record."""
-    return isinstance(chunk, DetailEvent) and chunk.syscall != "sysgram_enforced"
+    """A decoded syscall: what the detail bound drops under overload (never a process or kernel-signal event)."""
+    return isinstance(chunk, DetailEvent)
 
 
 def _count(group: list[Chunk]) -> int:
