@@ -302,11 +302,11 @@ class Pipeline:
             return
         info = self.table.get(event.pid)
         exe = info.exe if info is not None else ""
-        signal_name = {9: "SIGKILL", 19: "SIGSTOP"}.get(event.signal, "signal")
+        action, signal_name = {9: ("kill", "SIGKILL"), 19: ("stop", "SIGSTOP")}.get(event.signal, ("kill", "signal"))
         denied = syscall_name(event.nr)
         self.counters["blocks"] += 1
         if self.metrics is not None:
-            self.metrics.block(signal_name)
+            self.metrics.block(action)  # labelled as the agent's own blocks are: kill | stop | refused
         output = (
             f"Sysgram blocked pid {event.pid} ({signal_name}): the in-kernel policy for {exe or 'its program'} "
             f"denies {denied}"
