@@ -1,0 +1,49 @@
+"""The ADFA-LD probes' building blocks, checked against brute force on small random data."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from training.adfa_probe import SuffixAutomaton, cover_scores, nearest_by_composition
+from training.datasets import Trace
+
+
+def _longest_known_suffix(known: list[list[str]], probe: list[str], end: int) -> int:
+    best = 0
+    for length in range(1, end + 2):
+        piece = probe[end - length + 1:end + 1]
+        if any(piece == seq[i:i + length] for seq in known for i in range(len(seq) - length + 1)):
+            best = length
+    return best
+
+
+def test_matching_lengths_equal_brute_force() -> None:
+    rnd = random.Random(7)
+    alphabet = "abcd"
+    for _ in range(30):
+        known = [[rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))] for _ in range(rnd.randint(1, 4))]
+        probe = [rnd.choice(alphabet + "z") for _ in range(rnd.randint(1, 15))]
+        sam = SuffixAutomaton()
+        for seq in known:
+            sam.add(seq)
+        got = sam.matching_lengths(probe).tolist()
+        assert got == [_longest_known_suffix(known, probe, j) for j in range(len(probe))], (known, probe)
+
+
+def test_cover_counts_pieces_per_syscall() -> None:
+    train = [Trace("*", ("open", "read", "close")), Trace("*", ("mmap", "brk"))]
+    seen = Trace("*", ("open", "read", "close"))
+    spliced = Trace("*", ("open", "read", "brk", "mmap"))  # pieces: open read | brk | mmap
+    novel = Trace("*", ("ptrace",))
+    scores = cover_scores(train, [seen, spliced, novel])
+    assert np.allclose(scores, [1 / 3, 3 / 4, 1.0])
+
+
+def test_composition_finds_the_nearest_trace() -> None:
+    train = [Trace("*", ("open", "read")), Trace("*", ("socket", "connect", "read"))]
+    tests = [Trace("*", ("read", "open", "read")), Trace("*", ("socket", "connect")), Trace("*", ("ptrace",))]
+    nearest, novelty = nearest_by_composition(train, tests)
+    assert nearest[:2].tolist() == [0, 1]
+    assert np.allclose(novelty, [0.0, 1 - 2 / 3, 1.0])
