@@ -11,6 +11,7 @@ from typing import Any
 from agent.capture import _layout as L
 from agent.capture._decode import spec_table
 from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
+from agent.capture._memory import release_compiler_memory
 from agent.capture.names import syscall_number
 from agent.errors import CaptureError
 
@@ -74,6 +75,8 @@ class Tracer:
         for nr in self.attached:
             spec_map[ctypes.c_int(nr)] = spec_map.Leaf.from_buffer_copy(table[nr].tobytes())
         self._attach_details()
+        # compiled once: the compiler's ~110 MB of resident code and freed heap are not needed again
+        self.compiler_kb_released = release_compiler_memory()
 
     def _attach_details(self) -> None:
         tracing = "/sys/kernel/tracing/events/syscalls"

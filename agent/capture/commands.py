@@ -7,14 +7,16 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.capture.names import name_table
-from agent.capture.recording import Recording, read_recording
 from agent.errors import ConfigError
 from agent.events import FLAG_COMPAT, DetailEvent, ProcEvent
+
+if TYPE_CHECKING:  # pyarrow is imported only by the commands that read recordings
+    from agent.capture.recording import Recording
 
 
 def register(subparsers: Any) -> None:
@@ -153,6 +155,8 @@ def process_events(rec: Recording, pid: int) -> list[dict[str, Any]]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from agent.capture.recording import read_recording
+
     rec = read_recording(args.file)
     if args.events:
         if args.pid is None:

@@ -13,7 +13,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.capture.recording import iter_thread_traces, read_recording
 from agent.errors import ConfigError
 from agent.seccomp._kernel import check_compiles
 from agent.seccomp._profile import known_to_libseccomp, parse_profile
@@ -60,6 +59,8 @@ class GeneratedProfile:
 
 def observed_syscalls(recordings: Sequence[str], exe: str) -> tuple[set[str], int]:
     """Every syscall name ``exe`` made in the recordings, and how many thread traces held it."""
+    from agent.capture.recording import iter_thread_traces, read_recording  # pyarrow: only when generating
+
     seen: set[str] = set()
     traces = 0
     for path in recordings:
