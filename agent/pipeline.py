@@ -19,6 +19,7 @@ import numpy as np
 from agent.capture.names import syscall_name
 from agent.capture.source import Chunk, LiveSource, ReplaySource
 from agent.events import FLAG_COMPAT, DetailEvent, KernelSignal, ProcEvent
+from agent.memory import release_free_memory
 from agent.proc import ProcessTable
 from agent.verdict import DecisionTable, Evidence, Verdict
 
@@ -36,6 +37,9 @@ DETECTOR_SLICE_ROWS = 65536
 # The agent runs ahead of the workloads it watches (auditd boosts itself likewise: priority_boost = 4):
 # at nice 0 a busy host's fair share left it ~0.3 cores and it dropped events (docs/performance.md).
 AGENT_NICE = -10
+# glibc keeps memory freed after a burst (a backlog, a churn of processes) for later: RSS stayed at each
+# burst's high-water mark. Handing it back costs ~1-6 ms of the pipeline thread (docs/performance.md).
+TRIM_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +171,12 @@ class Pipeline:
         if self.engine is not None:
             self.engine.on_proc_event(event)
         if self.detector is not None:
-            if event.kind == "exec":
+            if event.kind == "fork":
+                self.detector.on_fork(event.pid, event.tid)
+            elif event.kind == "exec":
                 self.detector.on_exec(event.pid, (event.tid,))
             elif event.kind == "exit":
-                self.detector.on_exit(event.tid)
+                self.detector.on_exit(event.tid, event.ts)  # its last syscalls may still be on their way
                 if event.tid == event.pid:
                     self.detector.on_process_exit(event.pid, event.ts)
         if self.recorder is not None and self._matches(event.pid):
@@ -374,6 +380,16 @@ class Pipeline:
                 time.monotonic_ns(),
             )
 
+    # -- housekeeping ---------------------------------------------------------------------------------
+    def reap(self, now_ns: int) -> None:
+        """Forget what exited long enough before ``now_ns`` (CLOCK_MONOTONIC, as event times are): the
+        table's exited processes, the detector's windows of exited threads (on a quiet host no syscall
+        moves the detector's own clock)."""
+        with self._lock:
+            self.table.reap(now_ns)
+            if self.detector is not None:
+                self.detector.settle(now_ns)
+
     # -- periodic sampling: drops and model counters into the metrics; the overload alert ------------------
     def sample(self, drops: dict[str, int], now_ns: int | None = None) -> None:
         """Fold the source's drop totals (and the model's counters) into the metrics; raise the overload
@@ -535,7 +551,7 @@ def run_live(
             pipeline.on_tracer(source.tracer)
         _ready(source)
         deadline = time.monotonic() + seconds if seconds > 0 else None
-        last_reap = time.monotonic()
+        last_reap = last_trim = time.monotonic()
         last_sample = 0.0  # the first sample at once: /metrics shows every drop stage from the start
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
@@ -544,8 +560,11 @@ def run_live(
             if group:
                 pipeline.handle(group)
             if time.monotonic() - last_reap > 1.0:
-                pipeline.table.reap(time.monotonic_ns())
+                pipeline.reap(time.monotonic_ns())
                 last_reap = time.monotonic()
+            if time.monotonic() - last_trim >= TRIM_INTERVAL_S:
+                release_free_memory()
+                last_trim = time.monotonic()
             if time.monotonic() - last_sample >= SAMPLE_INTERVAL_S:
                 pipeline.sample(source.drops())
                 last_sample = time.monotonic()

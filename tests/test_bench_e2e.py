@@ -143,6 +143,8 @@ def test_e2e_quick_json_has_sane_figures() -> None:
     assert value["live processes spawned"] == pb.QUICK.live
     assert value[f"agent RSS with {pb.QUICK.live:,} live processes"] > 0
     assert value["process events seen"] >= pb.QUICK.live * 2  # a fork and an exit each, at least
+    assert isinstance(value["RSS growth over the churn"], float)
+    assert isinstance(value["RSS growth over a second churn (the slope)"], float)
     assert value["build slowdown with the agent"] > 0
     for name in ("drops during the memory runs", "drops during the builds"):
         assert isinstance(value[name], int) and value[name] >= 0

@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 
-from agent.capture._memory import Mapping, droppable, mappings
+from agent.memory import Mapping, droppable, mappings
 from tests.conftest import ROOT, requires_bpf
 
 _PROBE = """
 import json, os
 from agent.capture._loader import Tracer
-from agent.capture._memory import mappings, droppable, _COMPILER_LIBRARY
+from agent.memory import mappings, droppable, _COMPILER_LIBRARY
 
 def compiler_text_kb():
     return sum(m.rss_kb for m in mappings() if _COMPILER_LIBRARY.search(m.path) and 'x' in m.perms)

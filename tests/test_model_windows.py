@@ -155,3 +155,16 @@ def test_thread_facts_name_the_batch_rows_when_pre_exec_rows_are_left_out() -> N
     win = tw.build(batch_of(rows))
     assert win.rows.tolist() == [1, 4, 3, 5]  # process 8 first; process 9 from after its execve
     assert win.thread_tids.tolist() == [8, 9] and win.thread_last_rows.tolist() == [4, 5]
+
+
+def test_carried_tokens_are_bounded_when_exits_are_lost() -> None:
+    tw = ThreadWindows(4, tables(), max_threads=100)
+    for start in range(0, 1000, 250):  # 1000 threads, none of whose exits is ever seen (lost to drops)
+        tw.build(batch_of([(tid, tid, "read") for tid in range(start, start + 250) for _ in range(2)]))
+        assert len(tw) <= 100
+    assert tw.evicted == 900
+    # the latest threads still carry their tokens; an evicted one starts from padding again
+    kept = tw.build(batch_of([(999, 999, "write")]))
+    assert kept.tokens.tolist() == [[PAD, TOKEN["read"], TOKEN["read"], TOKEN["write"]]]
+    fresh = tw.build(batch_of([(0, 0, "write")]))
+    assert fresh.tokens.tolist() == [[PAD, PAD, PAD, TOKEN["write"]]]

@@ -11,9 +11,9 @@ from typing import Any
 from agent.capture import _layout as L
 from agent.capture._decode import spec_table
 from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
-from agent.capture._memory import release_compiler_memory
 from agent.capture.names import syscall_number
 from agent.errors import CaptureError
+from agent.memory import release_compiler_memory
 
 # The agent's ticker makes this syscall on each CPU in turn; the BPF program then sends that CPU's batch.
 FLUSH_SYSCALL = "getppid"

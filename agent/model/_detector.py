@@ -191,6 +191,12 @@ def explain(exe: str, pid: int, window_score: float, window_threshold: float, pr
 
 EXITED_KEEP_NS = 30_000_000_000
 EXITED_KEEP_MAX = 4096  # and at most this many: fork/exit churn would otherwise keep ~30 s of processes
+# A thread's exit event overtakes its last syscalls: the capture holds compact rows back (up to 250 ms) to
+# order them across CPUs, while process events are handed on at once. Its windows are forgotten once the
+# syscall stream (or the clock, see settle) is this far past the exit, so that those rows still find them
+# and do not make state for a dead thread that nothing would remove (that was ~1 KB per process lifetime).
+EXIT_SETTLE_NS = 1_000_000_000
+ENDING_MAX = 16384  # exits waiting to settle; beyond this the oldest settles at once
 
 
 class AnomalyDetector:
@@ -212,7 +218,11 @@ class AnomalyDetector:
         self.min_windows = model.sidecar.thresholds.min_windows if min_windows is None else min_windows
         self.max_processes = max_processes
         self._procs: OrderedDict[int, _Process] = OrderedDict()
-        self._exited: deque[tuple[int, int, _Process]] = deque()  # (exit ts, pid, its state)
+        # [exit ts, pid, its state]: a list, because a process whose syscalls reach us after its exit event
+        # gets its state then (``_late`` points at the entry until it is filled)
+        self._exited: deque[list[Any]] = deque()
+        self._late: dict[int, list[Any]] = {}  # pid -> its entry in _exited, not yet holding a state
+        self._ending: OrderedDict[int, int] = OrderedDict()  # tid -> exit ts, windows kept until settled
         self._vocab = np.array(model.vocabulary, dtype=object)
         self._token_dtype = np.uint16 if len(self._vocab) <= 1 << 16 else np.int64  # a kept window, compact
         self._limits: dict[int, tuple[str, float, float]] = {}
@@ -223,28 +233,69 @@ class AnomalyDetector:
     def stats(self) -> dict[str, int]:
         return {**self._stats, "session_runs": self.model.session_runs, "cache_entries": len(self.cache),
                 "cache_evictions": self.cache.evictions,
-                "pre_exec_rows": self.windows.dropped,
-                "threads": len(self.windows), "processes": len(self._procs)}
+                "pre_exec_rows": self.windows.dropped, "threads_evicted": self.windows.evicted,
+                "threads": len(self.windows), "processes": len(self._procs), "exits_settling": len(self._ending)}
+
+    def on_fork(self, pid: int, tid: int) -> None:
+        """A new task: whatever an earlier task with this id left is not its own."""
+        self._settle_exit(tid)
+        if tid == pid:  # a new process: an exited one's state under this pid is no longer addressable
+            self._late.pop(pid, None)
+            self._procs.pop(pid, None)
 
     def on_exec(self, tgid: int, tids: Iterable[int]) -> None:
         for tid in {tgid, *tids}:
+            self._settle_exit(tid)
             self.windows.exec(tid)
+        self._late.pop(tgid, None)  # an exit placeholder under this pid is an earlier process's
         self._procs.pop(tgid, None)
 
-    def on_exit(self, tid: int) -> None:
-        self.windows.forget(tid)
+    def on_exit(self, tid: int, ts: int | None = None) -> None:
+        """The thread exited at ``ts``: its windows go once its last syscalls are in (:meth:`settle`); at once
+        when no time is given."""
+        if ts is None:
+            self._ending.pop(tid, None)
+            self.windows.forget(tid)
+            return
+        self._ending[tid] = ts
+        self._ending.move_to_end(tid)
+        if len(self._ending) > ENDING_MAX:
+            self._settle_exit(next(iter(self._ending)))
 
     def on_process_exit(self, pid: int, ts: int) -> None:
         """The process is gone: its state stays readable for EXITED_KEEP_NS (a Falco alert about it may
         still arrive to be cross-checked) and while it is among the EXITED_KEEP_MAX latest exits, then it
-        is forgotten, so churn does not grow memory."""
+        is forgotten, so churn does not grow memory. Its state may not exist yet (its syscalls come after
+        the exit event): the state those syscalls make is this exit's."""
         proc = self._procs.get(pid)
-        if proc is not None:
-            self._exited.append((ts, pid, proc))
+        entry: list[Any] = [ts, pid, proc]
+        self._exited.append(entry)
+        if proc is None:
+            self._late[pid] = entry
         while self._exited and (ts - self._exited[0][0] > EXITED_KEEP_NS or len(self._exited) > EXITED_KEEP_MAX):
-            _, old_pid, old = self._exited.popleft()
-            if self._procs.get(old_pid) is old:  # not a new process that reused the pid
+            oldest = self._exited.popleft()
+            _, old_pid, old = oldest
+            if self._late.get(old_pid) is oldest:  # its syscalls never came
+                del self._late[old_pid]
+            if old is not None and self._procs.get(old_pid) is old:  # not a new process that reused the pid
                 del self._procs[old_pid]
+
+    def settle(self, now_ns: int) -> int:
+        """Forget the windows of threads that exited more than EXIT_SETTLE_NS before ``now_ns`` (the syscall
+        stream's time, or CLOCK_MONOTONIC when the stream is quiet); -> how many."""
+        settled = 0
+        horizon = now_ns - EXIT_SETTLE_NS
+        while self._ending:
+            tid, ts = next(iter(self._ending.items()))
+            if ts > horizon:
+                break
+            self._settle_exit(tid)
+            settled += 1
+        return settled
+
+    def _settle_exit(self, tid: int) -> None:
+        if self._ending.pop(tid, None) is not None:
+            self.windows.forget(tid)
 
     def state(self, pid: int) -> AnomalyState | None:
         proc = self._procs.get(pid)
@@ -265,6 +316,8 @@ class AnomalyDetector:
 
     def push(self, batch: np.ndarray, exe_of: Mapping[int, str]) -> list[Anomaly]:
         win = self.windows.build(batch)
+        if self._ending and len(batch):  # the stream's own clock: exits well before this batch are settled
+            self.settle(int(batch["ts"].max()))
         self._stats["batches"] += 1
         self._stats["syscalls"] += len(batch)
         self._stats["unk_tokens"] += win.unknown
@@ -343,6 +396,9 @@ class AnomalyDetector:
         proc = self._procs.get(pid)
         if proc is None or proc.exe != exe:
             proc = self._procs[pid] = _Process(exe=exe, span_start=ts)
+            late = self._late.pop(pid, None)
+            if late is not None:  # the process exited before its syscalls got here: its exit keeps the state
+                late[2] = proc
             while len(self._procs) > self.max_processes:
                 self._procs.popitem(last=False)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -197,12 +198,18 @@ class ThreadWindows:
     them out of the new program's traces (which start after the exec).
     """
 
-    def __init__(self, n: int, nr_tokens: dict[bool, np.ndarray]) -> None:
+    def __init__(self, n: int, nr_tokens: dict[bool, np.ndarray], max_threads: int = 65536) -> None:
         self.n = n
+        self.max_threads = max_threads  # threads whose exit was lost (drops) must not grow memory for ever
+        self.evicted = 0
         self.nr_tokens = nr_tokens
         self._table = token_table(nr_tokens)
-        self._pad = np.full(n - 1, PAD, dtype=np.int64)
-        self._carry: dict[int, np.ndarray] = {}
+        # Each thread's carried n-1 tokens as bytes of its own (uint16 when the tokens fit): a row view of the
+        # batch's carry array would keep that whole array alive for as long as any one of its threads lives.
+        self._carry_dtype = np.uint16 if int(self._table.max()) < 1 << 16 else np.int64
+        self._carry_width = (n - 1) * np.dtype(self._carry_dtype).itemsize
+        self._pad = np.full(n - 1, PAD, dtype=self._carry_dtype).tobytes()
+        self._carry: dict[int, bytes] = {}
         self._exec_pending: dict[int, None] = {}  # an ordered set: the oldest go first when it is full
         self._exec_nrs = {compat: _exec_numbers(compat) for compat in (False, True)}
         self.dropped = 0  # rows left out as belonging to the program before an exec
@@ -258,9 +265,15 @@ class ThreadWindows:
         thread_key = run_key[thread_run]
         thread_tids = (thread_key & np.uint64(0xFFFFFFFF)).astype(np.int64)
         thread_ids = thread_tids.tolist()
-        carry = np.stack([self._carry.get(t, self._pad) for t in thread_ids])
+        carry = np.frombuffer(b"".join([self._carry.get(t, self._pad) for t in thread_ids]),
+                              dtype=self._carry_dtype).reshape(len(thread_ids), self.n - 1)
         buf, starts, new_carry = _segments(tokens, lengths, carry, self.n)
-        self._carry.update(zip(thread_ids, new_carry, strict=True))
+        raw, w = new_carry.astype(self._carry_dtype).tobytes(), self._carry_width
+        self._carry.update(zip(thread_ids, [raw[i * w:(i + 1) * w] for i in range(len(thread_ids))], strict=True))
+        if len(self._carry) > self.max_threads:  # the first seen go first: they restart from PAD if they return
+            for old in list(islice(self._carry, len(self._carry) - self.max_threads)):
+                del self._carry[old]
+                self.evicted += 1
         rows = np.arange(size, dtype=np.int64) if order is None else order
         thread_starts = np.cumsum(lengths) - lengths
         last_rows = rows[thread_starts + lengths - 1]

@@ -1,4 +1,7 @@
-"""Give back the memory the BPF compiler used.
+"""Handing memory back to the OS: the heap glibc keeps after a burst, and what the BPF compiler used.
+
+glibc keeps memory freed after a burst (a backlog, a churn of processes) for later, so RSS stays at each
+burst's high-water mark: ``release_free_memory`` (``malloc_trim(0)``) hands it back.
 
 bcc compiles the agent's BPF program with clang/LLVM once, at start. Afterwards ~90 MB of LLVM and clang
 machine code stays resident and glibc keeps ~20 MB of the compiler's freed heap; none of it is used again
@@ -10,8 +13,10 @@ Mappings with any private (copy-on-write) page, such as relocated read-only data
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _MADV_DONTNEED = 4
 _COMPILER_LIBRARY = re.compile(r"/lib(LLVM|clang)[^/]*\.so[^/]*$")
@@ -54,14 +59,30 @@ def droppable(m: Mapping) -> bool:
     return bool(_COMPILER_LIBRARY.search(m.path)) and "w" not in m.perms and m.anonymous_kb == 0 and m.rss_kb > 0
 
 
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def release_free_memory() -> bool:
+    """Give the C heap's free memory back to the OS (glibc's ``malloc_trim(0)``); False where there is none."""
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def release_compiler_memory() -> int:
     """Trim glibc's heap and drop the compiler's resident text; returns the kB of compiler text dropped."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return 0
-    if hasattr(libc, "malloc_trim"):  # glibc only
-        libc.malloc_trim(ctypes.c_size_t(0))
+    release_free_memory()
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dropped = 0
