@@ -174,7 +174,7 @@ class Pipeline:
             if event.kind == "fork":
                 self.detector.on_fork(event.pid, event.tid)
             elif event.kind == "exec":
-                self.detector.on_exec(event.pid, (event.tid,))
+                self.detector.on_exec(event.pid, (event.tid,), event.ts)
             elif event.kind == "exit":
                 self.detector.on_exit(event.tid, event.ts)  # its last syscalls may still be on their way
                 if event.tid == event.pid:

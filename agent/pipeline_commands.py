@@ -305,5 +305,5 @@ def _learn(args: argparse.Namespace) -> int:
         if args.epochs:
             kwargs["epochs"] = args.epochs
         report = train_from_recordings([recording], args.output, **kwargs)
-    print(f"sysgram: learned {args.output}: {report}")
+    print(f"sysgram: learned {report.summary()}")
     return 0

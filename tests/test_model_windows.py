@@ -112,6 +112,31 @@ def test_rows_before_an_exec_belong_to_the_old_program() -> None:
     assert len(later) == len(names)
 
 
+def test_rows_stamped_before_the_exec_are_left_out_however_they_are_batched() -> None:
+    # the exec event comes first; the child's pre-exec rows (a PATH search: failed execves, then the one that
+    # worked) arrive split over two batches, the first without any execve
+    tables = {c: np.arange(600, dtype=np.int64) for c in (False, True)}
+    exec_ts = 10_000
+
+    def rows_of(items: list[tuple[str, int]]) -> np.ndarray:
+        batch = np.zeros(len(items), dtype=SYSCALL_DTYPE)
+        batch["tgid"] = batch["tid"] = 42
+        batch["nr"] = [syscall_number(n) for n, _ in items]
+        batch["ts"] = [t for _, t in items]
+        return batch
+
+    tw = ThreadWindows(4, tables)
+    tw.exec(42, exec_ts)
+    first = tw.build(rows_of([("rt_sigaction", 100), ("close", 200)]))
+    assert len(first) == 0 and tw.dropped == 2  # all the old program's; still waiting for the exec
+    second = tw.build(rows_of([("execve", 300), ("execve", 400), ("execve", 500), ("brk", 10_050),
+                               ("mmap", 10_060)]))
+    assert second.rows.tolist() == [3, 4] and tw.dropped == 5
+    assert second.tokens[0].tolist() == [PAD, PAD, PAD, syscall_number("brk")]
+    later = tw.build(rows_of([("read", 10_100), ("execve", 10_200)]))  # a later, failed execve: kept
+    assert len(later) == 2
+
+
 def test_the_detector_scores_a_new_program_from_after_its_execve() -> None:
     model = load_model(ROOT / "models" / "sysgram-default.onnx")
     names = ["rt_sigaction", "rt_sigprocmask", "execve", "brk", "mmap", "openat", "read", "close"]

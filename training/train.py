@@ -48,7 +48,7 @@ MASK_RATE = 0.25
 UNK_NOISE = 0.01  # inputs swapped for UNK in training, so unseen syscalls at runtime are familiar noise
 GENERIC_DROPOUT = 0.2  # windows trained as "any program" so the generic slot learns the mixture
 DEFAULT_WINDOW_FAR = 1e-3
-DEFAULT_PROCESS_FAR = 0.01
+DEFAULT_PROCESS_FAR = 1e-3  # per process: a busy host starts thousands an hour (docs/model.md)
 DEFAULT_MIN_WINDOWS = 32
 AGGREGATE = "mean"  # chosen on ADFA-LD: see docs/model.md
 UNK_QUANTILE = 0.99  # an unseen syscall costs this quantile of held-out NLL (see calibrate_unk_cost)
@@ -89,6 +89,12 @@ class TrainReport:
     holdout_nll: float
     seconds: float
     thresholds: dict[str, Any]
+
+    def summary(self) -> str:
+        return (f"{self.onnx_path} and {self.sidecar_path}: {self.traces} traces, {self.windows:,} windows, "
+                f"{len(self.programs) - 1} programs + generic, {self.vocabulary_size} tokens, "
+                f"best epoch {self.best_epoch}/{self.epochs_run}, holdout NLL {self.holdout_nll:.3f}, "
+                f"{self.seconds:.0f}s")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -352,11 +358,46 @@ def aggregate(scores: np.ndarray, how: str = AGGREGATE) -> float:
     raise ValueError(how)
 
 
+STARTUP_BUCKETS = 4  # a process's first span is judged against start-up thresholds up to 2**4 x min_windows
+
+
+def _far_threshold(values: np.ndarray, far: float) -> float:
+    """The (1 - far) quantile; a quantile of few values is shaky: 1.05 x the largest below 1/far of them."""
+    return float(np.quantile(values, 1 - far) if len(values) * far >= 1 else values.max() * 1.05)
+
+
+def startup_thresholds(traces: Sequence[np.ndarray], min_windows: int, routine: float, far: float
+                       ) -> list[list[float]]:
+    """[[windows_below, threshold], ...]: a process in its first span with fewer windows than ``windows_below``
+    is judged against ``threshold``: the same false-alarm rate over the held-out traces' *highest running
+    mean* while their window count was in [previous bound, windows_below). A program's start-up scores higher
+    than its routine, and the runtime judges a running mean from ``min_windows`` on; the whole-trace mean
+    the routine threshold comes from would alert on normal start-ups. Never below ``routine``; buckets
+    that add nothing are left out."""
+    out: list[list[float]] = []
+    low = min_windows
+    for _ in range(STARTUP_BUCKETS):
+        high = 2 * low
+        peaks = []
+        for scores in traces:
+            if len(scores) >= low:
+                running = np.cumsum(scores) / np.arange(1, len(scores) + 1)
+                peaks.append(float(running[low - 1:min(high - 1, len(scores))].max()))
+        if not peaks:
+            break
+        out.append([high, max(routine, _far_threshold(np.array(peaks), far))])
+        low = high
+    while out and out[-1][1] <= routine:
+        out.pop()
+    return out
+
+
 def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Thresholds per program from held-out normal traces at the target false-alarm rates."""
     per_trace = trace_window_scores(model, holdout)
     window_th: dict[str, float] = {}
     process_th: dict[str, float] = {}
+    startup: dict[str, list[list[float]]] = {}
     calibration: dict[str, Any] = {"programs": {}}
     groups: dict[str, list[int]] = {GENERIC_PROGRAM: list(range(len(holdout)))}
     for i, t in enumerate(holdout):
@@ -371,10 +412,8 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
         judged = [s for s in scores if len(s) >= cfg.min_windows] or scores
         aggregates = np.array([aggregate(s) for s in judged])
         window_th[program] = float(np.quantile(windows, 1 - cfg.window_far))
-        # a quantile of few traces is shaky: never below the largest seen when there are under 1/FAR of them
-        q = 1 - cfg.process_far
-        process_th[program] = float(np.quantile(aggregates, q) if len(aggregates) * cfg.process_far >= 1
-                                    else aggregates.max() * 1.05)
+        process_th[program] = _far_threshold(aggregates, cfg.process_far)
+        startup[program] = startup_thresholds(judged, cfg.min_windows, process_th[program], cfg.process_far)
         calibration["programs"][program] = {
             "holdout_traces": len(scores), "holdout_windows": len(windows),
             "window_quantiles": {str(p): float(np.quantile(windows, p)) for p in (0.5, 0.9, 0.99, 0.999)},
@@ -383,6 +422,7 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
     if GENERIC_PROGRAM not in window_th:
         raise ConfigError("no held-out data to calibrate thresholds on (need at least two traces)")
     thresholds = {"window": window_th, "process": process_th, "min_windows": cfg.min_windows,
+                  "process_startup": {p: b for p, b in startup.items() if b},
                   "target_window_far": cfg.window_far, "target_process_far": cfg.process_far,
                   "aggregate": AGGREGATE}
     return thresholds, calibration

@@ -5,7 +5,7 @@ Public API (numpy + onnxruntime only; training lives in ``training/``)::
     model = load_model("models/sysgram-default.onnx")        # ModelError naming the file on any problem
     detector = AnomalyDetector(model, cache_size=65536)
     anomalies = detector.push(batch, exe_of)                  # batch: SYSCALL_DTYPE array; exe_of: tgid -> exe
-    detector.on_fork(pid, tid); detector.on_exec(tgid, tids); detector.on_exit(tid, ts); detector.on_process_exit(pid, ts)
+    detector.on_fork(pid, tid); detector.on_exec(tgid, tids, ts); detector.on_exit(tid, ts); detector.on_process_exit(pid, ts)
     detector.settle(now_ns)                                   # exited threads' windows go once their rows are in
     detector.state(pid) -> AnomalyState | None
     detector.stats -> {"windows", "windows_scored", "cache_hits", "cache_evictions", "pre_exec_rows", ...}

@@ -165,6 +165,7 @@ class _Process:
     span_start: int = 0
     total: float = 0.0
     count: int = 0
+    first_span: bool = True  # start-up thresholds apply (the sidecar's process_startup)
     last_alert: int | None = None
     state: AnomalyState | None = None
     # the latest batch's verdict, made an AnomalyState only when asked for (most never are):
@@ -225,7 +226,7 @@ class AnomalyDetector:
         self._ending: OrderedDict[int, int] = OrderedDict()  # tid -> exit ts, windows kept until settled
         self._vocab = np.array(model.vocabulary, dtype=object)
         self._token_dtype = np.uint16 if len(self._vocab) <= 1 << 16 else np.int64  # a kept window, compact
-        self._limits: dict[int, tuple[str, float, float]] = {}
+        self._limits: dict[int, tuple[str, float, float, tuple[tuple[int, float], ...]]] = {}
         self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "cache_hits": 0, "unk_tokens": 0,
                        "anomalies": 0, "batches": 0}
 
@@ -243,10 +244,11 @@ class AnomalyDetector:
             self._late.pop(pid, None)
             self._procs.pop(pid, None)
 
-    def on_exec(self, tgid: int, tids: Iterable[int]) -> None:
+    def on_exec(self, tgid: int, tids: Iterable[int], ts: int | None = None) -> None:
+        """The process runs a new program since ``ts``: its threads' rows from before are the old program's."""
         for tid in {tgid, *tids}:
             self._settle_exit(tid)
-            self.windows.exec(tid)
+            self.windows.exec(tid, ts)
         self._late.pop(tgid, None)  # an exit placeholder under this pid is an earlier process's
         self._procs.pop(tgid, None)
 
@@ -382,13 +384,14 @@ class AnomalyDetector:
         self._stats["cache_hits"] += len(keys) - distinct
         return scores
 
-    def _limits_of(self, program: int) -> tuple[str, float, float]:
-        """(program name, process threshold, window threshold) of a program slot, memoised (per process per batch)."""
+    def _limits_of(self, program: int) -> tuple[str, float, float, tuple[tuple[int, float], ...]]:
+        """(program name, process threshold, window threshold, start-up thresholds) of a program slot,
+        memoised (looked up per process per batch)."""
         limits = self._limits.get(program)
         if limits is None:
             th = self.model.sidecar.thresholds
             name = self.model.program_name(program)
-            limits = self._limits[program] = (name, th.process_for(name), th.window_for(name))
+            limits = self._limits[program] = (name, th.process_for(name), th.window_for(name), th.startup_for(name))
         return limits
 
     def _judge(self, pid: int, exe: str, program: int, ts: int, total: float, count: int, tokens: np.ndarray,
@@ -404,10 +407,15 @@ class AnomalyDetector:
         else:
             self._procs.move_to_end(pid)
         if ts - proc.span_start > self.span_ns and proc.count >= self.min_windows:
-            proc.span_start, proc.total, proc.count = ts, 0.0, 0
+            proc.span_start, proc.total, proc.count, proc.first_span = ts, 0.0, 0, False
         proc.total += total
         proc.count += count
-        program_name, p_threshold, w_threshold = self._limits_of(program)
+        program_name, p_threshold, w_threshold, startup = self._limits_of(program)
+        if proc.first_span and startup:
+            for windows_below, threshold in startup:
+                if proc.count < windows_below:
+                    p_threshold = threshold
+                    break
         p_score = proc.total / proc.count
         anomalous = proc.count >= self.min_windows and p_score > p_threshold
         proc.latest = (ts, p_score, p_threshold, proc.count, window_score, w_threshold,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,20 @@ class Thresholds:
     min_windows: int
     target_window_far: float
     target_process_far: float
+    # optional: per program, ((windows_below, threshold), ...) ascending: a process's first span is judged
+    # against these while it has fewer windows (start-ups score higher than routines; docs/model.md)
+    process_startup: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
 
     def window_for(self, exe: str) -> float:
         return self.window.get(exe, self.window[GENERIC_PROGRAM])
 
     def process_for(self, exe: str) -> float:
         return self.process.get(exe, self.process[GENERIC_PROGRAM])
+
+    def startup_for(self, exe: str) -> tuple[tuple[int, float], ...]:
+        if exe in self.process:  # a program with its own routine threshold has its own start-up ones (or none)
+            return self.process_startup.get(exe, ())
+        return self.process_startup.get(GENERIC_PROGRAM, ())
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,27 @@ def _float_map(raw: Any, key: str, path: str) -> dict[str, float]:
         raise ModelError(f"sidecar thresholds.{key} holds a non-number", path=path) from None
 
 
+def _startup_map(raw: Any, path: str) -> dict[str, tuple[tuple[int, float], ...]]:
+    """thresholds.process_startup: {program: [[windows_below, threshold], ...]} with windows_below rising."""
+    if raw is None:
+        return {}
+    where = "sidecar thresholds.process_startup"
+    if not isinstance(raw, dict):
+        raise ModelError(f"{where} must map programs to [[windows, threshold], ...]", path=path)
+    out: dict[str, tuple[tuple[int, float], ...]] = {}
+    for program, buckets in raw.items():
+        try:
+            pairs = tuple((int(b[0]), float(b[1])) for b in buckets if len(b) == 2)
+        except (TypeError, ValueError, IndexError):
+            pairs = ()
+        bounds = [b for b, _ in pairs]
+        if not pairs or len(pairs) != len(buckets) or bounds != sorted(set(bounds)) or bounds[0] < 1:
+            raise ModelError(f"{where}[{program!r}] must be [[windows, threshold], ...] with rising windows",
+                             path=path)
+        out[str(program)] = pairs
+    return out
+
+
 def parse_sidecar(raw: Any, path: str) -> Sidecar:
     if not isinstance(raw, dict):
         raise ModelError("sidecar is not a JSON object", path=path)
@@ -107,6 +136,7 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
             min_windows=int(th["min_windows"]),
             target_window_far=float(th["target_window_far"]),
             target_process_far=float(th["target_process_far"]),
+            process_startup=_startup_map(th.get("process_startup"), path),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(f"sidecar thresholds malformed ({err})", path=path) from None

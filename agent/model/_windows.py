@@ -193,9 +193,11 @@ def _exec_numbers(compat: bool) -> np.ndarray:
 class ThreadWindows:
     """Per-thread window state across batches.
 
-    After :meth:`exec`, the thread's rows up to and including its last execve in the next batch that holds
-    its rows are still the old program's (a batch can span the exec): they are left out, as training leaves
-    them out of the new program's traces (which start after the exec).
+    After :meth:`exec` at time ``ts``, the thread's rows stamped at or before ``ts`` are still the old
+    program's (the capture hands the exec event on at once and holds syscall rows back to order them, so they
+    can arrive in any number of batches after the event): they are left out until the first row after the
+    exec, as training leaves them out of the new program's traces (which start after the exec). Without a
+    time, the rows up to the last execve in the next batch holding the thread's rows are left out.
     """
 
     def __init__(self, n: int, nr_tokens: dict[bool, np.ndarray], max_threads: int = 65536) -> None:
@@ -210,7 +212,8 @@ class ThreadWindows:
         self._carry_width = (n - 1) * np.dtype(self._carry_dtype).itemsize
         self._pad = np.full(n - 1, PAD, dtype=self._carry_dtype).tobytes()
         self._carry: dict[int, bytes] = {}
-        self._exec_pending: dict[int, None] = {}  # an ordered set: the oldest go first when it is full
+        # tid -> the exec's time (None: unknown); insertion-ordered: the oldest go first when it is full
+        self._exec_pending: dict[int, int | None] = {}
         self._exec_nrs = {compat: _exec_numbers(compat) for compat in (False, True)}
         self.dropped = 0  # rows left out as belonging to the program before an exec
 
@@ -228,10 +231,18 @@ class ThreadWindows:
         is_exec = np.where(compat, np.isin(batch["nr"], self._exec_nrs[True]),
                            np.isin(batch["nr"], self._exec_nrs[False]))
         for tid in np.unique(batch["tid"][mine]).tolist():
-            self._exec_pending.pop(tid, None)
-            execs = np.flatnonzero(is_exec & (batch["tid"] == tid))
+            exec_ts = self._exec_pending[tid]
+            thread = batch["tid"] == tid
+            if exec_ts is not None:
+                before = thread & (batch["ts"] <= exec_ts)
+                keep[before] = False
+                if (thread & ~before).any():  # the new program's first row is in: the exec is behind us
+                    del self._exec_pending[tid]
+                continue
+            del self._exec_pending[tid]
+            execs = np.flatnonzero(is_exec & thread)
             if len(execs):
-                keep[(batch["tid"] == tid) & (np.arange(len(batch)) <= execs[-1])] = False
+                keep[thread & (np.arange(len(batch)) <= execs[-1])] = False
         return None if keep.all() else np.flatnonzero(keep)
 
     def build(self, batch: np.ndarray) -> Windows:
@@ -287,10 +298,11 @@ class ThreadWindows:
         """Start this thread's windows from PAD again."""
         self._carry.pop(tid, None)
 
-    def exec(self, tid: int) -> None:
-        """The thread runs a new program: fresh windows, and its pre-exec rows in the next batch are skipped."""
+    def exec(self, tid: int, ts: int | None = None) -> None:
+        """The thread runs a new program since ``ts``: fresh windows, and its rows from before are skipped."""
         self._carry.pop(tid, None)
-        self._exec_pending[tid] = None
+        self._exec_pending.pop(tid, None)  # re-inserted: the newest exec goes last
+        self._exec_pending[tid] = ts
         if len(self._exec_pending) > _MAX_EXEC_PENDING:  # exits lost to drops must not make every batch slower
             del self._exec_pending[next(iter(self._exec_pending))]
 

@@ -69,10 +69,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError("the model file must end in .onnx", path=args.output)
     report = train_from_recordings(args.input, args.output, exes=args.exe, epochs=args.epochs, seed=args.seed,
                                    progress=not args.no_progress, n=args.window or DEFAULT_N)
-    print(f"wrote {report.onnx_path} and {report.sidecar_path}: {report.traces} traces, {report.windows:,} windows, "
-          f"{len(report.programs) - 1} programs + generic, {report.vocabulary_size} tokens, "
-          f"best epoch {report.best_epoch}/{report.epochs_run}, holdout NLL {report.holdout_nll:.3f}, "
-          f"{report.seconds:.0f}s")
+    print(f"wrote {report.summary()}")
     return 0
 
 
