@@ -404,7 +404,8 @@ class Pipeline:
                 if self.detector is not None:
                     model = dict(self.detector.stats)
                     for key, counter in (("windows_scored", metrics.windows_scored),
-                                         ("cache_hits", metrics.cache_hits)):
+                                         ("cache_hits", metrics.cache_hits),
+                                         ("anomalies_suppressed", metrics.anomalies_suppressed)):
                         grew = model.get(key, 0) - self._model_seen.get(key, 0)
                         if grew > 0:
                             counter.inc(grew)

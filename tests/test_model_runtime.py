@@ -221,3 +221,22 @@ def test_only_the_latest_exited_processes_are_kept_under_churn(model: Model, mon
         det.on_process_exit(pid, ts=10**9 + k)
     assert [pid for pid in range(40, 46) if det.state(pid) is not None] == [43, 44, 45]
     assert det.stats["processes"] == 3
+
+
+def test_one_program_alerting_in_every_process_is_limited_per_minute(model: Model) -> None:
+    det = AnomalyDetector(model, cache_size=4096, program_alerts=2)
+    rng = np.random.default_rng(9)
+    evil = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
+    found = []
+    for pid in range(40, 45):  # five processes of one program, each doing what it never did
+        found += det.push(rows(evil, tgid=pid, ts0=pid * 10**6), {pid: ALPHA})
+    assert [a.pid for a in found] == [40, 41]
+    assert det.stats["anomalies_suppressed"] == 3
+    assert all(det.state(pid).is_anomalous for pid in range(40, 45))  # the cross-check still sees them
+    other = det.push(rows(evil, tgid=50, ts0=50 * 10**6), {50: "/usr/bin/beta"})
+    assert [a.pid for a in other] == [50]  # another executable has its own allowance
+    later = det.push(rows(evil, tgid=60, ts0=61 * 10**9), {60: ALPHA})  # a minute on: alpha may alert again
+    assert [a.pid for a in later] == [60]
+    unlimited = AnomalyDetector(model, cache_size=4096, program_alerts=0)
+    alerts = [a for pid in range(70, 75) for a in unlimited.push(rows(evil, tgid=pid), {pid: ALPHA})]
+    assert len(alerts) == 5

@@ -200,8 +200,15 @@ EXIT_SETTLE_NS = 1_000_000_000
 ENDING_MAX = 16384  # exits waiting to settle; beyond this the oldest settles at once
 
 
+PROGRAMS_LIMITED_MAX = 4096  # executables whose recent anomaly alerts are remembered for the per-program limit
+
+
 class AnomalyDetector:
-    """Feed it compact syscall batches; it returns anomalies (at most one per process per ``alert_every_ns``).
+    """Feed it compact syscall batches; it returns anomalies (at most one per process per ``alert_every_ns``,
+    and at most ``program_alerts`` per executable in that time: a program that does something new in every
+    process it starts would otherwise flood the SOC with one alert per pid. Processes past the limit are still
+    judged (their state says anomalous, for the rules' cross-check) and counted as ``anomalies_suppressed``;
+    0 lifts the limit).
 
     ``span_ns``: the time span a process's aggregate covers (tumbling); ``min_windows``: windows a span
     needs before it can be judged (default from the sidecar's calibration).
@@ -209,7 +216,7 @@ class AnomalyDetector:
 
     def __init__(self, model: Model, *, cache_size: int = 65536, span_ns: int = 30_000_000_000,
                  alert_every_ns: int = 60_000_000_000, min_windows: int | None = None,
-                 max_processes: int = 65536) -> None:
+                 max_processes: int = 65536, program_alerts: int = 5) -> None:
         self.model = model
         self.n = model.n
         self.cache = ScoreCache(cache_size)
@@ -218,6 +225,8 @@ class AnomalyDetector:
         self.alert_every_ns = alert_every_ns
         self.min_windows = model.sidecar.thresholds.min_windows if min_windows is None else min_windows
         self.max_processes = max_processes
+        self.program_alerts = program_alerts
+        self._program_alert_times: OrderedDict[str, deque[int]] = OrderedDict()  # exe -> its recent alerts
         self._procs: OrderedDict[int, _Process] = OrderedDict()
         # [exit ts, pid, its state]: a list, because a process whose syscalls reach us after its exit event
         # gets its state then (``_late`` points at the entry until it is filled)
@@ -228,7 +237,7 @@ class AnomalyDetector:
         self._token_dtype = np.uint16 if len(self._vocab) <= 1 << 16 else np.int64  # a kept window, compact
         self._limits: dict[int, tuple[str, float, float, tuple[tuple[int, float], ...]]] = {}
         self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "cache_hits": 0, "unk_tokens": 0,
-                       "anomalies": 0, "batches": 0}
+                       "anomalies": 0, "anomalies_suppressed": 0, "batches": 0}
 
     @property
     def stats(self) -> dict[str, int]:
@@ -384,6 +393,22 @@ class AnomalyDetector:
         self._stats["cache_hits"] += len(keys) - distinct
         return scores
 
+    def _program_may_alert(self, exe: str, ts: int) -> bool:
+        if self.program_alerts <= 0:
+            return True
+        times = self._program_alert_times.get(exe)
+        if times is None:
+            times = self._program_alert_times[exe] = deque()
+            while len(self._program_alert_times) > PROGRAMS_LIMITED_MAX:
+                self._program_alert_times.popitem(last=False)
+        self._program_alert_times.move_to_end(exe)
+        while times and ts - times[0] >= self.alert_every_ns:
+            times.popleft()
+        if len(times) >= self.program_alerts:
+            return False
+        times.append(ts)
+        return True
+
     def _limits_of(self, program: int) -> tuple[str, float, float, tuple[tuple[int, float], ...]]:
         """(program name, process threshold, window threshold, start-up thresholds) of a program slot,
         memoised (looked up per process per batch)."""
@@ -421,6 +446,10 @@ class AnomalyDetector:
         proc.latest = (ts, p_score, p_threshold, proc.count, window_score, w_threshold,
                        tokens.astype(self._token_dtype).tobytes(), anomalous)
         if not anomalous or (proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns):
+            return None
+        if not self._program_may_alert(exe, ts):
+            proc.last_alert = ts  # judged, state anomalous; this process is not retried before alert_every_ns
+            self._stats["anomalies_suppressed"] += 1
             return None
         real = tokens != PAD
         window = self._window(tokens)

@@ -27,6 +27,11 @@ class Metrics:
         self.cache_hits = Counter(
             "sysgram_score_cache_hits", "Windows answered from the score cache", registry=r
         )
+        self.anomalies_suppressed = Counter(
+            "sysgram_anomalies_suppressed",
+            "Anomalous processes not alerted: their executable reached its alert limit for the minute",
+            registry=r,
+        )
         self.rules_evaluated = Counter("sysgram_rules_evaluated", "Falco-format rule evaluations", registry=r)
         self.rule_matches = Counter(
             "sysgram_rule_matches", "Falco-format rule matches, by rule", ["rule"], registry=r
