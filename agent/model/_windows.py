@@ -227,9 +227,7 @@ class ThreadWindows:
         if not mine.any():
             return None
         keep = np.ones(len(batch), dtype=bool)
-        compat = (batch["flags"] & FLAG_COMPAT).astype(bool)
-        is_exec = np.where(compat, np.isin(batch["nr"], self._exec_nrs[True]),
-                           np.isin(batch["nr"], self._exec_nrs[False]))
+        is_exec: np.ndarray | None = None  # only for an exec without a time (rare): found by syscall
         for tid in np.unique(batch["tid"][mine]).tolist():
             exec_ts = self._exec_pending[tid]
             thread = batch["tid"] == tid
@@ -240,6 +238,10 @@ class ThreadWindows:
                     del self._exec_pending[tid]
                 continue
             del self._exec_pending[tid]
+            if is_exec is None:
+                compat = (batch["flags"] & FLAG_COMPAT).astype(bool)
+                is_exec = np.where(compat, np.isin(batch["nr"], self._exec_nrs[True]),
+                                   np.isin(batch["nr"], self._exec_nrs[False]))
             execs = np.flatnonzero(is_exec & thread)
             if len(execs):
                 keep[thread & (np.arange(len(batch)) <= execs[-1])] = False
