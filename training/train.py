@@ -374,15 +374,12 @@ def startup_thresholds(traces: Sequence[np.ndarray], min_windows: int, routine: 
     than its routine, and the runtime judges a running mean from ``min_windows`` on; the whole-trace mean
     the routine threshold comes from would alert on normal start-ups. Never below ``routine``; buckets
     that add nothing are left out."""
+    running = [np.cumsum(s) / np.arange(1, len(s) + 1) for s in traces if len(s) >= min_windows]
     out: list[list[float]] = []
     low = min_windows
     for _ in range(STARTUP_BUCKETS):
         high = 2 * low
-        peaks = []
-        for scores in traces:
-            if len(scores) >= low:
-                running = np.cumsum(scores) / np.arange(1, len(scores) + 1)
-                peaks.append(float(running[low - 1:min(high - 1, len(scores))].max()))
+        peaks = [float(r[low - 1:high - 1].max()) for r in running if len(r) >= low]
         if not peaks:
             break
         out.append([high, max(routine, _far_threshold(np.array(peaks), far))])
