@@ -122,6 +122,15 @@ def scores_by_row(detector: AnomalyDetector, batches: list[np.ndarray], exe_of: 
     return np.concatenate(out)
 
 
+def straight_through(model: Model, data: np.ndarray, exe: str) -> np.ndarray:
+    """The reference: every window of ``data`` scored straight through the model, no cache, no dedup."""
+    win = ThreadWindows(model.n, model.nr_tokens).build(data)
+    programs = np.full(len(win.tokens), model.program_id(exe), dtype=np.int64)
+    want = np.empty(len(data))
+    want[win.rows] = model.window_scores(model.score(win.tokens, programs), win.tokens)
+    return want
+
+
 def test_cached_scores_equal_uncached_scoring(model: Model) -> None:
     data = stream(6000, threads=1, seed=8, names=COMMON, loop=True)
     exe_of = {int(t): "/usr/bin/python3.11" for t in np.unique(data["tgid"])}
@@ -129,13 +138,7 @@ def test_cached_scores_equal_uncached_scoring(model: Model) -> None:
     cached = AnomalyDetector(model, cache_size=4096)
     got = scores_by_row(cached, batches, exe_of)
     assert cached.stats["cache_hits"] > cached.stats["windows_scored"]  # the cache did the work
-    # reference: every window scored straight through the model, no cache, no dedup
-    win = ThreadWindows(model.n, model.nr_tokens).build(data)
-    tokens = win.tokens
-    programs = np.full(len(tokens), model.program_id("/usr/bin/python3.11"), dtype=np.int64)
-    want = np.empty(len(data))
-    want[win.rows] = model.window_scores(model.score(tokens, programs), tokens)
-    assert np.allclose(got, want, rtol=0, atol=1e-9)
+    assert np.allclose(got, straight_through(model, data, "/usr/bin/python3.11"), rtol=0, atol=1e-9)
 
 
 def test_detector_verdicts_are_the_same_with_and_without_cache(model: Model) -> None:
@@ -188,9 +191,4 @@ def test_runs_of_one_repeated_window_score_as_every_window_does(model: Model) ->
     det = AnomalyDetector(model, cache_size=4096)
     got = scores_by_row(det, np.array_split(data, 3), exe_of)
     assert det.stats["windows_scored"] + det.stats["cache_hits"] == len(data)
-    win = ThreadWindows(model.n, model.nr_tokens).build(data)
-    tokens = win.tokens
-    programs = np.full(len(tokens), model.program_id("/usr/bin/python3.11"), dtype=np.int64)
-    want = np.empty(len(data))
-    want[win.rows] = model.window_scores(model.score(tokens, programs), tokens)
-    assert np.allclose(got, want, rtol=0, atol=1e-9)
+    assert np.allclose(got, straight_through(model, data, "/usr/bin/python3.11"), rtol=0, atol=1e-9)
