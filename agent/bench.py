@@ -13,7 +13,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
@@ -46,6 +49,44 @@ def added_ratio(ours_added: float, reference_added: float, digits: int = 2) -> f
     if reference_added <= 0:
         return "n/a: reference not slower than bare (noisy host, rerun)"
     return round(ours_added / reference_added, digits)
+
+
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+@contextmanager
+def bpf_stats() -> Iterator[bool]:
+    """The kernel's BPF run-time statistics switched on for the block (whether they could be); the previous
+    setting is restored. They add two clock reads to every program run, so loop times measured for a
+    ratio are taken with them off."""
+    try:
+        previous = BPF_STATS.read_text().strip()
+        BPF_STATS.write_text("1")
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        BPF_STATS.write_text(previous)
+
+
+def bpf_run_time_ns(pid: int) -> int:
+    """Total kernel run time (ns, while stats were on) of every BPF program process ``pid`` holds open,
+    each program counted once however many descriptors refer to it."""
+    seen: dict[str, int] = {}
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-prog":
+                continue
+            text = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+        except OSError:  # closed while we looked
+            continue
+        info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        prog = info.get("prog_id", info.get("prog_tag", fd.name)).strip()
+        seen[prog] = int(info.get("run_time_ns", "0"))
+    return sum(seen.values())
 
 
 def loop_times(exe: str, n: int) -> tuple[float, float]:

@@ -175,3 +175,49 @@ def test_thread_schedstat_counts_a_busy_thread_cpu_time() -> None:
     after = pb.thread_schedstat(me, me)
     assert after[0] - before[0] >= 0.04
     assert after[1] >= before[1] >= 0.0
+
+
+@requires_bpf
+def test_bpf_run_time_is_read_per_program_with_stats_on_and_the_setting_restored(tools: pb.Tools) -> None:
+    """The kernel-accounted overhead's two readings: a process's BPF programs' run time, and the floor's."""
+    from agent.bench import BPF_STATS, bpf_run_time_ns, bpf_stats
+
+    before_setting = BPF_STATS.read_text()
+    assert pb._bpf_ns_per_syscall(os.getpid(), tools.loop, 10_000) is None  # this process holds no program
+    with pb._floors() as floors:
+        tp, raw = floors
+        idle = bpf_run_time_ns(os.getpid())
+        raw.on()
+        try:
+            per_syscall = pb._bpf_ns_per_syscall(os.getpid(), tools.loop, 200_000)
+        finally:
+            raw.off()
+        assert per_syscall is not None and per_syscall > 0  # the attached floor ran for every loop syscall
+        assert bpf_run_time_ns(os.getpid()) > idle
+        # detached, a loop under the stats adds nothing to either program
+        with bpf_stats() as on:
+            assert on and BPF_STATS.read_text().strip() == "1"
+            steady = bpf_run_time_ns(os.getpid())
+            subprocess.run([str(tools.loop), "100000"], check=True, stdout=subprocess.DEVNULL)
+            assert bpf_run_time_ns(os.getpid()) == steady
+        one = pb._floor_round(tools, floors, 2, 50_000)
+    assert BPF_STATS.read_text() == before_setting
+    assert len(one.bare_ns) == len(one.tp_ns) == len(one.raw_ns) == 2
+    assert one.raw_bpf_ns is not None and one.raw_bpf_ns > 0
+
+
+def test_kernel_accounted_ratio_adds_the_agents_extra_bpf_time_to_the_raw_floor() -> None:
+    rounds = [
+        pb.FloorRound([100.0, 110.0], [170.0, 180.0], [130.0, 140.0], 20.0),
+        pb.FloorRound([100.0, 100.0], [160.0, 180.0], [130.0, 130.0], 22.0),
+    ]
+    figures = {f.name: f.value for f in pb._kernel_accounted(rounds, [30.0, 34.0])}
+    # tp added: medians 70 and 70 -> 70; raw added: 30 and 30 -> 30; extra: 10 and 12 -> 11
+    assert figures["agent's BPF time per syscall over the raw floor's (kernel stats)"] == 11.0
+    assert figures["full agent added / floor added, kernel-accounted"] == round(41 / 70, 2)
+    assert figures["same, against the raw-tracepoint floor"] == round(41 / 30, 2)
+    missing = {f.name: f.value for f in pb._kernel_accounted(rounds, [None, None])}
+    assert str(missing["full agent added / floor added, kernel-accounted"]).startswith("not measured")
+    hidden = [pb.FloorRound([100.0], [90.0], [95.0], 20.0)]
+    noisy = {f.name: f.value for f in pb._kernel_accounted(hidden, [30.0])}
+    assert str(noisy["full agent added / floor added, kernel-accounted"]).startswith("n/a")

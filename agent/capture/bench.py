@@ -175,7 +175,7 @@ def _loop_ns(exe: Path, n: int) -> float:
     return loop_cpu_ns(str(exe), n)
 
 
-class _Switch:
+class AttachSwitch:
     """A loaded program whose sys_enter hook is attached only while its round is measured, so that bare,
     both floors and Sysgram interleave round by round (compiling and loading happen once)."""
 
@@ -219,9 +219,9 @@ def run(quick: bool = False) -> list[Figure]:
         floor_tp = bcc.BPF(src_file=str(BPF_DIR / "floor.bpf.c"))
         floor_raw = bcc.BPF(src_file=str(BPF_DIR / "floor_raw.bpf.c"))
         settings = {
-            "floor_tp": _Switch(floor_tp, raw=False),
-            "floor_raw": _Switch(floor_raw, raw=True),
-            "sysgram": _Switch(source.tracer.bpf, raw=True),
+            "floor_tp": AttachSwitch(floor_tp, raw=False),
+            "floor_raw": AttachSwitch(floor_raw, raw=True),
+            "sysgram": AttachSwitch(source.tracer.bpf, raw=True),
         }
         times: dict[str, list[float]] = {"bare": [], **{k: [] for k in settings}}
         consumed = [0]
@@ -294,7 +294,7 @@ def run(quick: bool = False) -> list[Figure]:
 
 
 def _program_rounds(
-    settings: dict[str, _Switch], exe: Path, n: int
+    settings: dict[str, AttachSwitch], exe: Path, n: int
 ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
     """One more loop per program with the kernel's BPF stats on (they add two clock reads to every run, so
     the loop-time rounds above are measured with them off)."""
