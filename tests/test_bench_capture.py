@@ -80,6 +80,19 @@ def test_capture_quick_json_has_the_references() -> None:
     # the capture saw every syscall of its rounds: 3 quick rounds of a million getppid calls each
     assert value["events consumed"] >= 3_000_000
     assert "auditd added" in value or "auditd reference" in value
+    ratio = value["sysgram added / floor added (raw_syscalls tracepoint), kernel-accounted"]
+    assert isinstance(ratio, float) and ratio > 0 or str(ratio).startswith("n/a")
+
+
+def test_capture_kernel_accounted_ratio_adds_sysgrams_extra_run_time_to_the_raw_floor() -> None:
+    times = {"bare": [100.0, 120.0, 100.0], "floor_raw": [130.0, 150.0, 140.0], "floor_tp": [170.0, 190.0, 160.0]}
+    before = {"sysgram": (0, 0), "floor_raw": (0, 0)}
+    after = {"sysgram": (60_000, 1_000), "floor_raw": (45_000, 1_000)}  # 60 and 45 ns a call: 15 ns extra
+    (figure,) = capture_bench._kernel_accounted(times, before, after)
+    # raw floor added: median(30, 30, 40) = 30; tp floor added: median(70, 70, 60) = 70
+    assert figure.value == round((30 + 15) / 70, 2)
+    (unmeasured,) = capture_bench._kernel_accounted(times, {}, {})
+    assert str(unmeasured.value).startswith("not measured")
 
 
 def test_loop_cpu_ns_charges_the_child_and_refuses_a_failing_loop(tmp_path: Path) -> None:
