@@ -81,7 +81,7 @@ def test_capture_quick_json_has_the_references() -> None:
     assert value["events consumed"] >= 3_000_000
     assert "auditd added" in value or "auditd reference" in value
     ratio = value["sysgram added / floor added (raw_syscalls tracepoint), kernel-accounted"]
-    assert isinstance(ratio, float) and ratio > 0 or str(ratio).startswith("n/a")
+    assert (isinstance(ratio, float) and ratio > 0) or str(ratio).startswith("n/a")
 
 
 def test_capture_kernel_accounted_ratio_adds_sysgrams_extra_run_time_to_the_raw_floor() -> None:

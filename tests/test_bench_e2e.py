@@ -185,7 +185,7 @@ def test_bpf_run_time_is_read_per_program_with_stats_on_and_the_setting_restored
     before_setting = BPF_STATS.read_text()
     assert pb._bpf_ns_per_syscall(os.getpid(), tools.loop, 10_000) is None  # this process holds no program
     with pb._floors() as floors:
-        tp, raw = floors
+        _, raw = floors
         idle = bpf_run_time_ns(os.getpid())
         raw.on()
         try:
