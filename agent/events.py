@@ -69,7 +69,8 @@ class ProcEvent:
 
     fork: ``pid`` is the new task's tgid, ``tid`` its thread id, ``ppid`` the parent's tgid,
     ``is_thread`` true when the new task is a thread of an existing process.
-    exec: ``filename`` is the path exec'd, ``comm`` the new comm.
+    exec: ``filename`` is the path exec'd, ``comm`` the new comm, ``cgroup_id`` the task's cgroup v2 id
+    (0: unknown), for a process that is gone before /proc can be read.
     exit: ``tid`` exited; ``pid`` exits when ``tid == pid`` (the group leader).
     """
 
@@ -82,6 +83,7 @@ class ProcEvent:
     filename: str = ""
     is_thread: bool = False
     exit_code: int = 0
+    cgroup_id: int = 0
 
 
 Event = DetailEvent | ProcEvent

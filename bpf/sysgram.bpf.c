@@ -382,6 +382,7 @@ static __always_inline struct proc_event *proc_reserve(__u8 kind) {
     }
     fill_hdr(&e->h, kind, 0, bpf_get_current_pid_tgid(), 0, bpf_ktime_get_ns());
     e->clone_flags = 0;
+    e->cgroup_id = bpf_get_current_cgroup_id();
     e->filename[0] = 0;
     bpf_get_current_comm(e->comm, sizeof(e->comm));
     return e;

@@ -100,6 +100,7 @@ struct exec_args {
 struct proc_event {
     struct detail_hdr h;
     __u64 clone_flags; /* fork: the parent's clone flags when known (CLONE_THREAD => a thread) */
+    __u64 cgroup_id;   /* the task's cgroup v2 id: a process gone before /proc is read still names its container */
     char comm[16];
     char filename[STR_LEN]; /* exec */
 };

@@ -110,9 +110,9 @@ def test_detail_records_decode_from_raw_bytes() -> None:
 
     proc = np.zeros(1, L.PROC_EVENT)
     proc["h"]["kind"], proc["h"]["tgid"], proc["h"]["tid"], proc["h"]["ts"] = L.K_EXEC, 9, 9, 5
-    proc["comm"], proc["filename"] = b"ls", b"/bin/ls"
+    proc["comm"], proc["filename"], proc["cgroup_id"] = b"ls", b"/bin/ls", 4242
     ev = decode_proc(proc.tobytes())
-    assert (ev.kind, ev.pid, ev.tid, ev.comm, ev.filename) == ("exec", 9, 9, "ls", "/bin/ls")
+    assert (ev.kind, ev.pid, ev.tid, ev.comm, ev.filename, ev.cgroup_id) == ("exec", 9, 9, "ls", "/bin/ls", 4242)
 
     hdr = np.zeros(1, L.DETAIL_HDR)
     hdr["kind"], hdr["nr"], hdr["tgid"], hdr["tid"], hdr["aux"], hdr["ts"] = L.K_ENFORCED, 110, 9, 10, 9, 77

@@ -192,3 +192,74 @@ def test_real_32bit_process_is_compat(tmp_path: Path) -> None:
         for p in (child, native):
             p.kill()
             p.wait()
+
+
+def _cgroup2_mount() -> Path | None:
+    from agent.proc._procfs import cgroup2_mount
+
+    found = cgroup2_mount()
+    return Path(found) if found else None
+
+
+@pytest.mark.bpf
+def test_a_short_lived_container_process_is_named_by_its_exec_events_cgroup(tmp_path: Path) -> None:
+    """Real exec events: a child moved into a docker-named cgroup v2 then exec'ing /bin/true is gone long
+    before the table reads /proc; the kernel's cgroup id on the exec event still names the container."""
+    import secrets
+
+    from tests.conftest import bpf_unavailable
+
+    if bpf_unavailable():
+        pytest.skip(bpf_unavailable())
+    root = _cgroup2_mount()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    container_id = secrets.token_hex(32)
+    cgroup = root / f"docker-{container_id}.scope"
+    try:
+        cgroup.mkdir()
+    except OSError as err:
+        pytest.skip(f"cannot make a cgroup under {root}: {err}")
+    try:
+        events = _exec_in_cgroup(cgroup)
+        child_pid, true_exec = events[-1]
+        assert true_exec.filename == "/bin/true"
+        assert true_exec.cgroup_id == cgroup.stat().st_ino  # the kernel's cgroup id is the directory's inode
+        assert not Path(f"/proc/{child_pid}").exists()  # reaped: /proc has nothing left to read
+        table = ProcessTable(cgroup_root=str(root))
+        table.seed()
+        for event in sorted((e for _, e in events), key=lambda e: e.ts):
+            table.apply(event)
+        info = table.get(child_pid)
+        assert info is not None and info.exe == "/bin/true"
+        assert info.container_id == container_id
+        assert table.stats["exec_cgroup_container"] >= 1
+    finally:
+        for _ in range(50):  # the cgroup empties once its last process is reaped
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def _exec_in_cgroup(cgroup: Path) -> list[tuple[int, ProcEvent]]:
+    """Every process event of this host while a child moves itself into ``cgroup`` and execs /bin/true,
+    like a runtime; the child's exec of /bin/true is last (as (child pid, event))."""
+    from agent.capture.source import LiveSource
+
+    source = LiveSource(detail_syscalls=set())
+    source.start()
+    try:
+        child = subprocess.Popen(["sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && exec /bin/true"])
+        assert child.wait(timeout=30) == 0
+        time.sleep(0.3)
+    finally:
+        source.stop()
+        events: list[ProcEvent] = []
+        while (group := source.get(0.0)) is not None:
+            events += [c for c in group if isinstance(c, ProcEvent)]
+        source.close()
+    mine = [e for e in events if e.kind == "exec" and e.pid == child.pid and e.filename == "/bin/true"]
+    assert mine, "no exec event of the child's /bin/true"
+    return [(child.pid, e) for e in events if e is not mine[-1]] + [(child.pid, mine[-1])]

@@ -113,6 +113,54 @@ def test_exec_rereads_the_cgroup_a_runtime_moved_the_child_into(seeded: tuple[Pr
     assert info.container_id == "cd" * 32
 
 
+def test_a_child_gone_before_proc_is_read_takes_its_container_from_the_exec_events_cgroup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``docker exec CTR cat /etc/shadow``: runc (host) forks, moves the child into the container's cgroup
+    and execs; cat is gone before the agent reads /proc. The exec event's cgroup id names the container."""
+    from agent.proc import _procfs
+
+    root, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    make_proc(root, 1, comm="systemd", ppid=0, argv=("/sbin/init",), exe="/usr/lib/systemd/systemd", start_ticks=1)
+    make_proc(root, 100, comm="runc", ppid=1, exe="/usr/bin/runc", start_ticks=500)
+    scope = cgroups / "system.slice" / ("docker-" + "ab" * 32 + ".scope")
+    scope.mkdir(parents=True)
+    (cgroups / "user.slice").mkdir()
+    table = ProcessTable(proc_root=str(root), cgroup_root=str(cgroups))
+    table.seed()
+    table.apply(fork(70 * SEC, 300, 100, "runc"))
+    table.apply(ProcEvent("exec", 70 * SEC + 5, 300, 300, comm="cat", filename="/usr/bin/cat",
+                          cgroup_id=scope.stat().st_ino))
+    info = table.get(300)
+    assert info is not None and info.exe == "/usr/bin/cat"
+    assert info.container_id == "ab" * 32
+    # a host cgroup names the host; an unknown id (or none) keeps what the process had
+    table.apply(fork(71 * SEC, 301, 300))
+    table.apply(ProcEvent("exec", 71 * SEC + 5, 301, 301, comm="sh", filename="/bin/sh",
+                          cgroup_id=(cgroups / "user.slice").stat().st_ino))
+    assert table.get(301).container_id == HOST_CONTAINER_ID  # type: ignore[union-attr]
+    table.apply(fork(72 * SEC, 302, 300))
+    table.apply(ProcEvent("exec", 72 * SEC + 5, 302, 302, comm="ls", filename="/bin/ls", cgroup_id=0))
+    assert table.get(302).container_id == "ab" * 32  # type: ignore[union-attr]
+    # a cgroup made after the last scan is found once the rescan interval has passed, not before
+    later = cgroups / "system.slice" / ("docker-" + "ef" * 32 + ".scope")
+    later.mkdir()
+    scans = table._reader.cgroup_scans
+    monkeypatch.setattr(_procfs, "CGROUP_RESCAN_NS", 3600 * SEC)
+    table.apply(fork(73 * SEC, 303, 100, "runc"))
+    table.apply(ProcEvent("exec", 73 * SEC + 5, 303, 303, comm="id", filename="/usr/bin/id",
+                          cgroup_id=later.stat().st_ino))
+    assert table.get(303).container_id == HOST_CONTAINER_ID  # type: ignore[union-attr]
+    assert table._reader.cgroup_scans == scans  # a miss does not walk the hierarchy on every exec
+    monkeypatch.setattr(_procfs, "CGROUP_RESCAN_NS", 0)
+    table.apply(fork(74 * SEC, 304, 100, "runc"))
+    table.apply(ProcEvent("exec", 74 * SEC + 5, 304, 304, comm="id", filename="/usr/bin/id",
+                          cgroup_id=later.stat().st_ino))
+    assert table.get(304).container_id == "ef" * 32  # type: ignore[union-attr]
+    assert table._reader.cgroup_scans >= scans + 1
+    assert table.stats["exec_cgroup_container"] >= 3
+
+
 def test_pid_reuse_in_proc_is_never_mixed_in(seeded: tuple[ProcessTable, Path]) -> None:
     table, root = seeded
     # pid 100 died unseen and /proc/100 is now someone else (another start time).

@@ -191,7 +191,7 @@ def decode_sockaddr(raw: bytes) -> dict[str, object]:
 _HDR = "<BBHIIIQ"  # kind flags nr tgid tid aux ts
 _SC_FIXED = struct.Struct(_HDR + "q6QQ3H")  # + ret args[6] deref len[3]
 _EXEC_FIXED = struct.Struct(_HDR + "II")  # + argc argv_len
-_PROC_FIXED = struct.Struct(_HDR + "Q")  # + clone_flags
+_PROC_FIXED = struct.Struct(_HDR + "QQ")  # + clone_flags, cgroup_id
 
 
 def _offset(dtype: np.dtype, field: str) -> int:
@@ -256,7 +256,7 @@ def decode_exec_args(raw: bytes) -> tuple[int, str, tuple[str, ...]]:
 
 def decode_proc(raw: bytes) -> ProcEvent:
     """A fork, exec or exit record (struct proc_event)."""
-    kind, flags, nr, tgid, tid, aux, ts, clone_flags = _PROC_FIXED.unpack_from(raw)
+    kind, flags, nr, tgid, tid, aux, ts, clone_flags, cgroup_id = _PROC_FIXED.unpack_from(raw)
     comm = _str_at(raw, _PROC_COMM, 16)
     if kind == L.K_FORK:
         parent_nr = syscall_name(nr) if flags else ""
@@ -265,6 +265,7 @@ def decode_proc(raw: bytes) -> ProcEvent:
             "fork", ts, pid=tgid if is_thread else aux, tid=aux, ppid=tgid, comm=comm, is_thread=is_thread
         )
     if kind == L.K_EXEC:
-        return ProcEvent("exec", ts, pid=tgid, tid=tid, comm=comm, filename=_str_at(raw, _PROC_FILENAME, L.STR_LEN))
+        return ProcEvent("exec", ts, pid=tgid, tid=tid, comm=comm, filename=_str_at(raw, _PROC_FILENAME, L.STR_LEN),
+                         cgroup_id=cgroup_id)
     return ProcEvent("exit", ts, pid=tgid, tid=tid, comm=comm, is_thread=not bool(aux))
 

@@ -51,7 +51,7 @@ EXEC_ARGS = np.dtype(
     ]
 )
 PROC_EVENT = np.dtype(
-    [("h", DETAIL_HDR), ("clone_flags", "<u8"), ("comm", "S16"), ("filename", f"S{STR_LEN}")]
+    [("h", DETAIL_HDR), ("clone_flags", "<u8"), ("cgroup_id", "<u8"), ("comm", "S16"), ("filename", f"S{STR_LEN}")]
 )
 ARG_SPEC = np.dtype(
     [

@@ -172,11 +172,37 @@ def _boot_offset_ns() -> int:
     return boot - (before + after) // 2
 
 
-class ProcReader:
-    """Reads processes under one proc root, with bounded caches of what is costly to look up."""
+CGROUP_RESCAN_NS = 1_000_000_000  # a cgroup id not found is looked for again at most once a second
 
-    def __init__(self, proc_root: str = "/proc", cache_size: int = 4096) -> None:
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v2 hierarchy is mounted, or None (a v1-only host, or no mountinfo)."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
+            for line in fh:
+                fields = line.split()
+                if "-" in fields and fields[fields.index("-") + 1] == "cgroup2":
+                    return fields[4].replace("\\040", " ")
+    except OSError:
+        pass
+    return None
+
+
+class ProcReader:
+    """Reads processes under one proc root, with bounded caches of what is costly to look up.
+
+    ``cgroup_root``: the cgroup v2 mount, to name the container of a cgroup id (the kernel's id of a
+    cgroup v2 directory is its inode number). None: found from mountinfo for the live /proc, none for
+    any other proc root (a replay: today's cgroups say nothing of the recording's)."""
+
+    def __init__(self, proc_root: str = "/proc", cache_size: int = 4096, cgroup_root: str | None = None) -> None:
         self.proc_root = proc_root
+        self.cgroup_root = cgroup_root if cgroup_root is not None else (
+            cgroup2_mount() if proc_root == "/proc" else None
+        )
+        self._cgroup_paths: dict[int, str] = {}  # cgroup id (directory inode) -> path under the mount
+        self._cgroup_scanned_ns = -CGROUP_RESCAN_NS
+        self.cgroup_scans = 0
         hz = os.sysconf("SC_CLK_TCK")
         self.tick_ns = 1_000_000_000 // hz
         self.boot_offset_ns = _boot_offset_ns()
@@ -214,6 +240,39 @@ class ProcReader:
             cid = parse_container_id(cgroup_text)
             self._containers.put(cgroup_text, cid)
         return cid
+
+    def container_of_cgroup(self, cgroup_id: int) -> str | None:
+        """The container id of a cgroup v2 id (``"host"`` for a host cgroup), or None when unknown: no
+        cgroup v2 mount, or no such directory (removed already, or created after the last scan and
+        scanned for less than a second ago)."""
+        if not cgroup_id or not self.cgroup_root:
+            return None
+        path = self._cgroup_paths.get(cgroup_id)
+        if path is None:
+            now = time.monotonic_ns()
+            if now - self._cgroup_scanned_ns < CGROUP_RESCAN_NS:
+                return None
+            self._cgroup_scanned_ns = now
+            self._scan_cgroups()
+            path = self._cgroup_paths.get(cgroup_id)
+            if path is None:
+                return None
+        return self.container_id(f"0::{path}\n")
+
+    def _scan_cgroups(self) -> None:
+        """Map every cgroup directory's inode to its path (a full rescan drops removed cgroups)."""
+        assert self.cgroup_root is not None
+        self.cgroup_scans += 1
+        found: dict[int, str] = {}
+        root = self.cgroup_root.rstrip("/")
+        with contextlib.suppress(OSError):
+            found[os.stat(root).st_ino] = "/"
+        for top, dirs, _files in os.walk(root, onerror=lambda _err: None):
+            for name in dirs:
+                full = os.path.join(top, name)
+                with contextlib.suppress(OSError):
+                    found[os.stat(full, follow_symlinks=False).st_ino] = full[len(root):]
+        self._cgroup_paths = found
 
     def read_start_ns(self, pid: int) -> int | None:
         """The start time of ``pid`` now (None when it is gone): one open, used to verify identity."""

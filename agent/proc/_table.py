@@ -15,7 +15,7 @@ from agent.errors import ConfigError
 from agent.events import DetailEvent, ProcEvent
 from agent.proc._cache import BoundedCache
 from agent.proc._procfs import ProcReader
-from agent.proc.info import ProcessInfo
+from agent.proc.info import HOST_CONTAINER_ID, ProcessInfo
 
 _EXEC_SYSCALLS = frozenset(("execve", "execveat"))
 _DEFAULT_MAX_EXITED = 8192
@@ -59,6 +59,7 @@ class ProcessTable:
         max_exited: int | None = None,
         max_threads: int | None = None,
         cache_size: int = 4096,
+        cgroup_root: str | None = None,
     ) -> None:
         if max_processes < 8:
             raise ConfigError(f"max_processes must be at least 8, not {max_processes}")
@@ -67,7 +68,7 @@ class ProcessTable:
         self.max_exited = max_exited if max_exited is not None else min(max_processes, _DEFAULT_MAX_EXITED)
         self.max_threads = max_threads if max_threads is not None else 4 * max_processes
         self.exited_grace_ns = exited_grace_ns
-        self._reader = ProcReader(proc_root, cache_size)
+        self._reader = ProcReader(proc_root, cache_size, cgroup_root)
         self._live: dict[int, _Entry] = {}
         self._exited: OrderedDict[int, _Entry] = OrderedDict()  # in exit order, for reap()
         self._threads: dict[int, int] = {}  # tid -> tgid (non-leader threads only)
@@ -83,6 +84,7 @@ class ProcessTable:
                 "exits",
                 "pid_reused",
                 "exec_from_event",
+                "exec_cgroup_container",
                 "lazy_reads",
                 "evicted",
                 "exited_evicted",
@@ -125,7 +127,7 @@ class ProcessTable:
             else:
                 self._fork(event)
         elif event.kind == "exec":
-            self._exec(event.pid, event.ts, event.comm, event.filename)
+            self._exec(event.pid, event.ts, event.comm, event.filename, event.cgroup_id)
         elif event.kind == "exit":
             self._exit(event)
 
@@ -183,7 +185,7 @@ class ProcessTable:
         self._forget_id(event.tid)
         self._map_thread(event.tid, event.pid)
 
-    def _exec(self, pid: int, ts: int, comm: str, filename: str) -> None:
+    def _exec(self, pid: int, ts: int, comm: str, filename: str, cgroup_id: int = 0) -> None:
         self._counts["execs"] += 1
         entry = self._live.get(pid)
         if entry is None:
@@ -191,7 +193,8 @@ class ProcessTable:
             entry = self._live.get(pid)
             if info is None or entry is None:
                 info = ProcessInfo(
-                    pid=pid, ppid=-1, comm=comm, exe=self._absolute(filename, ""), start_ns=0
+                    pid=pid, ppid=-1, comm=comm, exe=self._absolute(filename, ""), start_ns=0,
+                    container_id=self._container_at_exec(cgroup_id, HOST_CONTAINER_ID),
                 )
                 self._counts["exec_from_event"] += 1
                 entry = _Entry(info)
@@ -216,11 +219,21 @@ class ProcessTable:
                 exe_writable=False,
                 exe_upper_layer=False,
                 compat=False,
+                # a runtime moves its child into the container's cgroup, then execs: the child's, not the
+                # parent's, even when it is gone before /proc could be read
+                container_id=self._container_at_exec(cgroup_id, old.container_id),
             )
         # exec kills the other threads (their exits come first), so the process is single-threaded.
         entry.threads = 0
         entry.exec_pending = True
         self._set_info(entry, info)
+
+    def _container_at_exec(self, cgroup_id: int, otherwise: str) -> str:
+        container = self._reader.container_of_cgroup(cgroup_id)
+        if container is None:
+            return otherwise
+        self._counts["exec_cgroup_container"] += 1
+        return container
 
     def _exit(self, event: ProcEvent) -> None:
         self._counts["exits"] += 1
