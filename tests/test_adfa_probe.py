@@ -47,3 +47,15 @@ def test_composition_finds_the_nearest_trace() -> None:
     nearest, novelty = nearest_by_composition(train, tests)
     assert nearest[:2].tolist() == [0, 1]
     assert np.allclose(novelty, [0.0, 1 - 2 / 3, 1.0])
+
+
+def test_standardised_sum_weighs_each_detector_by_its_calibration_spread() -> None:
+    from training.adfa_probe import standardised_sum
+
+    calibration = {"a": np.array([0.0, 2.0]), "b": np.array([10.0, 30.0])}  # mean 1, std 1; mean 20, std 10
+    scores = {"a": np.array([1.0, 3.0]), "b": np.array([40.0, 20.0])}
+    assert standardised_sum(calibration, scores, ["a"]).tolist() == [0.0, 2.0]
+    assert standardised_sum(calibration, scores, ["a", "b"]).tolist() == [2.0, 2.0]
+    # a detector whose calibration scores are all equal is taken unscaled, not divided by zero
+    flat = standardised_sum({"a": np.array([1.0, 1.0])}, {"a": np.array([3.0])}, ["a"])
+    assert flat.tolist() == [2.0]

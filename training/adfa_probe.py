@@ -15,7 +15,13 @@ score Validation (normal) vs Attack, one score per trace, higher = more anomalou
   trace's cluster. ``--with-composition`` also reports the product of the LM score and the composition
   novelty (a geometric fusion, no weights).
 
-Usage: ``python -m training.adfa_probe DIR {cover,composition,lm} [--json]``.
+* ``fusion``: the detectors above that need no extra training (composition, cover), STIDE and the eval's own
+  model (trained exactly as ``sysgram eval adfa`` trains it), fused with a rule fixed in advance: each score
+  standardised by its mean and standard deviation over the model's held-out *training* traces (scored
+  against the training traces minus those, so out of sample), then summed. Every subset of two or more is
+  reported, so no subset is picked on the test results.
+
+Usage: ``python -m training.adfa_probe DIR {cover,composition,lm,fusion} [--json]``.
 """
 
 from __future__ import annotations
@@ -221,10 +227,56 @@ def lm_scores(train: Sequence[Trace], tests: Sequence[Sequence[Trace]], *, cut: 
     return [np.array([np.nan_to_num(v, nan=unk_cost).mean() for v in group]) for group in per_position]
 
 
+def standardised_sum(calibration: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+                     names: Sequence[str]) -> np.ndarray:
+    """Sum over ``names`` of each detector's scores standardised by its calibration scores' mean and std."""
+    total = np.zeros(len(next(iter(scores.values()))))
+    for name in names:
+        cal = calibration[name]
+        total += (scores[name] - cal.mean()) / (cal.std() or 1.0)
+    return total
+
+
+def fusion(train: list[Trace], normal: list[Trace], attack: list[Trace], *, progress: bool
+           ) -> dict[str, dict[str, Any]]:
+    """Rates of each detector and of every fused subset (see the module's docstring)."""
+    import itertools
+    import tempfile
+    from pathlib import Path
+
+    from agent.model import load_model
+    from agent.model.commands import ADFA_EPOCHS
+    from training.evaluate import stide_scores
+    from training.train import DEFAULT_N, TrainConfig, split_holdout, trace_window_scores, train_model
+
+    cfg = TrainConfig(n=DEFAULT_N, epochs=ADFA_EPOCHS)  # the eval's configuration
+    rest, held = split_holdout(train, cfg.holdout, cfg.seed)  # the same split train_model makes
+    groups = {"calibration": held, "normal": normal, "attack": attack}
+    scores: dict[str, dict[str, np.ndarray]] = {g: {} for g in groups}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "adfa.onnx")
+        train_model(train, out, cfg, progress=progress, how="adfa_probe fusion")
+        model = load_model(out, threads=cfg.threads)
+        for g, traces in groups.items():
+            scores[g]["model"] = np.array([s.mean() if len(s) else 0.0 for s in trace_window_scores(model, traces)])
+    for g, traces in groups.items():
+        reference = rest if g == "calibration" else train
+        scores[g]["composition"] = nearest_by_composition(reference, traces)[1]
+        scores[g]["cover"] = cover_scores(reference, traces)
+        scores[g]["stide"] = stide_scores(reference, traces)
+    names = list(scores["normal"])
+    results = {name: rates(scores["normal"][name], scores["attack"][name]) for name in names}
+    for r in range(2, len(names) + 1):
+        for subset in itertools.combinations(names, r):
+            results["+".join(subset)] = rates(standardised_sum(scores["calibration"], scores["normal"], subset),
+                                              standardised_sum(scores["calibration"], scores["attack"], subset))
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.adfa_probe", description=__doc__.splitlines()[0])
     parser.add_argument("directory")
-    parser.add_argument("probe", choices=("cover", "composition", "lm"))
+    parser.add_argument("probe", choices=("cover", "composition", "lm", "fusion"))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--cut", type=float, default=0.3, help="lm: pseudo-program cut (0 = unconditioned)")
     parser.add_argument("--epochs", type=int, default=25)
@@ -240,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.probe == "composition":
         results["composition"] = rates(nearest_by_composition(train, normal)[1],
                                        nearest_by_composition(train, attack)[1])
+    elif args.probe == "fusion":
+        results = fusion(train, normal, attack, progress=not args.json)
     else:
         normal_s, attack_s = lm_scores(train, [normal, attack], cut=args.cut, epochs=args.epochs,
                                        hidden=args.hidden, seed=args.seed, progress=not args.json)
