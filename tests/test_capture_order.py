@@ -44,6 +44,27 @@ def test_runs_are_ordered_by_their_stamp_and_times_interpolated() -> None:
     assert headers["cpu"].tolist() == [0, 1]
 
 
+def test_a_runs_tail_is_not_spread_over_the_time_its_cpu_went_on_without_it() -> None:
+    """A fork child's pre-exec rows on CPU 0 (stamp at 1,000), then CPU 0 idles 3 ms before thread 9's
+    syscall; the child's last rows must stay near their run's start, not be dated up to 3 ms later, past
+    the exec. A run continued by the same thread keeps the exact interpolation to its next stamp."""
+    from agent.capture._batches import TAIL_NS_PER_ROW
+
+    child = [(7, 1, 1_000)] + [(7, 2 + i, None) for i in range(10)]
+    cpu0 = batch(0, 1_000, 9_000_000, [*child, (9, 50, 3_001_000), (9, 51, None)])
+    rows, _, _ = decode([cpu0])
+    tail = rows["ts"][rows["tid"] == 7].astype(np.int64)
+    assert tail[0] == 1_000 and (np.diff(tail) > 0).all()
+    assert tail[-1] <= 1_000 + 10 * TAIL_NS_PER_ROW  # not ~3,001,000
+    # the batch's last run (thread 9) is capped the same way: its end is only the batch's send time
+    nine = rows["ts"][rows["tid"] == 9].astype(np.int64)
+    assert nine[0] == 3_001_000 and nine[1] <= 3_001_000 + TAIL_NS_PER_ROW
+    # the same thread split by STAMP_EVERY: its next stamp is its own next syscall, so times spread to it
+    split = batch(1, 0, 50, [(5, 1, 0), (5, 2, None), (5, 3, None), (5, 4, 300_000), (5, 5, None)])
+    same, _, _ = decode([split])
+    assert same["ts"][:4].tolist() == [0, 100_000, 200_000, 300_000]
+
+
 def test_full_batches_decode_vectorised_like_partial_ones() -> None:
     base = 1_000
     recs = [(5, i % 300, base + 10 * i if i % 64 == 0 else None) for i in range(L.BATCH_SIZE)]

@@ -4,7 +4,7 @@ The kernel stamps only some records (see bpf/sysgram.h): the records from one st
 thread's contiguous run on one CPU, and the stamp is that run's exact start. A thread's runs never overlap
 in time, so ordering runs by their start orders every thread's syscalls exactly, even when it migrates
 between CPUs. Times inside a run are interpolated between its stamp and the next one (or the batch's send
-time).
+time, at most TAIL_NS_PER_ROW a row where the next stamp is another thread's or the batch's end).
 
 Batches from different CPUs arrive in the order they were sent, not in the order their syscalls ran, so
 rows are held back until every CPU has sent a batch ending after them (the watermark); the agent's ticker
@@ -20,6 +20,10 @@ from agent.capture import _layout as L
 from agent.events import SYSCALL_DTYPE
 
 _FULL = np.dtype([("h", L.BATCH_HEADER), ("recs", L.SC_REC, (L.BATCH_SIZE,))])
+# A row at the end of a run whose true end is unknown is dated at most this long after the row before it:
+# a syscall and the user code up to the next one in one uninterrupted run (a blocking syscall switches
+# the thread out, which ends the run) rarely take longer.
+TAIL_NS_PER_ROW = 1_000
 
 
 # numpy moves structured rows field by field (~30-75 ns a row); as opaque bytes it is 5-10x faster.
@@ -80,6 +84,13 @@ def decode(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     next_key = np.r_[keys[1:], keys[-1:]]
     run_end_ts = np.where(last_of_batch, headers["end_ts"][batch], next_key)
     slope = np.maximum(run_end_ts.astype(np.int64) - keys.astype(np.int64), 0) / lengths
+    # The next stamp bounds a run exactly only when it is the same thread going on (a run split every
+    # STAMP_EVERY records). Otherwise the thread left the CPU somewhere before it, maybe long before (the
+    # CPU idled, other threads ran): spread over that gap, a fork child's last rows before its execve were
+    # dated after the exec and taken for the new program's. Such a tail gets at most TAIL_NS_PER_ROW a row.
+    run_tid = recs["tid"][starts].astype(np.int64)
+    same_thread = ~last_of_batch & (np.r_[run_tid[1:], -1] == run_tid)
+    slope = np.where(same_thread, slope, np.minimum(slope, TAIL_NS_PER_ROW))
     order = np.argsort(keys, kind="stable")
     if (order != np.arange(len(order))).any():
         starts, lengths, keys, slope = starts[order], lengths[order], keys[order], slope[order]
