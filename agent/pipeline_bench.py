@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bench import Figure, added_ratio, bpf_run_time_ns, bpf_stats, loop_cpu_ns
+from agent.capture.bench import FloorRound, floor_round
 from agent.errors import CaptureError, NotYetAvailable
 from agent.pipeline import TRIM_INTERVAL_S
 
@@ -372,25 +373,6 @@ def _bpf_ns_per_syscall(pid: int, loop: Path, n: int) -> float | None:
     return (after - before) / n if after > before else None
 
 
-@dataclass(frozen=True, slots=True)
-class FloorRound:
-    """The loop bare and under each count-only floor, alternated quickly (attach/detach takes
-    milliseconds, so the host's slow drifts hit all three alike)."""
-
-    bare_ns: list[float]
-    tp_ns: list[float]  # under the raw_syscalls-tracepoint floor: the reference of the targets
-    raw_ns: list[float]  # under the raw-tracepoint floor: the same count with the agent's cheaper hook
-    raw_bpf_ns: float | None  # the raw floor's BPF run time per loop syscall (kernel stats)
-
-    @property
-    def tp_added(self) -> float:
-        return statistics.median(t - b for b, t in zip(self.bare_ns, self.tp_ns, strict=True))
-
-    @property
-    def raw_added(self) -> float:
-        return statistics.median(r - b for b, r in zip(self.bare_ns, self.raw_ns, strict=True))
-
-
 @contextmanager
 def _floors() -> Iterator[tuple[Any, Any]]:
     """Both floors compiled and loaded once, detached (see AttachSwitch)."""
@@ -411,29 +393,7 @@ def _floors() -> Iterator[tuple[Any, Any]]:
 
 
 def _floor_round(tools: Tools, floors: tuple[Any, Any], cycles: int, n: int) -> FloorRound:
-    tp, raw = floors
-    bare_ns: list[float] = []
-    tp_ns: list[float] = []
-    raw_ns: list[float] = []
-    for _ in range(cycles):
-        bare_ns.append(_loop_ns(tools.loop, n))
-        for switch, into in ((tp, tp_ns), (raw, raw_ns)):
-            switch.on()
-            try:
-                into.append(_loop_ns(tools.loop, n))
-            finally:
-                switch.off()
-    raw_bpf: float | None = None
-    with bpf_stats() as on:
-        if on:
-            before = raw.run_ns()[0]
-            raw.on()
-            try:
-                _loop_ns(tools.loop, n)
-            finally:
-                raw.off()
-            raw_bpf = (raw.run_ns()[0] - before) / n
-    return FloorRound(bare_ns, tp_ns, raw_ns, raw_bpf if raw_bpf else None)
+    return floor_round(tools.loop, floors[0], floors[1], cycles, n)
 
 
 # -- latency ---------------------------------------------------------------------------------------

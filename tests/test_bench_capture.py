@@ -85,13 +85,17 @@ def test_capture_quick_json_has_the_references() -> None:
 
 
 def test_capture_kernel_accounted_ratio_adds_sysgrams_extra_run_time_to_the_raw_floor() -> None:
-    times = {"bare": [100.0, 120.0, 100.0], "floor_raw": [130.0, 150.0, 140.0], "floor_tp": [170.0, 190.0, 160.0]}
-    before = {"sysgram": (0, 0), "floor_raw": (0, 0)}
-    after = {"sysgram": (60_000, 1_000), "floor_raw": (45_000, 1_000)}  # 60 and 45 ns a call: 15 ns extra
-    (figure,) = capture_bench._kernel_accounted(times, before, after)
-    # raw floor added: median(30, 30, 40) = 30; tp floor added: median(70, 70, 60) = 70
-    assert figure.value == round((30 + 15) / 70, 2)
-    (unmeasured,) = capture_bench._kernel_accounted(times, {}, {})
+    # paired short loops: raw floor added median(30, 30, 40) = 30; tp floor added median(70, 70, 60) = 70
+    paired = capture_bench.FloorRound([100.0, 120.0, 100.0], [170.0, 190.0, 160.0], [130.0, 150.0, 140.0], None)
+    # per round, ns a call: sysgram over the raw floor by 15, 11 and 40 (a noisy round): median 15
+    per_call = {"sysgram": [60.0, 56.0, 90.0], "floor_raw": [45.0, 45.0, 50.0], "floor_tp": [46.0, 47.0, 44.0]}
+    figures = {f.name: f.value for f in capture_bench._kernel_accounted(paired, per_call)}
+    assert figures["sysgram added / floor added (raw_syscalls tracepoint), kernel-accounted"] == round(45 / 70, 2)
+    assert figures["sysgram's BPF time per call over the raw floor's (kernel stats, median)"] == 15.0
+    medians = {f.name: f.value for f in capture_bench._program_figures(per_call)}
+    assert medians["BPF run time per call: sysgram"] == 60.0
+    assert medians["BPF run time per call: floor (raw_syscalls tracepoint)"] == 46.0
+    (unmeasured,) = capture_bench._kernel_accounted(paired, {})
     assert str(unmeasured.value).startswith("not measured")
 
 
