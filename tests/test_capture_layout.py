@@ -43,7 +43,7 @@ def test_dtypes_match_the_c_structs(tmp_path: Path) -> None:
         L.EXEC_ARGS.itemsize,
         L.PROC_EVENT.itemsize,
         L.ARG_SPEC.itemsize,
-        L.SC_DETAIL.fields["str"][1],
+        dict(L.SC_DETAIL.fields or {})["str"][1],
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ RULE = """- rule: r
 """
 
 
-def load(tmp_path: Path, text: str) -> list:  # type: ignore[type-arg]
+def load(tmp_path: Path, text: str) -> list[Any]:
     path = tmp_path / "rules.yaml"
     path.write_text(text)
     _rs, diags = load_rules([str(path)])

@@ -29,11 +29,11 @@ OURS = os.path.join(os.path.dirname(__file__), "..", "rules", "sysgram_rules.yam
 
 
 @pytest.fixture(scope="module")
-def stable():  # type: ignore[no-untyped-def]
+def stable():
     return load_rules([STABLE])[0]
 
 
-def test_stable_loads_with_no_error_and_no_unsupported_field(stable) -> None:  # type: ignore[no-untyped-def]
+def test_stable_loads_with_no_error_and_no_unsupported_field(stable) -> None:
     assert stable.errors == [] and stable.warnings == []
     assert len(stable.rules) == 25
 
@@ -76,7 +76,7 @@ CONTAINERS = {"abc123": ContainerInfo("abc123", name="web", image="nginx:1.25", 
 
 
 @pytest.fixture()
-def world(stable):  # type: ignore[no-untyped-def]
+def world(stable):
     return World(stable, HOST, containers=CONTAINERS)
 
 
@@ -223,7 +223,7 @@ def test_exec_through_a_memfd_is_fileless_even_before_proc_says_so(world: World)
     assert world.names(113, "execveat", 0, dirfd=6, filename="", flags=0x1000) == []
 
 
-def test_rules_that_exec_also_capture_memfd_create(stable) -> None:  # type: ignore[no-untyped-def]
+def test_rules_that_exec_also_capture_memfd_create(stable) -> None:
     assert {"execve", "memfd_create"} <= stable.interesting_syscalls()
     no_exec = ruleset_from("- rule: r\n  desc: d\n  condition: evt.type = openat\n  output: o\n  priority: INFO\n")
     assert "memfd_create" not in no_exec.interesting_syscalls()

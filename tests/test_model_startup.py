@@ -26,7 +26,7 @@ def test_startup_buckets_follow_the_highest_running_mean_in_each_bucket() -> Non
     assert bounds == [32, 64, 128, 256][:len(bounds)] and len(bounds) >= 3
     peaks = {32: 3.0, 64: 3.0, 128: (40 * 3.0 + 24 * 1.0) / 64, 256: (40 * 3.0 + 88 * 1.0) / 128}
     for bound, threshold in buckets:  # fewer than 1/FAR traces: 1.05 x the highest
-        assert threshold == pytest.approx(max(1.2, 1.05 * peaks[bound]))
+        assert threshold == pytest.approx(max(1.2, 1.05 * peaks[int(bound)]))
     assert all(a[1] >= b[1] for a, b in itertools.pairwise(buckets))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from agent.capture.names import syscall_number
+from agent.capture.source import Chunk
 from agent.events import SYSCALL_DTYPE, ProcEvent
 from agent.memory import release_free_memory
 from agent.model import AnomalyDetector, Model, load_model
@@ -52,7 +53,7 @@ def churn(pipeline: Pipeline, lifetimes: int, first_pid: int = 1000, t0: int = 1
     held: list[np.ndarray] = []
     ts = t0
     for start in range(0, lifetimes, per_group):
-        chunks: list[object] = []
+        chunks: list[Chunk] = []
         rows: list[np.ndarray] = []
         for pid in range(first_pid + start, first_pid + min(start + per_group, lifetimes)):
             events, r = lifetime(pid, ts)
