@@ -81,12 +81,13 @@ def test_capture_quick_json_has_the_references() -> None:
     assert value["events consumed"] >= 3_000_000
     assert "auditd added" in value or "auditd reference" in value
     ratio = value["sysgram added / floor added (raw_syscalls tracepoint), kernel-accounted"]
-    assert (isinstance(ratio, float) and ratio > 0) or str(ratio).startswith("n/a")
+    assert isinstance(ratio, float) or str(ratio).startswith(("n/a", "not measured"))
 
 
 def test_capture_kernel_accounted_ratio_adds_sysgrams_extra_run_time_to_the_raw_floor() -> None:
     # paired short loops: raw floor added median(30, 30, 40) = 30; tp floor added median(70, 70, 60) = 70
-    paired = capture_bench.FloorRound([100.0, 120.0, 100.0], [170.0, 190.0, 160.0], [130.0, 150.0, 140.0], None)
+    paired = capture_bench.FloorRound([100.0, 120.0, 100.0], [170.0, 190.0, 160.0], [130.0, 150.0, 140.0], None,
+                                      [130.0, 150.0, 140.0])  # the capture's own hooks are in bare already
     # per round, ns a call: sysgram over the raw floor by 15, 11 and 40 (a noisy round): median 15
     per_call = {"sysgram": [60.0, 56.0, 90.0], "floor_raw": [45.0, 45.0, 50.0], "floor_tp": [46.0, 47.0, 44.0]}
     figures = {f.name: f.value for f in capture_bench._kernel_accounted(paired, per_call)}

@@ -183,9 +183,14 @@ def test_bpf_run_time_is_read_per_program_with_stats_on_and_the_setting_restored
     from agent.bench import BPF_STATS, bpf_run_time_ns, bpf_stats
 
     before_setting = BPF_STATS.read_text()
-    assert pb._bpf_ns_per_syscall(os.getpid(), tools.loop, 10_000) is None  # this process holds no program
+    idle_process = subprocess.Popen(["sleep", "30"])
+    try:  # a process that holds no BPF program
+        assert pb._bpf_ns_per_syscall(idle_process.pid, tools.loop, 10_000) is None
+    finally:
+        idle_process.kill()
+        idle_process.wait()
     with pb._floors() as floors:
-        _, raw = floors
+        _, raw, _ = floors
         idle = bpf_run_time_ns(os.getpid())
         raw.on()
         try:
@@ -202,20 +207,25 @@ def test_bpf_run_time_is_read_per_program_with_stats_on_and_the_setting_restored
             assert bpf_run_time_ns(os.getpid()) == steady
         one = pb._floor_round(tools, floors, 2, 50_000)
     assert BPF_STATS.read_text() == before_setting
-    assert len(one.bare_ns) == len(one.tp_ns) == len(one.raw_ns) == 2
+    assert len(one.bare_ns) == len(one.tp_ns) == len(one.raw_ns) == len(one.hooked_ns) == 2
     assert one.raw_bpf_ns is not None and one.raw_bpf_ns > 0
 
 
 def test_kernel_accounted_ratio_adds_the_agents_extra_bpf_time_to_the_raw_floor() -> None:
     rounds = [
-        pb.FloorRound([100.0, 110.0], [170.0, 180.0], [130.0, 140.0], 20.0),
-        pb.FloorRound([100.0, 100.0], [160.0, 180.0], [130.0, 130.0], 22.0),
+        pb.FloorRound([100.0, 110.0], [170.0, 180.0], [130.0, 140.0], 20.0, [135.0, 145.0]),
+        pb.FloorRound([100.0, 100.0], [160.0, 180.0], [130.0, 130.0], 22.0, [135.0, 135.0]),
     ]
     figures = {f.name: f.value for f in pb._kernel_accounted(rounds, [30.0, 34.0])}
-    # tp added: medians 70 and 70 -> 70; raw added: 30 and 30 -> 30; extra: 10 and 12 -> 11
+    # tp added: medians 70 and 70 -> 70; raw added 30; with the idle detail hooks 35; extra: 10 and 12 -> 11
     assert figures["agent's BPF time per syscall over the raw floor's (kernel stats)"] == 11.0
-    assert figures["full agent added / floor added, kernel-accounted"] == round(41 / 70, 2)
-    assert figures["same, against the raw-tracepoint floor"] == round(41 / 30, 2)
+    assert figures["the same + idle detail hooks (their per-syscall dispatch), median of paired loops"] == 35.0
+    assert figures["full agent added / floor added, kernel-accounted"] == round(46 / 70, 2)
+    assert figures["same, against the raw-tracepoint floor"] == round(46 / 30, 2)
+    # rounds measured without the hooks fall back to the plain raw floor
+    plain = [pb.FloorRound(r.bare_ns, r.tp_ns, r.raw_ns, r.raw_bpf_ns) for r in rounds]
+    plain_figures = {f.name: f.value for f in pb._kernel_accounted(plain, [30.0, 34.0])}
+    assert plain_figures["full agent added / floor added, kernel-accounted"] == round(41 / 70, 2)
     missing = {f.name: f.value for f in pb._kernel_accounted(rounds, [None, None])}
     assert str(missing["full agent added / floor added, kernel-accounted"]).startswith("not measured")
     hidden = [pb.FloorRound([100.0], [90.0], [95.0], 20.0)]

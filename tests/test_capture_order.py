@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ import pytest
 
 from agent.capture import _layout as L
 from agent.capture._batches import BatchOrderer, decode
+from agent.capture.names import syscall_number
 from tests.conftest import requires_bpf
 
 
-def batch(cpu: int, base: int, end: int, recs: list[tuple[int, int, int | None]]) -> bytes:
+def batch(cpu: int, base: int, end: int, recs: Sequence[tuple[int, int, int | None]]) -> bytes:
     """recs: (tid, nr, stamp time or None)."""
     header = np.zeros(1, L.BATCH_HEADER)
     header["base_ts"], header["end_ts"], header["count"], header["cpu"] = base, end, len(recs), cpu
@@ -59,10 +61,21 @@ def test_a_runs_tail_is_not_spread_over_the_time_its_cpu_went_on_without_it() ->
     # the batch's last run (thread 9) is capped the same way: its end is only the batch's send time
     nine = rows["ts"][rows["tid"] == 9].astype(np.int64)
     assert nine[0] == 3_001_000 and nine[1] <= 3_001_000 + TAIL_NS_PER_ROW
-    # the same thread split by STAMP_EVERY: its next stamp is its own next syscall, so times spread to it
-    split = batch(1, 0, 50, [(5, 1, 0), (5, 2, None), (5, 3, None), (5, 4, 300_000), (5, 5, None)])
+    # the same thread split by STAMP_EVERY (the batch's 64th record) or stamped for its execve went straight
+    # on: its next stamp is its own next syscall, so times spread to it
+    split = batch(1, 0, 10**9, [(5, 1, 0)] + [(5, 2, None)] * 63 + [(5, 3, 640_000), (5, 4, None)])
     same, _, _ = decode([split])
-    assert same["ts"][:4].tolist() == [0, 100_000, 200_000, 300_000]
+    assert same["ts"][:65].tolist() == [10_000 * i for i in range(65)]
+    execve = syscall_number("execve")
+    to_exec = batch(1, 0, 10**9, [(5, 1, 0), (5, 2, None), (5, execve, 300_000), (5, 4, None)])
+    assert decode([to_exec])[0]["ts"][:3].tolist() == [0, 150_000, 300_000]
+    # the same thread back on this CPU after running elsewhere (its earlier run ended at a context switch)
+    back = batch(1, 0, 10**9, [(5, 1, 0), (5, 2, None), (5, 3, None), (5, 4, 3_000_000), (5, 5, None)])
+    assert decode([back])[0]["ts"][:4].tolist() == [0, TAIL_NS_PER_ROW, 2 * TAIL_NS_PER_ROW, 3_000_000]
+    # runs arriving out of order (CPU 1's batch first) are capped the same way once sorted
+    cpu1 = batch(1, 5_000, 10**9, [(8, 9, 5_000), (8, 9, None)])
+    mixed, _, _ = decode([cpu1, cpu0])
+    assert mixed["tid"].tolist()[:11] == [7] * 11 and mixed["ts"][10] <= 1_000 + 10 * TAIL_NS_PER_ROW
 
 
 def test_full_batches_decode_vectorised_like_partial_ones() -> None:

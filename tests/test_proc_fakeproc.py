@@ -252,3 +252,19 @@ def test_upper_layer_is_seen_after_the_process_pivots_into_the_overlay(tmp_path:
     reader = ProcReader(str(root))
     assert reader.read(92).exe_upper_layer is False  # type: ignore[union-attr]
     assert reader.read(93).exe_upper_layer is True  # type: ignore[union-attr]
+
+
+def test_cgroup2_mount_is_found_past_the_optional_fields_and_unescaped(tmp_path: Path) -> None:
+    from agent.proc._procfs import cgroup2_mount
+
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n"
+        "30 22 0:26 / /sys/fs/cgroup ro,nosuid shared:9 master:2 - tmpfs tmpfs ro,mode=755\n"
+        "31 30 0:27 / /sys/fs/my\\040cgroup rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate\n"
+        "32 30 0:28 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n"
+    )
+    assert cgroup2_mount(str(info)) == "/sys/fs/my cgroup"
+    info.write_text("32 30 0:28 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\nbroken line\n")
+    assert cgroup2_mount(str(info)) is None  # a v1-only host
+    assert cgroup2_mount(str(tmp_path / "missing")) is None

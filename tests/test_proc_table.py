@@ -134,11 +134,13 @@ def test_a_child_gone_before_proc_is_read_takes_its_container_from_the_exec_even
     info = table.get(300)
     assert info is not None and info.exe == "/usr/bin/cat"
     assert info.container_id == "ab" * 32
-    # a host cgroup names the host; an unknown id (or none) keeps what the process had
+    assert table._reader._handles_work is False  # a plain directory, not cgroupfs: found by the walk
+    # a host cgroup overrides nothing (a hybrid host's runtime may keep containers in v1 cgroups only, their
+    # processes in a host v2 cgroup); an unknown id (or none) keeps what the process had
     table.apply(fork(71 * SEC, 301, 300))
     table.apply(ProcEvent("exec", 71 * SEC + 5, 301, 301, comm="sh", filename="/bin/sh",
                           cgroup_id=(cgroups / "user.slice").stat().st_ino))
-    assert table.get(301).container_id == HOST_CONTAINER_ID  # type: ignore[union-attr]
+    assert table.get(301).container_id == "ab" * 32  # type: ignore[union-attr]
     table.apply(fork(72 * SEC, 302, 300))
     table.apply(ProcEvent("exec", 72 * SEC + 5, 302, 302, comm="ls", filename="/bin/ls", cgroup_id=0))
     assert table.get(302).container_id == "ab" * 32  # type: ignore[union-attr]
@@ -158,7 +160,7 @@ def test_a_child_gone_before_proc_is_read_takes_its_container_from_the_exec_even
                           cgroup_id=later.stat().st_ino))
     assert table.get(304).container_id == "ef" * 32  # type: ignore[union-attr]
     assert table._reader.cgroup_scans >= scans + 1
-    assert table.stats["exec_cgroup_container"] >= 3
+    assert table.stats["exec_cgroup_container"] >= 2
 
 
 def test_pid_reuse_in_proc_is_never_mixed_in(seeded: tuple[ProcessTable, Path]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.capture import _layout as L
+from agent.capture.names import syscall_number
 from agent.events import SYSCALL_DTYPE
 
 _FULL = np.dtype([("h", L.BATCH_HEADER), ("recs", L.SC_REC, (L.BATCH_SIZE,))])
@@ -24,6 +25,7 @@ _FULL = np.dtype([("h", L.BATCH_HEADER), ("recs", L.SC_REC, (L.BATCH_SIZE,))])
 # a syscall and the user code up to the next one in one uninterrupted run (a blocking syscall switches
 # the thread out, which ends the run) rarely take longer.
 TAIL_NS_PER_ROW = 1_000
+_EXEC_NRS = np.array([syscall_number("execve"), syscall_number("execveat")])  # stamped by the kernel
 
 
 # numpy moves structured rows field by field (~30-75 ns a row); as opaque bytes it is 5-10x faster.
@@ -84,13 +86,20 @@ def decode(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     next_key = np.r_[keys[1:], keys[-1:]]
     run_end_ts = np.where(last_of_batch, headers["end_ts"][batch], next_key)
     slope = np.maximum(run_end_ts.astype(np.int64) - keys.astype(np.int64), 0) / lengths
-    # The next stamp bounds a run exactly only when it is the same thread going on (a run split every
-    # STAMP_EVERY records). Otherwise the thread left the CPU somewhere before it, maybe long before (the
-    # CPU idled, other threads ran): spread over that gap, a fork child's last rows before its execve were
-    # dated after the exec and taken for the new program's. Such a tail gets at most TAIL_NS_PER_ROW a row.
+    # The next stamp bounds a run exactly only when the same thread went straight on: the kernel stamped
+    # its next record for the batch position (every STAMP_EVERY-th) or because it is an execve. Otherwise
+    # the thread left the CPU somewhere before the next stamp, maybe long before (it slept, the CPU idled,
+    # other threads ran, or it came back to this CPU later): spread over that gap, a fork child's last
+    # rows before its execve were dated after the exec and taken for the new program's. Such a tail gets
+    # at most TAIL_NS_PER_ROW a row.
     run_tid = recs["tid"][starts].astype(np.int64)
-    same_thread = ~last_of_batch & (np.r_[run_tid[1:], -1] == run_tid)
-    slope = np.where(same_thread, slope, np.minimum(slope, TAIL_NS_PER_ROW))
+    nxt = np.minimum(ends, n - 1)  # the next run's first record (meaningless for a batch's last run)
+    went_on = (
+        ~last_of_batch
+        & (np.r_[run_tid[1:], -1] == run_tid)
+        & (((nxt - first[batch]) % L.STAMP_EVERY == 0) | np.isin(recs["nr"][nxt], _EXEC_NRS))
+    )
+    slope = np.where(went_on, slope, np.minimum(slope, TAIL_NS_PER_ROW))
     order = np.argsort(keys, kind="stable")
     if (order != np.arange(len(order))).any():
         starts, lengths, keys, slope = starts[order], lengths[order], keys[order], slope[order]

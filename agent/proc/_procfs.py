@@ -8,10 +8,13 @@ returning the newcomer's data. Each file is opened once and parsed minimally.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import grp
 import os
 import pwd
 import stat as stat_mod
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,7 +175,8 @@ def _boot_offset_ns() -> int:
     return boot - (before + after) // 2
 
 
-CGROUP_RESCAN_NS = 1_000_000_000  # a cgroup id not found is looked for again at most once a second
+CGROUP_RESCAN_NS = 1_000_000_000  # without file handles: the hierarchy is walked at most once a second
+_CGROUP_PATHS_MAX = 65536
 
 
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -181,19 +185,45 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
             for line in fh:
                 fields = line.split()
-                if "-" in fields and fields[fields.index("-") + 1] == "cgroup2":
-                    return fields[4].replace("\\040", " ")
+                # optional fields end at " - "; the filesystem type follows it
+                dash = fields.index("-", 6) if "-" in fields[6:] else len(fields)
+                if dash + 1 < len(fields) and fields[dash + 1] == "cgroup2":
+                    return _unescape_mount_field(fields[4])
     except OSError:
         pass
     return None
 
 
+_FILEID_KERNFS = 0xFE  # the file handle type of a kernfs node: its 64-bit id, which is a cgroup's id
+
+
+def _cgroup_dir_by_id(mount_fd: int, cgroup_id: int) -> str | None:
+    """The path of cgroup ``cgroup_id`` by open_by_handle_at(2) on the cgroup2 mount (needs
+    CAP_DAC_READ_SEARCH). None when no such cgroup exists (removed); OSError when the kernel or our
+    privileges do not allow handles."""
+    handle = ctypes.create_string_buffer(struct.pack("=IiQ", 8, _FILEID_KERNFS, cgroup_id), 16)
+    fd = _LIBC.open_by_handle_at(mount_fd, handle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err in (errno.ESTALE, errno.ENOENT):
+            return None
+        raise OSError(err, os.strerror(err))
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 class ProcReader:
     """Reads processes under one proc root, with bounded caches of what is costly to look up.
 
-    ``cgroup_root``: the cgroup v2 mount, to name the container of a cgroup id (the kernel's id of a
-    cgroup v2 directory is its inode number). None: found from mountinfo for the live /proc, none for
-    any other proc root (a replay: today's cgroups say nothing of the recording's)."""
+    ``cgroup_root``: the cgroup v2 mount, to name the container of a cgroup id: by open_by_handle_at(2)
+    (a cgroup's id is its kernfs file handle), else by walking the mount (a cgroup v2 directory's inode
+    number is its id). None: found from mountinfo for the live /proc, none for any other proc root.
+    (``sysgram replay`` reads the live /proc too, but recordings carry no cgroup ids.)"""
 
     def __init__(self, proc_root: str = "/proc", cache_size: int = 4096, cgroup_root: str | None = None) -> None:
         self.proc_root = proc_root
@@ -201,6 +231,8 @@ class ProcReader:
             cgroup2_mount() if proc_root == "/proc" else None
         )
         self._cgroup_paths: dict[int, str] = {}  # cgroup id (directory inode) -> path under the mount
+        self._cgroup_mount_fd: int | None = None
+        self._handles_work: bool | None = None  # open_by_handle_at on the mount: unknown until tried
         self._cgroup_scanned_ns = -CGROUP_RESCAN_NS
         self.cgroup_scans = 0
         hz = os.sysconf("SC_CLK_TCK")
@@ -243,21 +275,46 @@ class ProcReader:
 
     def container_of_cgroup(self, cgroup_id: int) -> str | None:
         """The container id of a cgroup v2 id (``"host"`` for a host cgroup), or None when unknown: no
-        cgroup v2 mount, or no such directory (removed already, or created after the last scan and
-        scanned for less than a second ago)."""
+        cgroup v2 mount, or no such cgroup (removed already; without file handles, also one made since
+        a walk less than a second ago)."""
         if not cgroup_id or not self.cgroup_root:
             return None
-        path = self._cgroup_paths.get(cgroup_id)
-        if path is None:
+        path = self._cgroup_paths.get(cgroup_id) or self._cgroup_by_handle(cgroup_id)
+        if path is None and self._handles_work is False:
             now = time.monotonic_ns()
             if now - self._cgroup_scanned_ns < CGROUP_RESCAN_NS:
                 return None
             self._cgroup_scanned_ns = now
             self._scan_cgroups()
             path = self._cgroup_paths.get(cgroup_id)
-            if path is None:
-                return None
+        if path is None:
+            return None
         return self.container_id(f"0::{path}\n")
+
+    def _cgroup_by_handle(self, cgroup_id: int) -> str | None:
+        """The exact lookup (no walk), while the kernel allows it; its answers are cached."""
+        if self._handles_work is False or self.cgroup_root is None:
+            return None
+        root = self.cgroup_root.rstrip("/")
+        try:
+            if self._cgroup_mount_fd is None:
+                self._cgroup_mount_fd = os.open(root or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if self._handles_work is None:  # first use: the mount's own id must lead back to the mount
+                own = os.fstat(self._cgroup_mount_fd).st_ino
+                self._handles_work = _cgroup_dir_by_id(self._cgroup_mount_fd, own) == (root or "/")
+                if not self._handles_work:
+                    return None
+            full = _cgroup_dir_by_id(self._cgroup_mount_fd, cgroup_id)
+        except (OSError, AttributeError):  # no handles here (privileges, kernel, libc): walk instead
+            self._handles_work = False
+            return None
+        if full is None or not (full == root or full.startswith(root + "/")):
+            return None
+        path = full[len(root):] or "/"
+        self._cgroup_paths[cgroup_id] = path
+        if len(self._cgroup_paths) > _CGROUP_PATHS_MAX:
+            del self._cgroup_paths[next(iter(self._cgroup_paths))]
+        return path
 
     def _scan_cgroups(self) -> None:
         """Map every cgroup directory's inode to its path (a full rescan drops removed cgroups)."""

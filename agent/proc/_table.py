@@ -230,7 +230,9 @@ class ProcessTable:
 
     def _container_at_exec(self, cgroup_id: int, otherwise: str) -> str:
         container = self._reader.container_of_cgroup(cgroup_id)
-        if container is None:
+        # "host" overrides nothing: on a hybrid host a runtime may keep containers in v1 cgroups only,
+        # leaving their processes in a host v2 cgroup
+        if container is None or container == HOST_CONTAINER_ID:
             return otherwise
         self._counts["exec_cgroup_container"] += 1
         return container
