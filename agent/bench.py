@@ -71,6 +71,12 @@ def bpf_stats() -> Iterator[bool]:
         BPF_STATS.write_text(previous)
 
 
+def read_fdinfo(path: str) -> dict[str, str]:
+    """A /proc/PID/fdinfo/FD file as key -> value (values stripped)."""
+    with open(path, encoding="ascii", errors="replace") as fh:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in fh) if _}
+
+
 def bpf_run_time_ns(pid: int) -> int:
     """Total kernel run time (ns, while stats were on) of every BPF program process ``pid`` holds open,
     each program counted once however many descriptors refer to it."""
@@ -80,10 +86,9 @@ def bpf_run_time_ns(pid: int) -> int:
         try:
             if os.readlink(fd) != "anon_inode:bpf-prog":
                 continue
-            text = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+            info = read_fdinfo(f"/proc/{pid}/fdinfo/{fd.name}")
         except OSError:  # closed while we looked
             continue
-        info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
         prog = info.get("prog_id", info.get("prog_tag", fd.name)).strip()
         seen[prog] = int(info.get("run_time_ns", "0"))
     return sum(seen.values())

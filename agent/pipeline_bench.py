@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bench import Figure, added_ratio, bpf_run_time_ns, bpf_stats, loop_cpu_ns
-from agent.capture.bench import FloorRound, floor_round
+from agent.capture.bench import FloorRound, floor_round, loaded_floors
 from agent.errors import CaptureError, NotYetAvailable
 from agent.pipeline import TRIM_INTERVAL_S
 
@@ -373,27 +373,6 @@ def _bpf_ns_per_syscall(pid: int, loop: Path, n: int) -> float | None:
     return (after - before) / n if after > before else None
 
 
-@contextmanager
-def _floors() -> Iterator[tuple[Any, Any, Any]]:
-    """Both floors and the idle detail hooks compiled and loaded once, detached (see AttachSwitch)."""
-    from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
-    from agent.capture._loader import _import_bcc
-    from agent.capture.bench import AttachSwitch, HookSwitch
-
-    ensure_tracefs()
-    ensure_kernel_headers()
-    bcc = _import_bcc()
-    tp = bcc.BPF(src_file=str(BPF_DIR / "floor.bpf.c"))
-    raw = bcc.BPF(src_file=str(BPF_DIR / "floor_raw.bpf.c"))
-    hooks = bcc.BPF(src_file=str(BPF_DIR / "detail_hooks.bpf.c"))
-    try:
-        yield AttachSwitch(tp, raw=False), AttachSwitch(raw, raw=True), HookSwitch(hooks)
-    finally:
-        tp.cleanup()
-        raw.cleanup()
-        hooks.cleanup()
-
-
 def _floor_round(tools: Tools, floors: tuple[Any, Any, Any], cycles: int, n: int) -> FloorRound:
     return floor_round(tools.loop, floors[0], floors[1], cycles, n, hooks=floors[2])
 
@@ -641,7 +620,7 @@ def _overhead(tools: Tools, scale: Scale) -> list[Figure]:
     drops, drain_s = 0, 0.0
     idle_rss = idle_cores = 0.0
     nice = 0
-    with _floors() as floors:
+    with loaded_floors() as floors:
         for r in range(scale.overhead_rounds):
             rounds.append(_floor_round(tools, floors, scale.cycles, scale.cycle_syscalls))
             with running(_agent_args(tools.workdir)) as agent:

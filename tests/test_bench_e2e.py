@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import pipeline_bench as pb
+from agent.capture import bench as capture_bench
 from tests.conftest import requires_bpf, sysgram
 
 
@@ -189,7 +190,7 @@ def test_bpf_run_time_is_read_per_program_with_stats_on_and_the_setting_restored
     finally:
         idle_process.kill()
         idle_process.wait()
-    with pb._floors() as floors:
+    with capture_bench.loaded_floors() as floors:
         _, raw, _ = floors
         idle = bpf_run_time_ns(os.getpid())
         raw.on()

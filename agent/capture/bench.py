@@ -21,14 +21,15 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.bench import Figure, added_ratio, bpf_stats, loop_cpu_ns, loop_times
+from agent.bench import Figure, added_ratio, bpf_stats, loop_cpu_ns, loop_times, read_fdinfo
 from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
 from agent.capture._loader import BPF_DIR, _import_bcc
 from agent.capture.source import LiveSource
@@ -194,9 +195,7 @@ class AttachSwitch:
 
     def run_ns(self) -> tuple[int, int]:
         """(total ns, runs) of the program so far, from the kernel's BPF stats (kernel.bpf_stats_enabled)."""
-        fd = self.bpf.funcs[self.fn.encode()].fd
-        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
-            info = dict(line.split(":", 1) for line in fh.read().splitlines() if ":" in line)
+        info = read_fdinfo(f"/proc/self/fdinfo/{self.bpf.funcs[self.fn.encode()].fd}")
         return int(info.get("run_time_ns", "0")), int(info.get("run_cnt", "0"))
 
     def off(self) -> None:
@@ -223,6 +222,23 @@ class HookSwitch:
         for tp in self.TRACEPOINTS:
             with contextlib.suppress(Exception):  # not attached
                 self.bpf.detach_tracepoint(tp=tp)
+
+
+@contextmanager
+def loaded_floors() -> Iterator[tuple[AttachSwitch, AttachSwitch, HookSwitch]]:
+    """Both count-only floors and the idle detail hooks, compiled and loaded once, detached; unloaded after."""
+    ensure_tracefs()
+    ensure_kernel_headers()
+    bcc = _import_bcc()
+    tp = bcc.BPF(src_file=str(BPF_DIR / "floor.bpf.c"))
+    raw = bcc.BPF(src_file=str(BPF_DIR / "floor_raw.bpf.c"))
+    hooks = bcc.BPF(src_file=str(BPF_DIR / "detail_hooks.bpf.c"))
+    try:
+        yield AttachSwitch(tp, raw=False), AttachSwitch(raw, raw=True), HookSwitch(hooks)
+    finally:
+        tp.cleanup()
+        raw.cleanup()
+        hooks.cleanup()
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,21 +307,13 @@ def run(quick: bool = False) -> list[Figure]:
     ensure_kernel_headers()
     n = 1_000_000 if quick else 5_000_000
     rounds = 3 if quick else 7
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, loaded_floors() as (floor_tp, floor_raw, hooks):
         exe = _build_loop(Path(tmp))
-        bcc = _import_bcc()
         audit = audit_reference(exe, lambda: loop_times(str(exe), n // 50), rounds)  # auditd costs ~100x more
         source = LiveSource(detail_syscalls=set())
         source.start()
         assert source.tracer is not None
-        floor_tp = bcc.BPF(src_file=str(BPF_DIR / "floor.bpf.c"))
-        floor_raw = bcc.BPF(src_file=str(BPF_DIR / "floor_raw.bpf.c"))
-        hooks = HookSwitch(bcc.BPF(src_file=str(BPF_DIR / "detail_hooks.bpf.c")))
-        settings = {
-            "floor_tp": AttachSwitch(floor_tp, raw=False),
-            "floor_raw": AttachSwitch(floor_raw, raw=True),
-            "sysgram": AttachSwitch(source.tracer.bpf, raw=True),
-        }
+        settings = {"floor_tp": floor_tp, "floor_raw": floor_raw, "sysgram": AttachSwitch(source.tracer.bpf, raw=True)}
         times: dict[str, list[float]] = {"bare": [], **{k: [] for k in settings}}
         consumed = [0]
         stop = threading.Event()
@@ -333,7 +341,6 @@ def run(quick: bool = False) -> list[Figure]:
         per_call = _program_rounds(settings, exe, max(n // 5, 100_000), rounds)
         paired = floor_round(exe, settings["floor_tp"], settings["floor_raw"], 10 if not quick else 3,
                              200_000 if not quick else 100_000, hooks=hooks)
-        hooks.bpf.cleanup()
         time.sleep(0.3)
         source.flush_all()
         time.sleep(0.3)
@@ -341,8 +348,6 @@ def run(quick: bool = False) -> list[Figure]:
         stop.set()
         drainer.join()
         source.close()
-        floor_tp.cleanup()
-        floor_raw.cleanup()
         events = max(1, consumed[0])
     # best of the interleaved rounds: the host's noise only ever adds time
     best = {k: min(v) for k, v in times.items()}
