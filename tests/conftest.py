@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,34 @@ def bpf_unavailable() -> str:
 
 
 requires_bpf = pytest.mark.skipif(bool(bpf_unavailable()), reason=bpf_unavailable() or "bpf")
+
+
+@contextmanager
+def docker_named_cgroup() -> Iterator[tuple[str, Path] | None]:
+    """A fresh cgroup v2 directory named as docker's systemd driver names a container's: (container id,
+    path), removed once its processes are reaped; None where no cgroup v2 hierarchy is writable."""
+    from agent.proc._procfs import cgroup2_mount
+
+    root = cgroup2_mount()
+    if root is None:
+        yield None
+        return
+    container_id = secrets.token_hex(32)
+    cgroup = Path(root) / f"docker-{container_id}.scope"
+    try:
+        cgroup.mkdir()
+    except OSError:
+        yield None
+        return
+    try:
+        yield container_id, cgroup
+    finally:
+        for _ in range(50):  # the cgroup empties once its last process is reaped
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

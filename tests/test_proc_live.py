@@ -194,39 +194,24 @@ def test_real_32bit_process_is_compat(tmp_path: Path) -> None:
             p.wait()
 
 
-def _cgroup2_mount() -> Path | None:
-    from agent.proc._procfs import cgroup2_mount
-
-    found = cgroup2_mount()
-    return Path(found) if found else None
-
-
 @pytest.mark.bpf
 def test_a_short_lived_container_process_is_named_by_its_exec_events_cgroup(tmp_path: Path) -> None:
     """Real exec events: a child moved into a docker-named cgroup v2 then exec'ing /bin/true is gone long
     before the table reads /proc; the kernel's cgroup id on the exec event still names the container."""
-    import secrets
-
-    from tests.conftest import bpf_unavailable
+    from tests.conftest import bpf_unavailable, docker_named_cgroup
 
     if bpf_unavailable():
         pytest.skip(bpf_unavailable())
-    root = _cgroup2_mount()
-    if root is None:
-        pytest.skip("no cgroup v2 hierarchy mounted")
-    container_id = secrets.token_hex(32)
-    cgroup = root / f"docker-{container_id}.scope"
-    try:
-        cgroup.mkdir()
-    except OSError as err:
-        pytest.skip(f"cannot make a cgroup under {root}: {err}")
-    try:
+    with docker_named_cgroup() as made:
+        if made is None:
+            pytest.skip("no writable cgroup v2 hierarchy here")
+        container_id, cgroup = made
         events = _exec_in_cgroup(cgroup)
         child_pid, true_exec = events[-1]
         assert true_exec.filename == "/bin/true"
         assert true_exec.cgroup_id == cgroup.stat().st_ino  # the kernel's cgroup id is the directory's inode
         assert not Path(f"/proc/{child_pid}").exists()  # reaped: /proc has nothing left to read
-        table = ProcessTable(cgroup_root=str(root))
+        table = ProcessTable(cgroup_root=str(cgroup.parent))
         table.seed()
         for event in sorted((e for _, e in events), key=lambda e: e.ts):
             table.apply(event)
@@ -236,13 +221,6 @@ def test_a_short_lived_container_process_is_named_by_its_exec_events_cgroup(tmp_
         assert table.stats["exec_cgroup_container"] >= 1
         # where the kernel resolves cgroup ids as file handles (root here), no walk of the hierarchy was needed
         assert table._reader._handles_work is False or table._reader.cgroup_scans == 0
-    finally:
-        for _ in range(50):  # the cgroup empties once its last process is reaped
-            try:
-                cgroup.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def _exec_in_cgroup(cgroup: Path) -> list[tuple[int, ProcEvent]]:

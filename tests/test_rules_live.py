@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SHARED, requires_bpf, start_sysgram
+from tests.conftest import SHARED, docker_named_cgroup, requires_bpf, start_sysgram
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -114,15 +114,6 @@ def _run(args: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, **kw)
 
 
-def _cgroup2_root() -> Path | None:
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2":
-                return Path(parts[1])
-    return None
-
-
 def _kernel_has_modules() -> bool:
     return any(
         os.path.exists(f"{tracing}/events/syscalls/sys_exit_finit_module")
@@ -166,30 +157,19 @@ def _host_actions(work: Path, pids: dict[str, int]) -> None:
 
 def _container_actions(work: Path) -> str | None:
     """The container rules' actions, in a process in its own pid namespace and docker-named cgroup (v2)."""
-    root = _cgroup2_root()
     unshare = shutil.which("unshare")
-    if root is None or unshare is None:
+    if unshare is None:
         return None
-    container_id = secrets.token_hex(32)
-    cgroup = root / f"docker-{container_id}.scope"
-    try:
-        cgroup.mkdir()
-    except OSError:
-        return None
-    try:
+    with docker_named_cgroup() as made:
+        if made is None:
+            return None
+        container_id, cgroup = made
         # Like a runtime: move the forked child into the container's cgroup, then exec the entry point.
         script = (
             f'echo $$ > {cgroup}/cgroup.procs && exec {unshare} --fork --pid --mount-proc "$0" -c "$1" "$2"'
         )
         done = _run(["sh", "-c", script, PY, IN_CONTAINER, str(work)])
         assert done.returncode == 0
-    finally:
-        for _ in range(50):  # the cgroup empties once its last process is reaped
-            try:
-                cgroup.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
     return container_id
 
 
