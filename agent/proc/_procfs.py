@@ -194,6 +194,7 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     return None
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _FILEID_KERNFS = 0xFE  # the file handle type of a kernfs node: its 64-bit id, which is a cgroup's id
 
 
@@ -214,8 +215,6 @@ def _cgroup_dir_by_id(mount_fd: int, cgroup_id: int) -> str | None:
         os.close(fd)
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
 
 class ProcReader:
     """Reads processes under one proc root, with bounded caches of what is costly to look up.
@@ -230,7 +229,8 @@ class ProcReader:
         self.cgroup_root = cgroup_root if cgroup_root is not None else (
             cgroup2_mount() if proc_root == "/proc" else None
         )
-        self._cgroup_paths: dict[int, str] = {}  # cgroup id (directory inode) -> path under the mount
+        # cgroup id (directory inode) -> path under the mount
+        self._cgroup_paths: BoundedCache[int, str] = BoundedCache(_CGROUP_PATHS_MAX)
         self._cgroup_mount_fd: int | None = None
         self._handles_work: bool | None = None  # open_by_handle_at on the mount: unknown until tried
         self._cgroup_scanned_ns = -CGROUP_RESCAN_NS
@@ -311,24 +311,22 @@ class ProcReader:
         if full is None or not (full == root or full.startswith(root + "/")):
             return None
         path = full[len(root):] or "/"
-        self._cgroup_paths[cgroup_id] = path
-        if len(self._cgroup_paths) > _CGROUP_PATHS_MAX:
-            del self._cgroup_paths[next(iter(self._cgroup_paths))]
+        self._cgroup_paths.put(cgroup_id, path)
         return path
 
     def _scan_cgroups(self) -> None:
         """Map every cgroup directory's inode to its path (a full rescan drops removed cgroups)."""
         assert self.cgroup_root is not None
         self.cgroup_scans += 1
-        found: dict[int, str] = {}
+        found: BoundedCache[int, str] = BoundedCache(_CGROUP_PATHS_MAX)
         root = self.cgroup_root.rstrip("/")
         with contextlib.suppress(OSError):
-            found[os.stat(root).st_ino] = "/"
+            found.put(os.stat(root).st_ino, "/")
         for top, dirs, _files in os.walk(root, onerror=lambda _err: None):
             for name in dirs:
                 full = os.path.join(top, name)
                 with contextlib.suppress(OSError):
-                    found[os.stat(full, follow_symlinks=False).st_ino] = full[len(root):]
+                    found.put(os.stat(full, follow_symlinks=False).st_ino, full[len(root):])
         self._cgroup_paths = found
 
     def read_start_ns(self, pid: int) -> int | None:
