@@ -361,29 +361,79 @@ def aggregate(scores: np.ndarray, how: str = AGGREGATE) -> float:
 STARTUP_BUCKETS = 4  # a process's first span is judged against start-up thresholds up to 2**4 x min_windows
 
 
-def _far_threshold(values: np.ndarray, far: float) -> float:
-    """The (1 - far) quantile; a quantile of few values is shaky: 1.05 x the largest below 1/far of them."""
-    return float(np.quantile(values, 1 - far) if len(values) * far >= 1 else values.max() * 1.05)
+# Thresholds from few held-out traces (below 1/far of them, i.e. nearly always): see docs/model.md.
+LOG_FLOOR = 0.01  # nats per window: means are compared as log(mean + LOG_FLOOR); below it, differences are noise
+PRIOR_TRACES = 10  # weight, in traces, of the spread pooled over all programs in a program's own estimate
+# below this many degrees of freedom over all programs there is no spread worth borrowing (a one-program
+# learn of a few runs): Student's t would be huge and the threshold out of reach; 1.05 x the largest instead
+MIN_POOLED_DOF = 30
 
 
-def startup_thresholds(traces: Sequence[np.ndarray], min_windows: int, routine: float, far: float
-                       ) -> list[list[float]]:
+@dataclass(frozen=True)
+class SpreadPrior:
+    """How far one program's held-out process aggregates spread around their own mean, on the log scale,
+    pooled over every program (``variance`` with ``dof`` degrees of freedom; dof 0: nothing to pool)."""
+
+    variance: float = 0.0
+    dof: int = 0
+
+    @staticmethod
+    def pooled(groups: Sequence[np.ndarray]) -> SpreadPrior:
+        logs = [np.log(np.asarray(g, dtype=np.float64) + LOG_FLOOR) for g in groups if len(g) >= 2]
+        dof = sum(len(x) - 1 for x in logs)
+        return SpreadPrior(float(sum(((x - x.mean()) ** 2).sum() for x in logs) / dof), dof) if dof else SpreadPrior()
+
+
+def _far_threshold(values: np.ndarray, far: float, prior: SpreadPrior = SpreadPrior()) -> float:
+    """The (1 - far) quantile of ``values`` when there are at least 1/far of them. Below that a quantile
+    cannot be read off, and the largest value is only about the 1 - 1/(k+1) quantile of k: the threshold is
+    then a one-sided prediction bound for one more trace at rate ``far``, on the log scale, with the spread
+    taken from the program's own traces shrunk towards the spread pooled over all programs (a program seen
+    a dozen times, always alike, has shown no spread but still has one). Never below 1.05 x the largest,
+    and just that when the pool is thin (fewer than MIN_POOLED_DOF degrees of freedom)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) * far >= 1:
+        return float(np.quantile(values, 1 - far))
+    largest = float(values.max()) * 1.05
+    if prior.dof < MIN_POOLED_DOF:
+        return largest
+    from scipy.stats import t as student_t
+
+    logs = np.log(values + LOG_FLOOR)
+    own = len(logs) - 1
+    weight = min(PRIOR_TRACES, prior.dof)
+    variance = (float(((logs - logs.mean()) ** 2).sum()) + weight * prior.variance) / (own + weight)
+    bound = logs.mean() + float(student_t.ppf(1 - far, own + weight)) * math.sqrt(variance * (1 + 1 / len(logs)))
+    return max(largest, math.exp(bound) - LOG_FLOOR)
+
+
+def startup_peaks(traces: Sequence[np.ndarray], min_windows: int) -> list[np.ndarray]:
+    """Per start-up bucket [m, 2m), [2m, 4m), ... (m = ``min_windows``): each trace's highest running mean
+    while its window count is in the bucket (traces that reach it)."""
+    running = [np.cumsum(s) / np.arange(1, len(s) + 1) for s in traces if len(s) >= min_windows]
+    out: list[np.ndarray] = []
+    low = min_windows
+    for _ in range(STARTUP_BUCKETS):
+        peaks = [float(r[low - 1:2 * low - 1].max()) for r in running if len(r) >= low]
+        if not peaks:
+            break
+        out.append(np.array(peaks))
+        low *= 2
+    return out
+
+
+def startup_thresholds(traces: Sequence[np.ndarray], min_windows: int, routine: float, far: float,
+                       priors: Sequence[SpreadPrior] = ()) -> list[list[float]]:
     """[[windows_below, threshold], ...]: a process in its first span with fewer windows than ``windows_below``
     is judged against ``threshold``: the same false-alarm rate over the held-out traces' *highest running
     mean* while their window count was in [previous bound, windows_below). A program's start-up scores higher
     than its routine, and the runtime judges a running mean from ``min_windows`` on; the whole-trace mean
     the routine threshold comes from would alert on normal start-ups. Never below ``routine``; buckets
-    that add nothing are left out."""
-    running = [np.cumsum(s) / np.arange(1, len(s) + 1) for s in traces if len(s) >= min_windows]
+    that add nothing are left out. ``priors``: each bucket's pooled spread (see :func:`_far_threshold`)."""
     out: list[list[float]] = []
-    low = min_windows
-    for _ in range(STARTUP_BUCKETS):
-        high = 2 * low
-        peaks = [float(r[low - 1:high - 1].max()) for r in running if len(r) >= low]
-        if not peaks:
-            break
-        out.append([high, max(routine, _far_threshold(np.array(peaks), far))])
-        low = high
+    for bucket, peaks in enumerate(startup_peaks(traces, min_windows)):
+        prior = priors[bucket] if bucket < len(priors) else SpreadPrior()
+        out.append([min_windows << (bucket + 1), max(routine, _far_threshold(peaks, far, prior))])
     while out and out[-1][1] <= routine:
         out.pop()
     return out
@@ -400,17 +450,25 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
     for i, t in enumerate(holdout):
         if t.program in model.sidecar.programs[1:]:
             groups.setdefault(t.program, []).append(i)
+    judged_of: dict[str, list[np.ndarray]] = {}
     for program, idx in groups.items():
         scores = [per_trace[i] for i in idx if len(per_trace[i])]
-        if not scores:
-            continue
-        windows = np.concatenate(scores)
-        # the runtime judges a process only once it has min_windows windows: calibrate on those traces
-        judged = [s for s in scores if len(s) >= cfg.min_windows] or scores
+        if scores:
+            # the runtime judges a process only once it has min_windows windows: calibrate on those traces
+            judged_of[program] = [s for s in scores if len(s) >= cfg.min_windows] or scores
+    # each program's spread, pooled over the programs themselves ("*" holds them all again)
+    own = [judged for program, judged in judged_of.items() if program != GENERIC_PROGRAM]
+    prior = SpreadPrior.pooled([np.array([aggregate(s) for s in judged]) for judged in own])
+    bucket_peaks = [startup_peaks(judged, cfg.min_windows) for judged in own]
+    startup_priors = [SpreadPrior.pooled([peaks[b] for peaks in bucket_peaks if len(peaks) > b])
+                      for b in range(STARTUP_BUCKETS)]
+    for program, judged in judged_of.items():
+        windows = np.concatenate([per_trace[i] for i in groups[program] if len(per_trace[i])])
         aggregates = np.array([aggregate(s) for s in judged])
         window_th[program] = float(np.quantile(windows, 1 - cfg.window_far))
-        process_th[program] = _far_threshold(aggregates, cfg.process_far)
-        startup[program] = startup_thresholds(judged, cfg.min_windows, process_th[program], cfg.process_far)
+        process_th[program] = _far_threshold(aggregates, cfg.process_far, prior)
+        startup[program] = startup_thresholds(judged, cfg.min_windows, process_th[program], cfg.process_far,
+                                              startup_priors)
         calibration["programs"][program] = {
             "holdout_traces": len(scores), "holdout_windows": len(windows),
             "window_quantiles": {str(p): float(np.quantile(windows, p)) for p in (0.5, 0.9, 0.99, 0.999)},
@@ -422,6 +480,8 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
                   "process_startup": {p: b for p, b in startup.items() if b},
                   "target_window_far": cfg.window_far, "target_process_far": cfg.process_far,
                   "aggregate": AGGREGATE}
+    calibration["pooled_spread"] = {"log_floor": LOG_FLOOR, "prior_traces": PRIOR_TRACES,
+                                    "variance": prior.variance, "dof": prior.dof}
     return thresholds, calibration
 
 
