@@ -17,7 +17,7 @@ from agent.model import load_model
 from training.datasets import adfa_traces, traces_from_recordings
 from training.net import MaskedWindowAE, NetConfig, ScoringGraph
 from training.synthetic import HABITS, synthetic_traces, write_adfa_tree, write_recording
-from training.train import TrainConfig, export_onnx, train_model
+from training.train import THIN_HOLDOUT, TrainConfig, export_onnx, train_model
 
 TINY = {"hidden": 32, "bottleneck": 16, "dim": 8}
 ADFA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adfa-ld"
@@ -70,6 +70,13 @@ def test_sidecar_records_how_the_model_was_made(tmp_path: Path) -> None:
     th = side["thresholds"]
     assert set(th["window"]) == {"*", *HABITS} and all(v > 0 for v in th["process"].values())
     assert side["metrics"]["onnx_torch_max_abs_diff"] < 1e-3
+    # every program here was held out fewer than THIN_HOLDOUT times: named, with its count, for the analyst
+    held = {p: c["holdout_traces"] for p, c in side["calibration"]["programs"].items() if p != "*"}
+    assert held and all(k < THIN_HOLDOUT for k in held.values())
+    assert dict(report.thin) == held
+    note = report.thin_note()
+    assert note.startswith(f"{len(held)} of {len(HABITS)} programs had fewer than {THIN_HOLDOUT} held-out runs")
+    assert all(f"{p.rsplit('/', 1)[-1]} ({k})" in note for p, k in held.items())
     load_model(tmp_path / "m.onnx")
 
 
@@ -78,9 +85,12 @@ def test_train_command_from_recordings(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "cli.onnx"
     code = main(["train", "--input", str(rec), "-o", str(out), "--exe", "/usr/bin/beta", "--epochs", "1",
                  "--window", "8", "--no-progress"])
-    assert code == 0 and "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["programs"] == ["*", "/usr/bin/beta"]
+    held = side["calibration"]["programs"]["/usr/bin/beta"]["holdout_traces"]
+    assert code == 0 and printed.startswith("wrote ")
+    assert f"1 of 1 programs had fewer than {THIN_HOLDOUT} held-out runs" in printed and f"beta ({held})" in printed
     code = main(["train", "--input", str(rec), "-o", str(out), "--exe", "/bin/none", "--no-progress"])
     assert code == 2 and "no syscalls for /bin/none" in capsys.readouterr().err
 

@@ -89,6 +89,17 @@ class TrainReport:
     holdout_nll: float
     seconds: float
     thresholds: dict[str, Any]
+    thin: tuple[tuple[str, int], ...] = ()  # (program, held-out traces) with fewer than THIN_HOLDOUT
+
+    def thin_note(self) -> str:
+        """One line for the analyst when some programs were seen too few times for tight thresholds."""
+        if not self.thin:
+            return ""
+        names = ", ".join(f"{os.path.basename(p)} ({k})" for p, k in self.thin[:8])
+        more = f" and {len(self.thin) - 8} more" if len(self.thin) > 8 else ""
+        return (f"{len(self.thin)} of {len(self.programs) - 1} programs had fewer than {THIN_HOLDOUT} held-out "
+                f"runs: their thresholds are wide (a change must be larger to count); a longer learn tightens "
+                f"them: {names}{more}")
 
     def summary(self) -> str:
         return (f"{self.onnx_path} and {self.sidecar_path}: {self.traces} traces, {self.windows:,} windows, "
@@ -367,6 +378,7 @@ PRIOR_TRACES = 10  # weight, in traces, of the spread pooled over all programs i
 # below this many degrees of freedom over all programs there is no spread worth borrowing (a one-program
 # learn of a few runs): Student's t would be huge and the threshold out of reach; 1.05 x the largest instead
 MIN_POOLED_DOF = 30
+THIN_HOLDOUT = 10  # held-out runs below which `learn` and `train` name a program as thinly calibrated
 
 
 @dataclass(frozen=True)
@@ -557,6 +569,8 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
         programs=tuple(programs), vocabulary_size=len(vocabulary), epochs_run=result["epochs_run"],
         best_epoch=result["best_epoch"], holdout_nll=result["holdout_nll"],
         seconds=time.monotonic() - started, thresholds=thresholds,
+        thin=tuple(sorted(((p, c["holdout_traces"]) for p, c in calibration["programs"].items()
+                           if p != GENERIC_PROGRAM and c["holdout_traces"] < THIN_HOLDOUT), key=lambda x: (x[1], x[0]))),
     )
 
 
