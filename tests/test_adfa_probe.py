@@ -59,3 +59,29 @@ def test_standardised_sum_weighs_each_detector_by_its_calibration_spread() -> No
     # a detector whose calibration scores are all equal is taken unscaled, not divided by zero
     flat = standardised_sum({"a": np.array([1.0, 1.0])}, {"a": np.array([3.0])}, ["a"])
     assert flat.tolist() == [2.0]
+
+
+def test_oracle_bounds_fusion_by_weights_fitted_on_the_labels() -> None:
+    """Two detectors that each half-separate the classes but together separate them completely: the oracle
+    finds the weighting (AUC 1), and neither alone comes near it."""
+    from training.adfa_probe import fusion, oracle
+
+    rng = np.random.default_rng(0)
+    n = 400
+    # normal traces lie on the line a + b = 1 (a in [0, 1]); attacks lie above it, anywhere in a, so
+    # neither a nor b alone tells them apart well, while a + b does exactly
+    a_normal, a_attack = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    scores = {
+        "normal": {"a": a_normal, "b": 1.0 - a_normal},
+        "attack": {"a": a_attack, "b": 1.5 - a_attack},
+        "calibration": {"a": (cal := rng.uniform(0, 1, 50)), "b": 1.0 - cal},  # equal spreads
+    }
+    bounds = oracle(scores)
+    assert set(bounds) == {"oracle a", "oracle b", "oracle a+b"}
+    assert bounds["oracle a+b"]["auc"] == 1.0
+    assert bounds["oracle a+b"]["far_at_dr90"] == 0.0
+    assert bounds["oracle a"]["auc"] < 0.9 and bounds["oracle b"]["auc"] < 0.9
+    # with equal calibration spreads the fixed standardised sum is a + b too: the bound is reached
+    fused = fusion(scores)
+    assert set(fused) == {"a", "b", "a+b"}
+    assert fused["a+b"]["auc"] == 1.0 and fused["a"]["auc"] < 0.9

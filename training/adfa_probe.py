@@ -20,8 +20,10 @@ score Validation (normal) vs Attack, one score per trace, higher = more anomalou
   standardised by its mean and standard deviation over the model's held-out *training* traces (scored
   against the training traces minus those, so out of sample), then summed. Every subset of two or more is
   reported, so no subset is picked on the test results.
+* ``oracle``: the same four detectors, fused by weights fitted on the test labels (logistic regression over
+  each score and its log): the ceiling of any fixed-weight fusion of them. A bound, not a detector.
 
-Usage: ``python -m training.adfa_probe DIR {cover,composition,lm,fusion} [--json]``.
+Usage: ``python -m training.adfa_probe DIR {cover,composition,lm,fusion,oracle} [--json]``.
 """
 
 from __future__ import annotations
@@ -237,10 +239,10 @@ def standardised_sum(calibration: dict[str, np.ndarray], scores: dict[str, np.nd
     return total
 
 
-def fusion(train: list[Trace], normal: list[Trace], attack: list[Trace], *, progress: bool
-           ) -> dict[str, dict[str, Any]]:
-    """Rates of each detector and of every fused subset (see the module's docstring)."""
-    import itertools
+def detector_scores(train: list[Trace], normal: list[Trace], attack: list[Trace], *, progress: bool
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """{"calibration" | "normal" | "attack": {detector: one score per trace}} for the eval's model,
+    composition, cover and STIDE (calibration: the model's held-out training traces, see the docstring)."""
     import tempfile
     from pathlib import Path
 
@@ -264,6 +266,13 @@ def fusion(train: list[Trace], normal: list[Trace], attack: list[Trace], *, prog
         scores[g]["composition"] = nearest_by_composition(reference, traces)[1]
         scores[g]["cover"] = cover_scores(reference, traces)
         scores[g]["stide"] = stide_scores(reference, traces)
+    return scores
+
+
+def fusion(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Rates of each detector and of every fused subset (see the module's docstring)."""
+    import itertools
+
     names = list(scores["normal"])
     results = {name: rates(scores["normal"][name], scores["attack"][name]) for name in names}
     for r in range(2, len(names) + 1):
@@ -273,10 +282,32 @@ def fusion(train: list[Trace], normal: list[Trace], attack: list[Trace], *, prog
     return results
 
 
+def oracle(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """The most any weighted sum of the detectors' scores and their logs can reach, with the weights fitted
+    by logistic regression on the test labels themselves: an upper bound for fusing these detectors with
+    fixed weights, not a detector. Every subset, so each detector's share of the bound shows."""
+    import itertools
+
+    from sklearn.linear_model import LogisticRegression
+
+    names = list(scores["normal"])
+    labels = np.r_[np.zeros(len(scores["normal"][names[0]])), np.ones(len(scores["attack"][names[0]]))]
+    results: dict[str, dict[str, Any]] = {}
+    for r in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, r):
+            raw = np.stack([np.r_[scores["normal"][n], scores["attack"][n]] for n in subset], 1)
+            features = np.c_[raw, np.log(np.abs(raw) + 1e-3)]
+            features = (features - features.mean(0)) / (features.std(0) + 1e-12)
+            fitted = LogisticRegression(C=10.0, max_iter=10_000).fit(features, labels)
+            fused = fitted.decision_function(features)
+            results["oracle " + "+".join(subset)] = rates(fused[labels == 0], fused[labels == 1])
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.adfa_probe", description=__doc__.splitlines()[0])
     parser.add_argument("directory")
-    parser.add_argument("probe", choices=("cover", "composition", "lm", "fusion"))
+    parser.add_argument("probe", choices=("cover", "composition", "lm", "fusion", "oracle"))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--cut", type=float, default=0.3, help="lm: pseudo-program cut (0 = unconditioned)")
     parser.add_argument("--epochs", type=int, default=25)
@@ -292,8 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.probe == "composition":
         results["composition"] = rates(nearest_by_composition(train, normal)[1],
                                        nearest_by_composition(train, attack)[1])
-    elif args.probe == "fusion":
-        results = fusion(train, normal, attack, progress=not args.json)
+    elif args.probe in ("fusion", "oracle"):
+        scores = detector_scores(train, normal, attack, progress=not args.json)
+        results = fusion(scores) if args.probe == "fusion" else oracle(scores)
     else:
         normal_s, attack_s = lm_scores(train, [normal, attack], cut=args.cut, epochs=args.epochs,
                                        hidden=args.hidden, seed=args.seed, progress=not args.json)
