@@ -17,7 +17,7 @@ from agent.model import load_model
 from training.datasets import adfa_traces, traces_from_recordings
 from training.net import MaskedWindowAE, NetConfig, ScoringGraph
 from training.synthetic import HABITS, synthetic_traces, write_adfa_tree, write_recording
-from training.train import THIN_HOLDOUT, TrainConfig, export_onnx, train_model
+from training.train import THIN_HOLDOUT, TrainConfig, export_onnx, split_holdout, train_model
 
 TINY = {"hidden": 32, "bottleneck": 16, "dim": 8}
 ADFA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adfa-ld"
@@ -72,6 +72,9 @@ def test_sidecar_records_how_the_model_was_made(tmp_path: Path) -> None:
     assert side["metrics"]["onnx_torch_max_abs_diff"] < 1e-3
     # every program here was held out fewer than THIN_HOLDOUT times: named, with its count, for the analyst
     held = {p: c["holdout_traces"] for p, c in side["calibration"]["programs"].items() if p != "*"}
+    _, holdout = split_holdout(traces, tiny_cfg().holdout, tiny_cfg().seed)  # the split train_model made
+    assert held == {p: sum(t.program == p for t in holdout) for p in HABITS}
+    assert side["calibration"]["programs"]["*"]["holdout_traces"] == len(holdout)
     assert held and all(k < THIN_HOLDOUT for k in held.values())
     assert dict(report.thin) == held
     note = report.thin_note()

@@ -462,12 +462,10 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
     for i, t in enumerate(holdout):
         if t.program in model.sidecar.programs[1:]:
             groups.setdefault(t.program, []).append(i)
-    judged_of: dict[str, list[np.ndarray]] = {}
-    for program, idx in groups.items():
-        scores = [per_trace[i] for i in idx if len(per_trace[i])]
-        if scores:
-            # the runtime judges a process only once it has min_windows windows: calibrate on those traces
-            judged_of[program] = [s for s in scores if len(s) >= cfg.min_windows] or scores
+    scored_of = {program: [per_trace[i] for i in idx if len(per_trace[i])] for program, idx in groups.items()}
+    # the runtime judges a process only once it has min_windows windows: calibrate on those traces
+    judged_of = {program: [s for s in scores if len(s) >= cfg.min_windows] or scores
+                 for program, scores in scored_of.items() if scores}
     # each program's spread, pooled over the programs themselves ("*" holds them all again)
     own = [judged for program, judged in judged_of.items() if program != GENERIC_PROGRAM]
     prior = SpreadPrior.pooled([np.array([aggregate(s) for s in judged]) for judged in own])
@@ -475,7 +473,8 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
     startup_priors = [SpreadPrior.pooled([peaks[b] for peaks in bucket_peaks if len(peaks) > b])
                       for b in range(STARTUP_BUCKETS)]
     for program, judged in judged_of.items():
-        windows = np.concatenate([per_trace[i] for i in groups[program] if len(per_trace[i])])
+        scores = scored_of[program]
+        windows = np.concatenate(scores)
         aggregates = np.array([aggregate(s) for s in judged])
         window_th[program] = float(np.quantile(windows, 1 - cfg.window_far))
         process_th[program] = _far_threshold(aggregates, cfg.process_far, prior)
