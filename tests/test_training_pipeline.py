@@ -14,10 +14,10 @@ import torch
 from agent.cli import main
 from agent.errors import ConfigError
 from agent.model import load_model
-from training.datasets import adfa_traces, traces_from_recordings
+from training.datasets import Trace, adfa_traces, traces_from_recordings
 from training.net import MaskedWindowAE, NetConfig, ScoringGraph
 from training.synthetic import HABITS, synthetic_traces, write_adfa_tree, write_recording
-from training.train import THIN_HOLDOUT, TrainConfig, export_onnx, split_holdout, train_model
+from training.train import LONG_TRACE, THIN_HOLDOUT, TrainConfig, export_onnx, split_holdout, train_model
 
 TINY = {"hidden": 32, "bottleneck": 16, "dim": 8}
 ADFA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adfa-ld"
@@ -92,6 +92,7 @@ def test_train_command_from_recordings(tmp_path: Path, capsys: pytest.CaptureFix
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["programs"] == ["*", "/usr/bin/beta"]
     held = side["calibration"]["programs"]["/usr/bin/beta"]["holdout_traces"]
+    assert side["made"]["holdout_split_long"] == LONG_TRACE  # recordings: long held-out traces are cut
     assert code == 0 and printed.startswith("wrote ")
     assert f"1 of 1 programs had fewer than {THIN_HOLDOUT} held-out runs" in printed and f"beta ({held})" in printed
     code = main(["train", "--input", str(rec), "-o", str(out), "--exe", "/bin/none", "--no-progress"])
@@ -135,3 +136,22 @@ def test_eval_adfa_real_dataset_reduced(capsys: pytest.CaptureFixture[str]) -> N
     assert result["model"]["auc"] > 0.62 and result["stide"]["auc"] > 0.75
     assert result["model"]["scoring"] == "newest" and result["model"]["n"] == 32
     assert result["model"]["normal_traces"] > 100 and result["model"]["attack_traces"] > 100
+
+
+def test_a_long_held_out_trace_gives_its_first_half_to_training() -> None:
+    """A long-lived process is one trace: held out whole, the model would never learn it."""
+    long_a = Trace("/usr/bin/daemon", tuple(["read", "write"] * 3000))  # 6,000 syscalls
+    long_b = Trace("/usr/bin/daemon", tuple(["poll", "read"] * 3000))
+    short = [Trace("/usr/bin/tool", ("openat", "read", "close") * 10) for _ in range(4)]
+    traces = [long_a, long_b, *short]
+    whole_train, whole_held = split_holdout(traces, 0.5, seed=1)
+    train, held = split_holdout(traces, 0.5, seed=1, split_long=4096)
+    # the same traces are chosen; only the long one held out is cut
+    held_long = [t for t in whole_held if t.program == "/usr/bin/daemon"]
+    assert len(held_long) == 1
+    (cut,) = [t for t in held if t.program == "/usr/bin/daemon"]
+    (kept,) = [t for t in whole_train if t.program == "/usr/bin/daemon"]
+    (first,) = [t for t in train if t.program == "/usr/bin/daemon" and t != kept]
+    assert first.syscalls + cut.syscalls == held_long[0].syscalls and len(first.syscalls) == 3000
+    assert [t for t in held if t.program == "/usr/bin/tool"] == [t for t in whole_held if t.program == "/usr/bin/tool"]
+    assert len(train) == len(whole_train) + 1 and len(held) == len(whole_held)

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ DEFAULT_PROCESS_FAR = 1e-3  # per process: a busy host starts thousands an hour 
 DEFAULT_MIN_WINDOWS = 32
 AGGREGATE = "mean"  # chosen on ADFA-LD: see docs/model.md
 UNK_QUANTILE = 0.99  # an unseen syscall costs this quantile of held-out NLL (see calibrate_unk_cost)
+LONG_TRACE = 4096  # syscalls: a held-out recorded trace this long gives its first half to training
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class TrainConfig:
     patience: int = 3
     threads: int = 2
     holdout: float = 0.15  # of traces, for early stopping and calibration
+    # held-out traces this long are cut in two, the first half trained on (see split_holdout); 0: whole
+    # traces, as the ADFA-LD protocol's units are (eval and probes keep that)
+    holdout_split_long: int = 0
     min_program_syscalls: int = 2000  # a program with less training data shares the generic slot
     max_windows: int | None = None  # subsample training windows (frequency-preserving) for quick runs
     window_far: float = DEFAULT_WINDOW_FAR
@@ -141,8 +145,14 @@ def encode_traces(traces: Sequence[Trace], vocabulary: Sequence[str], programs: 
     return np.concatenate(parts), np.concatenate(progs), np.concatenate(owners)
 
 
-def split_holdout(traces: Sequence[Trace], fraction: float, seed: int) -> tuple[list[Trace], list[Trace]]:
-    """Whole traces held out (per program, so every program is calibrated on its own data)."""
+def split_holdout(traces: Sequence[Trace], fraction: float, seed: int, *, split_long: int = 0
+                  ) -> tuple[list[Trace], list[Trace]]:
+    """Whole traces held out (per program, so every program is calibrated on its own data).
+
+    ``split_long``: a held-out trace of at least this many syscalls is cut in two instead, its first half
+    trained on and its second half held out. A long-lived process is one trace (a daemon, a workload's
+    loop shell): held out whole, the model would never see it and would flag it on its next run.
+    """
     rng = np.random.default_rng(seed)
     by_program: dict[str, list[int]] = {}
     for i, t in enumerate(traces):
@@ -153,7 +163,18 @@ def split_holdout(traces: Sequence[Trace], fraction: float, seed: int) -> tuple[
             continue
         k = max(1, round(len(idx) * fraction))
         held.update(rng.choice(idx, size=k, replace=False).tolist())
-    return [t for i, t in enumerate(traces) if i not in held], [t for i, t in enumerate(traces) if i in held]
+    train: list[Trace] = []
+    holdout: list[Trace] = []
+    for i, t in enumerate(traces):
+        if i not in held:
+            train.append(t)
+        elif split_long and len(t.syscalls) >= split_long:
+            cut = len(t.syscalls) // 2
+            train.append(replace(t, syscalls=t.syscalls[:cut]))
+            holdout.append(replace(t, syscalls=t.syscalls[cut:]))
+        else:
+            holdout.append(t)
+    return train, holdout
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -513,7 +534,7 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
         raise ConfigError("the model file must end in .onnx (the sidecar takes the same stem + .json)",
                           path=str(out))
     if holdout is None:
-        train, held = split_holdout(traces, cfg.holdout, cfg.seed)
+        train, held = split_holdout(traces, cfg.holdout, cfg.seed, split_long=cfg.holdout_split_long)
     else:
         train, held = list(traces), list(holdout)
     if not train or not held:
@@ -560,7 +581,8 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
         "made": {"how": how or " ".join(sys.argv), "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                  "seed": cfg.seed, "epochs": cfg.epochs, "net": net_cfg.as_dict(), "mask_rate": MASK_RATE,
                  "unk_noise": UNK_NOISE, "generic_dropout": GENERIC_DROPOUT, "batch_size": cfg.batch_size,
-                 "lr": cfg.lr, "threads": cfg.threads, "seconds": round(time.monotonic() - started, 1)},
+                 "lr": cfg.lr, "threads": cfg.threads, "holdout_split_long": cfg.holdout_split_long,
+                 "seconds": round(time.monotonic() - started, 1)},
     })
     side_path.write_text(json.dumps(sidecar, indent=1))
     return TrainReport(
@@ -581,7 +603,8 @@ def train_from_recordings(paths: Sequence[str], out: str, *, exes: Sequence[str]
     if not traces:
         where = f" for {', '.join(exes)}" if exes else ""
         raise ConfigError(f"no syscalls{where} in the recordings", path=paths[0] if paths else None)
-    cfg = TrainConfig(n=n, epochs=epochs, seed=seed, max_windows=max_windows, net=dict(net or {}))
+    cfg = TrainConfig(n=n, epochs=epochs, seed=seed, max_windows=max_windows, net=dict(net or {}),
+                      holdout_split_long=LONG_TRACE)
     return train_model(traces, out, cfg, progress=progress,
                        how=f"train_from_recordings({list(paths)!r}, exes={list(exes)!r}, epochs={epochs}, "
                            f"seed={seed}, net={net!r})")

@@ -1,0 +1,129 @@
+"""Learn a workload, then run it again: how many anomaly alerts does the same workload raise?
+
+The issue's live target ("after `learn` on a workload, running that workload again raises no anomaly
+alert"), as a repeatable measurement. Needs root (BPF)::
+
+    sudo .venv/bin/python -m training.learn_rerun [--seconds 30] [--workload FILE] [--out DIR] [--json]
+
+1. the workload runs; ``sysgram learn --seconds N`` records it (kept as learn.parquet) and trains a model;
+2. the workload runs again; ``sysgram record --seconds N`` records it;
+3. ``sysgram replay`` judges that recording with the learned model (no rules), alerts to a JSON-lines file.
+
+Reported: anomaly alerts by executable, and the detector's own counts (anomalous processes past the
+per-executable limit are counted as suppressed). Everything else on the host is recorded too: its alerts
+are counted, not hidden. The default workload is a loop of short-lived programs (thousands of start-ups in
+30 s), the one behind the learn-then-rerun figures in docs/model.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SYSGRAM = [sys.executable, "-m", "agent"]
+ANOMALY_RULE = "Sysgram anomalous syscall sequence"
+WORKLOAD = r"""
+end=$((SECONDS + $1))
+while [ $SECONDS -lt $end ]; do
+  ls -l /usr/bin > /dev/null
+  cat /etc/os-release > /dev/null
+  grep -c root /etc/passwd > /dev/null
+  sed -n 1,5p /etc/services > /dev/null
+  sort /etc/services | uniq | wc -l > /dev/null
+  sha256sum /etc/hostname > /dev/null
+  tar cf "$2/x.tar" -C /etc hostname os-release 2> /dev/null
+  gzip -c "$2/x.tar" > "$2/x.tar.gz"
+  find /usr/share/doc -maxdepth 1 | head -50 > /dev/null
+  date > /dev/null; id > /dev/null; uname -a > /dev/null
+  python3 -c 'import json, os; json.dumps(dict(os.environ))' > /dev/null
+  sleep 0.2
+done
+"""
+
+
+def count_alerts(alerts_jsonl: Path, replay_log: str) -> dict[str, Any]:
+    """Anomaly alerts by executable, and the detector's last stats line's anomaly counts."""
+    by_exe: collections.Counter[str] = collections.Counter()
+    if alerts_jsonl.exists():
+        for line in alerts_jsonl.read_text().splitlines():
+            alert = json.loads(line)
+            if alert.get("rule") == ANOMALY_RULE:
+                by_exe[alert["output_fields"].get("proc.exe") or "?"] += 1
+    counts = {key: int(value) for key, value in
+              re.findall(r'"(anomalies|anomalies_suppressed)": (\d+)', replay_log)}
+    return {"anomaly_alerts": sum(by_exe.values()), "by_exe": dict(by_exe.most_common()),
+            "anomalies_suppressed": counts.get("anomalies_suppressed", 0)}
+
+
+def _during_workload(script: str, scratch: str, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """``sysgram COMMAND`` while the workload runs (started 2 s before, so the command sees it going; it is
+    told to run far longer than the command, training included, and stopped after)."""
+    work = subprocess.Popen(["bash", "-c", script, "workload", "100000", scratch])
+    try:
+        time.sleep(2)
+        return subprocess.run([*SYSGRAM, *command], cwd=REPO, capture_output=True, text=True)
+    finally:
+        work.terminate()
+        work.wait()
+
+
+def _failed(step: subprocess.CompletedProcess[str], what: str) -> bool:
+    if step.returncode:
+        lines = step.stderr.strip().splitlines()
+        print(lines[-1] if lines else f"sysgram {what} failed", file=sys.stderr)
+    return bool(step.returncode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=30, help="learn and rerun for this long")
+    parser.add_argument("--workload", help="a bash script run as `bash FILE SECONDS SCRATCH_DIR` (default: "
+                                           "the loop of short-lived programs)")
+    parser.add_argument("--out", help="keep the model, recording and alerts here (default: a temporary dir)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    script = Path(args.workload).read_text() if args.workload else WORKLOAD
+    with tempfile.TemporaryDirectory(prefix="sysgram-learn-rerun-") as tmp:
+        out = Path(args.out or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        model, recording, alerts = out / "learned.onnx", out / "rerun.parquet", out / "alerts.jsonl"
+        alerts.unlink(missing_ok=True)
+        started = time.monotonic()
+        learn = _during_workload(script, tmp, ["learn", "--seconds", str(args.seconds), "-o", str(model),
+                                               "--keep-recording", str(out / "learn.parquet")])
+        if _failed(learn, "learn"):
+            return 1
+        record = _during_workload(script, tmp, ["record", "-o", str(recording), "--seconds", str(args.seconds)])
+        if _failed(record, "record"):
+            return 1
+        replay = subprocess.run([*SYSGRAM, "replay", str(recording), "--model", str(model), "--no-default-rules",
+                                 "--quiet", "--alerts-jsonl", str(alerts)], cwd=REPO, capture_output=True, text=True)
+        if _failed(replay, "replay"):
+            return 1
+        result = count_alerts(alerts, replay.stderr + replay.stdout)
+        said = learn.stdout.splitlines()
+        result["learned"] = next((line for line in said if "learned" in line), "")
+        result["thin"] = next((line for line in said if "held-out runs" in line), "")
+        result["seconds"] = round(time.monotonic() - started, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"anomaly alerts on the rerun: {result['anomaly_alerts']} (+{result['anomalies_suppressed']} past "
+              f"the per-executable limit) {result['by_exe']}")
+        print(result["learned"])
+        if result["thin"]:
+            print(result["thin"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
