@@ -17,7 +17,15 @@ from agent.model import load_model
 from training.datasets import Trace, adfa_traces, traces_from_recordings
 from training.net import MaskedWindowAE, NetConfig, ScoringGraph
 from training.synthetic import HABITS, synthetic_traces, write_adfa_tree, write_recording
-from training.train import LONG_TRACE, THIN_HOLDOUT, TrainConfig, export_onnx, split_holdout, train_model
+from training.train import (
+    LONG_TRACE,
+    THIN_HOLDOUT,
+    TrainConfig,
+    encode_traces,
+    export_onnx,
+    split_holdout,
+    train_model,
+)
 
 TINY = {"hidden": 32, "bottleneck": 16, "dim": 8}
 ADFA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adfa-ld"
@@ -71,10 +79,13 @@ def test_sidecar_records_how_the_model_was_made(tmp_path: Path) -> None:
     assert set(th["window"]) == {"*", *HABITS} and all(v > 0 for v in th["process"].values())
     assert side["metrics"]["onnx_torch_max_abs_diff"] < 1e-3
     # every program here was held out fewer than THIN_HOLDOUT times: named, with its count, for the analyst
-    held = {p: c["holdout_traces"] for p, c in side["calibration"]["programs"].items() if p != "*"}
+    programs = {p: c for p, c in side["calibration"]["programs"].items() if p != "*"}
     _, holdout = split_holdout(traces, tiny_cfg().holdout, tiny_cfg().seed)  # the split train_model made
-    assert held == {p: sum(t.program == p for t in holdout) for p in HABITS}
+    assert {p: c["holdout_traces"] for p, c in programs.items()} == {
+        p: sum(t.program == p for t in holdout) for p in HABITS}
     assert side["calibration"]["programs"]["*"]["holdout_traces"] == len(holdout)
+    held = {p: c["judged_traces"] for p, c in programs.items()}  # long enough to judge (min_windows)
+    assert all(0 < held[p] <= programs[p]["holdout_traces"] for p in held)
     assert held and all(k < THIN_HOLDOUT for k in held.values())
     assert dict(report.thin) == held
     note = report.thin_note()
@@ -91,7 +102,7 @@ def test_train_command_from_recordings(tmp_path: Path, capsys: pytest.CaptureFix
     printed = capsys.readouterr().out
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["programs"] == ["*", "/usr/bin/beta"]
-    held = side["calibration"]["programs"]["/usr/bin/beta"]["holdout_traces"]
+    held = side["calibration"]["programs"]["/usr/bin/beta"]["judged_traces"]
     assert side["made"]["holdout_split_long"] == LONG_TRACE  # recordings: long held-out traces are cut
     assert code == 0 and printed.startswith("wrote ")
     assert f"1 of 1 programs had fewer than {THIN_HOLDOUT} held-out runs" in printed and f"beta ({held})" in printed
@@ -145,13 +156,18 @@ def test_a_long_held_out_trace_gives_its_first_half_to_training() -> None:
     short = [Trace("/usr/bin/tool", ("openat", "read", "close") * 10) for _ in range(4)]
     traces = [long_a, long_b, *short]
     whole_train, whole_held = split_holdout(traces, 0.5, seed=1)
-    train, held = split_holdout(traces, 0.5, seed=1, split_long=4096)
+    train, held = split_holdout(traces, 0.5, seed=1, split_long=4096, context=7)
     # the same traces are chosen; only the long one held out is cut
     held_long = [t for t in whole_held if t.program == "/usr/bin/daemon"]
     assert len(held_long) == 1
     (cut,) = [t for t in held if t.program == "/usr/bin/daemon"]
     (kept,) = [t for t in whole_train if t.program == "/usr/bin/daemon"]
     (first,) = [t for t in train if t.program == "/usr/bin/daemon" and t != kept]
-    assert first.syscalls + cut.syscalls == held_long[0].syscalls and len(first.syscalls) == 3000
+    # the held-out half starts with the 7 syscalls before the cut, as context only: no window ends on them,
+    # and its first window is a full one, as the runtime would see mid-process
+    assert first.syscalls + cut.syscalls[7:] == held_long[0].syscalls and len(first.syscalls) == 3000
+    assert cut.context == 7 and cut.syscalls[:7] == first.syscalls[-7:]
+    windows, _, _ = encode_traces([cut], ["<pad>", "<unk>", "<mask>", "read", "write", "poll"], ["*"], 8)
+    assert len(windows) == len(cut.syscalls) - 7 and (windows[0] != 0).all()
     assert [t for t in held if t.program == "/usr/bin/tool"] == [t for t in whole_held if t.program == "/usr/bin/tool"]
     assert len(train) == len(whole_train) + 1 and len(held) == len(whole_held)

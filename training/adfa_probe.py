@@ -21,7 +21,8 @@ score Validation (normal) vs Attack, one score per trace, higher = more anomalou
   against the training traces minus those, so out of sample), then summed. Every subset of two or more is
   reported, so no subset is picked on the test results.
 * ``oracle``: the same four detectors, fused by weights fitted on the test labels (logistic regression over
-  each score and its log): the ceiling of any fixed-weight fusion of them. A bound, not a detector.
+  each score and its log): roughly where linear fusions of them top out (the fit maximises likelihood, not
+  AUC, so not a strict bound). Not a detector.
 
 Usage: ``python -m training.adfa_probe DIR {cover,composition,lm,fusion,oracle} [--json]``.
 """
@@ -283,9 +284,10 @@ def fusion(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]
 
 
 def oracle(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
-    """The most any weighted sum of the detectors' scores and their logs can reach, with the weights fitted
-    by logistic regression on the test labels themselves: an upper bound for fusing these detectors with
-    fixed weights, not a detector. Every subset, so each detector's share of the bound shows."""
+    """A weighted sum of the detectors' scores and their logs, the weights fitted by logistic regression on
+    the test labels themselves: roughly where fusing these detectors linearly tops out (not a strict bound:
+    the fit maximises likelihood, not AUC or FAR@DR90), and not a detector. Every subset, so each
+    detector's share shows."""
     import itertools
 
     from sklearn.linear_model import LogisticRegression

@@ -26,6 +26,10 @@ class Trace:
     syscalls: tuple[str, ...]
     source: str = ""
     label: str = ""
+    # leading syscalls that are only context: no window ends on them (the held-out second half of a long
+    # trace cut in two starts with the n-1 syscalls before the cut, so its first window sees what the runtime
+    # would, not a process start)
+    context: int = 0
 
 
 def traces_from_recordings(paths: Sequence[str], exes: Sequence[str] = ()) -> list[Trace]:

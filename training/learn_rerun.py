@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,16 +66,25 @@ def count_alerts(alerts_jsonl: Path, replay_log: str) -> dict[str, Any]:
             "anomalies_suppressed": counts.get("anomalies_suppressed", 0)}
 
 
+STEP_TIMEOUT = 3600  # seconds for one sysgram step (a learn trains after recording)
+
+
 def _during_workload(script: str, scratch: str, command: list[str]) -> subprocess.CompletedProcess[str]:
     """``sysgram COMMAND`` while the workload runs (started 2 s before, so the command sees it going; it is
-    told to run far longer than the command, training included, and stopped after)."""
-    work = subprocess.Popen(["bash", "-c", script, "workload", "100000", scratch])
+    told to run far longer than the command, training included, and stopped after: its whole process
+    group, so a long-running child of the workload is not left behind)."""
+    work = subprocess.Popen(["bash", "-c", script, "workload", "100000", scratch], start_new_session=True)
     try:
         time.sleep(2)
-        return subprocess.run([*SYSGRAM, *command], cwd=REPO, capture_output=True, text=True)
+        return subprocess.run([*SYSGRAM, *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=STEP_TIMEOUT)
     finally:
-        work.terminate()
-        work.wait()
+        os.killpg(work.pid, signal.SIGTERM)
+        try:
+            work.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(work.pid, signal.SIGKILL)
+            work.wait()
 
 
 def _failed(step: subprocess.CompletedProcess[str], what: str) -> bool:
@@ -86,8 +97,9 @@ def _failed(step: subprocess.CompletedProcess[str], what: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=30, help="learn and rerun for this long")
-    parser.add_argument("--workload", help="a bash script run as `bash FILE SECONDS SCRATCH_DIR` (default: "
-                                           "the loop of short-lived programs)")
+    parser.add_argument("--workload", help="a bash script, run in a loop of its own making: it gets how long "
+                                           "to run ($1, in seconds: far longer than needed, it is stopped) and a "
+                                           "scratch directory ($2) (default: the loop of short-lived programs)")
     parser.add_argument("--out", help="keep the model, recording and alerts here (default: a temporary dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -106,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if _failed(record, "record"):
             return 1
         replay = subprocess.run([*SYSGRAM, "replay", str(recording), "--model", str(model), "--no-default-rules",
-                                 "--quiet", "--alerts-jsonl", str(alerts)], cwd=REPO, capture_output=True, text=True)
+                                 "--quiet", "--alerts-jsonl", str(alerts)], cwd=REPO, capture_output=True, text=True,
+                                timeout=STEP_TIMEOUT)
         if _failed(replay, "replay"):
             return 1
         result = count_alerts(alerts, replay.stderr + replay.stdout)

@@ -93,7 +93,7 @@ class TrainReport:
     holdout_nll: float
     seconds: float
     thresholds: dict[str, Any]
-    thin: tuple[tuple[str, int], ...] = ()  # (program, held-out traces) with fewer than THIN_HOLDOUT
+    thin: tuple[tuple[str, int], ...] = ()  # (program, judged held-out traces) below THIN_HOLDOUT
 
     def thin_note(self) -> str:
         """One line for the analyst when some programs were seen too few times for tight thresholds."""
@@ -102,8 +102,8 @@ class TrainReport:
         names = ", ".join(f"{os.path.basename(p)} ({k})" for p, k in self.thin[:8])
         more = f" and {len(self.thin) - 8} more" if len(self.thin) > 8 else ""
         return (f"{len(self.thin)} of {len(self.programs) - 1} programs had fewer than {THIN_HOLDOUT} held-out "
-                f"runs: their thresholds are wide (a change must be larger to count); a longer learn tightens "
-                f"them: {names}{more}")
+                f"runs long enough to judge: their thresholds are wide (a change must be larger to count; at 0, "
+                f"the generic ones); a longer learn tightens them: {names}{more}")
 
     def summary(self) -> str:
         return (f"{self.onnx_path} and {self.sidecar_path}: {self.traces} traces, {self.windows:,} windows, "
@@ -136,7 +136,7 @@ def encode_traces(traces: Sequence[Trace], vocabulary: Sequence[str], programs: 
     parts, progs, owners = [], [], []
     for i, t in enumerate(traces):
         tokens = np.fromiter((token_of.get(s, UNK) for s in t.syscalls), dtype=np.int64, count=len(t.syscalls))
-        w = windows_of_trace(tokens, n)
+        w = windows_of_trace(tokens, n)[t.context:]
         parts.append(w)
         progs.append(np.full(len(w), program_of.get(t.program, 0), dtype=np.int64))
         owners.append(np.full(len(w), i, dtype=np.int64))
@@ -145,13 +145,15 @@ def encode_traces(traces: Sequence[Trace], vocabulary: Sequence[str], programs: 
     return np.concatenate(parts), np.concatenate(progs), np.concatenate(owners)
 
 
-def split_holdout(traces: Sequence[Trace], fraction: float, seed: int, *, split_long: int = 0
-                  ) -> tuple[list[Trace], list[Trace]]:
+def split_holdout(traces: Sequence[Trace], fraction: float, seed: int, *, split_long: int = 0,
+                  context: int = 0) -> tuple[list[Trace], list[Trace]]:
     """Whole traces held out (per program, so every program is calibrated on its own data).
 
     ``split_long``: a held-out trace of at least this many syscalls is cut in two instead, its first half
-    trained on and its second half held out. A long-lived process is one trace (a daemon, a workload's
-    loop shell): held out whole, the model would never see it and would flag it on its next run.
+    trained on and its second half held out, carrying the ``context`` syscalls before the cut (windows of
+    n need n-1). A long-lived process is one trace (a daemon, a workload's loop shell): held out whole, the
+    model would never see it and would flag it on its next run. The price: that half is judged by a model
+    that saw the same process's first half, so its scores lean low.
     """
     rng = np.random.default_rng(seed)
     by_program: dict[str, list[int]] = {}
@@ -170,8 +172,9 @@ def split_holdout(traces: Sequence[Trace], fraction: float, seed: int, *, split_
             train.append(t)
         elif split_long and len(t.syscalls) >= split_long:
             cut = len(t.syscalls) // 2
+            lead = min(context, cut)
             train.append(replace(t, syscalls=t.syscalls[:cut]))
-            holdout.append(replace(t, syscalls=t.syscalls[cut:]))
+            holdout.append(replace(t, syscalls=t.syscalls[cut - lead:], context=t.context + lead))
         else:
             holdout.append(t)
     return train, holdout
@@ -434,9 +437,8 @@ def _far_threshold(values: np.ndarray, far: float, prior: SpreadPrior = SpreadPr
 
     logs = np.log(values + LOG_FLOOR)
     own = len(logs) - 1
-    weight = min(PRIOR_TRACES, prior.dof)
-    variance = (float(((logs - logs.mean()) ** 2).sum()) + weight * prior.variance) / (own + weight)
-    bound = logs.mean() + float(student_t.ppf(1 - far, own + weight)) * math.sqrt(variance * (1 + 1 / len(logs)))
+    variance = (float(((logs - logs.mean()) ** 2).sum()) + PRIOR_TRACES * prior.variance) / (own + PRIOR_TRACES)
+    bound = logs.mean() + float(student_t.ppf(1 - far, own + PRIOR_TRACES)) * math.sqrt(variance * (1 + 1 / len(logs)))
     return max(largest, math.exp(bound) - LOG_FLOOR)
 
 
@@ -472,37 +474,62 @@ def startup_thresholds(traces: Sequence[np.ndarray], min_windows: int, routine: 
     return out
 
 
+def thinly_calibrated(programs: Sequence[str], calibration: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """(program, judged held-out traces) below THIN_HOLDOUT, fewest first; a program with a slot of its own
+    but no held-out trace (one long trace, never held out) counts 0: it is judged by the generic thresholds."""
+    counts = {p: calibration["programs"].get(p, {}).get("judged_traces", 0) for p in programs[1:]}
+    return tuple(sorted(((p, k) for p, k in counts.items() if k < THIN_HOLDOUT), key=lambda x: (x[1], x[0])))
+
+
+def process_thresholds(judged_of: dict[str, list[np.ndarray]], startups_of: dict[str, list[np.ndarray]],
+                       cfg: TrainConfig) -> tuple[dict[str, float], dict[str, list[list[float]]], SpreadPrior]:
+    """Per program: the routine process threshold and the start-up buckets, from held-out window scores.
+
+    ``judged_of``: per program ("*": all of them again), the traces the runtime would judge (at least
+    ``min_windows`` windows; all of them when none has that many). ``startups_of``: those of them that
+    begin at a process start (not the held-out half of a cut trace). The spread is pooled over the programs
+    themselves, "*" left out, and only over traces that really are judged (short traces' means are noisy).
+    """
+    own = [judged for program, judged in judged_of.items()
+           if program != GENERIC_PROGRAM and len(judged[0]) >= cfg.min_windows]
+    prior = SpreadPrior.pooled([np.array([aggregate(s) for s in judged]) for judged in own])
+    bucket_peaks = [startup_peaks(startups_of.get(program, []), cfg.min_windows)
+                    for program, judged in judged_of.items()
+                    if program != GENERIC_PROGRAM and len(judged[0]) >= cfg.min_windows]
+    startup_priors = [SpreadPrior.pooled([peaks[b] for peaks in bucket_peaks if len(peaks) > b])
+                      for b in range(STARTUP_BUCKETS)]
+    process_th: dict[str, float] = {}
+    startup: dict[str, list[list[float]]] = {}
+    for program, judged in judged_of.items():
+        process_th[program] = _far_threshold(np.array([aggregate(s) for s in judged]), cfg.process_far, prior)
+        startup[program] = startup_thresholds(startups_of.get(program, []), cfg.min_windows, process_th[program],
+                                              cfg.process_far, startup_priors)
+    return process_th, startup, prior
+
+
 def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Thresholds per program from held-out normal traces at the target false-alarm rates."""
     per_trace = trace_window_scores(model, holdout)
-    window_th: dict[str, float] = {}
-    process_th: dict[str, float] = {}
-    startup: dict[str, list[list[float]]] = {}
-    calibration: dict[str, Any] = {"programs": {}}
     groups: dict[str, list[int]] = {GENERIC_PROGRAM: list(range(len(holdout)))}
     for i, t in enumerate(holdout):
         if t.program in model.sidecar.programs[1:]:
             groups.setdefault(t.program, []).append(i)
-    scored_of = {program: [per_trace[i] for i in idx if len(per_trace[i])] for program, idx in groups.items()}
+    scored_of = {program: [i for i in idx if len(per_trace[i])] for program, idx in groups.items()}
     # the runtime judges a process only once it has min_windows windows: calibrate on those traces
-    judged_of = {program: [s for s in scores if len(s) >= cfg.min_windows] or scores
-                 for program, scores in scored_of.items() if scores}
-    # each program's spread, pooled over the programs themselves ("*" holds them all again)
-    own = [judged for program, judged in judged_of.items() if program != GENERIC_PROGRAM]
-    prior = SpreadPrior.pooled([np.array([aggregate(s) for s in judged]) for judged in own])
-    bucket_peaks = [startup_peaks(judged, cfg.min_windows) for judged in own]
-    startup_priors = [SpreadPrior.pooled([peaks[b] for peaks in bucket_peaks if len(peaks) > b])
-                      for b in range(STARTUP_BUCKETS)]
-    for program, judged in judged_of.items():
-        scores = scored_of[program]
-        windows = np.concatenate(scores)
-        aggregates = np.array([aggregate(s) for s in judged])
+    judged_idx = {program: [i for i in idx if len(per_trace[i]) >= cfg.min_windows] or idx
+                  for program, idx in scored_of.items() if idx}
+    judged_of = {program: [per_trace[i] for i in idx] for program, idx in judged_idx.items()}
+    startups_of = {program: [per_trace[i] for i in idx if not holdout[i].context]
+                   for program, idx in judged_idx.items()}
+    process_th, startup, prior = process_thresholds(judged_of, startups_of, cfg)
+    window_th: dict[str, float] = {}
+    calibration: dict[str, Any] = {"programs": {}}
+    for program, idx in judged_idx.items():
+        windows = np.concatenate([per_trace[i] for i in scored_of[program]])
+        aggregates = np.array([aggregate(s) for s in judged_of[program]])
         window_th[program] = float(np.quantile(windows, 1 - cfg.window_far))
-        process_th[program] = _far_threshold(aggregates, cfg.process_far, prior)
-        startup[program] = startup_thresholds(judged, cfg.min_windows, process_th[program], cfg.process_far,
-                                              startup_priors)
         calibration["programs"][program] = {
-            "holdout_traces": len(scores), "holdout_windows": len(windows),
+            "holdout_traces": len(scored_of[program]), "judged_traces": len(idx), "holdout_windows": len(windows),
             "window_quantiles": {str(p): float(np.quantile(windows, p)) for p in (0.5, 0.9, 0.99, 0.999)},
             "aggregate_quantiles": {str(p): float(np.quantile(aggregates, p)) for p in (0.5, 0.9, 0.99)},
         }
@@ -534,7 +561,8 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
         raise ConfigError("the model file must end in .onnx (the sidecar takes the same stem + .json)",
                           path=str(out))
     if holdout is None:
-        train, held = split_holdout(traces, cfg.holdout, cfg.seed, split_long=cfg.holdout_split_long)
+        train, held = split_holdout(traces, cfg.holdout, cfg.seed, split_long=cfg.holdout_split_long,
+                                    context=cfg.n - 1)
     else:
         train, held = list(traces), list(holdout)
     if not train or not held:
@@ -590,8 +618,7 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
         programs=tuple(programs), vocabulary_size=len(vocabulary), epochs_run=result["epochs_run"],
         best_epoch=result["best_epoch"], holdout_nll=result["holdout_nll"],
         seconds=time.monotonic() - started, thresholds=thresholds,
-        thin=tuple(sorted(((p, c["holdout_traces"]) for p, c in calibration["programs"].items()
-                           if p != GENERIC_PROGRAM and c["holdout_traces"] < THIN_HOLDOUT), key=lambda x: (x[1], x[0]))),
+        thin=thinly_calibrated(programs, calibration),
     )
 
 
