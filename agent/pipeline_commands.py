@@ -306,6 +306,6 @@ def _learn(args: argparse.Namespace) -> int:
             kwargs["epochs"] = args.epochs
         report = train_from_recordings([recording], args.output, **kwargs)
     print(f"sysgram: learned {report.summary()}")
-    if report.thin_note():
-        print(f"sysgram: {report.thin_note()}")
+    if note := report.thin_note():
+        print(f"sysgram: {note}")
     return 0

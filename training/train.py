@@ -490,18 +490,17 @@ def process_thresholds(judged_of: dict[str, list[np.ndarray]], startups_of: dict
     begin at a process start (not the held-out half of a cut trace). The spread is pooled over the programs
     themselves, "*" left out, and only over traces that really are judged (short traces' means are noisy).
     """
-    own = [judged for program, judged in judged_of.items()
-           if program != GENERIC_PROGRAM and len(judged[0]) >= cfg.min_windows]
-    prior = SpreadPrior.pooled([np.array([aggregate(s) for s in judged]) for judged in own])
-    bucket_peaks = [startup_peaks(startups_of.get(program, []), cfg.min_windows)
-                    for program, judged in judged_of.items()
-                    if program != GENERIC_PROGRAM and len(judged[0]) >= cfg.min_windows]
+    aggregates = {program: np.array([aggregate(s) for s in judged]) for program, judged in judged_of.items()}
+    pooled = [program for program, judged in judged_of.items()
+              if program != GENERIC_PROGRAM and len(judged[0]) >= cfg.min_windows]
+    prior = SpreadPrior.pooled([aggregates[program] for program in pooled])
+    bucket_peaks = [startup_peaks(startups_of.get(program, []), cfg.min_windows) for program in pooled]
     startup_priors = [SpreadPrior.pooled([peaks[b] for peaks in bucket_peaks if len(peaks) > b])
                       for b in range(STARTUP_BUCKETS)]
     process_th: dict[str, float] = {}
     startup: dict[str, list[list[float]]] = {}
-    for program, judged in judged_of.items():
-        process_th[program] = _far_threshold(np.array([aggregate(s) for s in judged]), cfg.process_far, prior)
+    for program in judged_of:
+        process_th[program] = _far_threshold(aggregates[program], cfg.process_far, prior)
         startup[program] = startup_thresholds(startups_of.get(program, []), cfg.min_windows, process_th[program],
                                               cfg.process_far, startup_priors)
     return process_th, startup, prior

@@ -70,8 +70,8 @@ def _train(args: argparse.Namespace) -> int:
     report = train_from_recordings(args.input, args.output, exes=args.exe, epochs=args.epochs, seed=args.seed,
                                    progress=not args.no_progress, n=args.window or DEFAULT_N)
     print(f"wrote {report.summary()}")
-    if report.thin_note():
-        print(report.thin_note())
+    if note := report.thin_note():
+        print(note)
     return 0
 
 
