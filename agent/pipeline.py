@@ -20,7 +20,7 @@ from agent.capture.names import syscall_name
 from agent.capture.source import Chunk, LiveSource, ReplaySource
 from agent.events import FLAG_COMPAT, DetailEvent, KernelSignal, ProcEvent
 from agent.memory import release_free_memory
-from agent.proc import ProcessTable
+from agent.proc import ProcessInfo, ProcessTable
 from agent.verdict import DecisionTable, Evidence, Verdict
 
 if TYPE_CHECKING:  # pyarrow (the recording format) is loaded only by the commands that record or replay
@@ -100,13 +100,22 @@ class Pipeline:
         return False
 
     def seed(self) -> None:
+        """Every process alive now, before the tracer starts (the enforcer protects them from its start)."""
         self.table.seed()
+        self._seeded(self.table.snapshot())
+
+    def seed_new(self) -> None:
+        """Once the tracer runs: the processes born since :meth:`seed`. Their fork came before the tracer,
+        so without this they would run unnamed (a short one exits before a lazy /proc read finds it)."""
+        self._seeded(self.table.seed_new())
+
+    def _seeded(self, processes: list[ProcessInfo]) -> None:
         if self.recorder is not None:
-            for info in self.table.snapshot():
+            for info in processes:
                 if self._matches(info.pid):
                     self.recorder.add_process(info)
         if self.enforcer is not None:
-            self.enforcer.protect_processes(self.table.snapshot())
+            self.enforcer.protect_processes(processes)
 
     # -- the one entry point ------------------------------------------------------------------------
     def handle(self, group: Iterable[Chunk]) -> None:
@@ -133,7 +142,7 @@ class Pipeline:
         heads[0] = True
         np.not_equal(tgid[1:], tgid[:-1], out=heads[1:])
         pids = set(tgid[heads].tolist())
-        exe_of = self.table.exe_of(pids)  # also reads processes the table has not seen yet
+        exe_of, program_of = self.table.exe_and_program_of(pids)  # also reads processes not seen yet
         if self.table.has_compat:
             compat = self.table.compat_mask(tgid)
             if compat.any():
@@ -147,7 +156,7 @@ class Pipeline:
         if self.detector is not None:
             # bounded slices keep the detector's per-window temporaries small after a backlog
             for start in range(0, len(batch), DETECTOR_SLICE_ROWS):
-                for anomaly in self.detector.push(batch[start:start + DETECTOR_SLICE_ROWS], exe_of):
+                for anomaly in self.detector.push(batch[start:start + DETECTOR_SLICE_ROWS], exe_of, program_of):
                     self.counters["anomalies"] += 1
                     if self.metrics is not None:
                         self.metrics.anomalies.inc()
@@ -546,6 +555,7 @@ def run_live(
             boosted = boost_priority(nice)  # before the capture threads start: they inherit it
         pipeline.seed()
         source.start()
+        pipeline.seed_new()
         if nice is not None:
             boosted = {**boost_priority(nice), **boosted}  # threads started since (the first value wins)
         if pipeline.on_tracer is not None:

@@ -208,3 +208,40 @@ def test_record_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
     assert not os.path.exists("/nonexistent-dir")
+
+
+def test_a_process_born_while_the_tracer_loads_is_recorded_with_its_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The /proc scan comes before the tracer (the enforcer must protect what runs from the first event),
+    # and loading the BPF programs takes seconds: a process born in between has neither a snapshot row nor
+    # a fork event. Here one is born exactly then, by starting it from inside the source's start.
+    from agent.capture.recording import iter_thread_traces, read_recording
+    from agent.capture.source import LiveSource
+    from agent.pipeline import Filters, build_recorder_pipeline, run_live
+
+    marker = f"sysgram-born-while-loading-{uuid.uuid4().hex[:8]}"
+    loop = f"import os, time\nwhile True:\n    os.getppid(); time.sleep(0.005)  # {marker}"
+    children: list[subprocess.Popen[bytes]] = []
+    real_start = LiveSource.start
+
+    def start_with_a_birth(self: LiveSource) -> None:
+        children.append(subprocess.Popen([sys.executable, "-c", loop]))
+        time.sleep(0.3)  # it runs before the tracer attaches
+        real_start(self)
+
+    monkeypatch.setattr(LiveSource, "start", start_with_a_birth)
+    out = tmp_path / "rec.parquet"
+    pipeline = build_recorder_pipeline(str(out), Filters())
+    try:
+        assert run_live(pipeline, seconds=1.5, nice=None) == 0
+    finally:
+        for child in children:
+            child.kill()
+            child.wait(timeout=10)
+    pid = children[0].pid
+    rec = read_recording(str(out))
+    assert [p.exe for p in rec.processes if p.pid == pid] == [os.path.realpath(sys.executable)]
+    traces = [t for t in iter_thread_traces(rec) if t.pid == pid and t.tid == pid]
+    assert traces and traces[0].exe == os.path.realpath(sys.executable)
+    assert traces[0].syscalls.count("getppid") >= 10 and not traces[0].from_start  # born before the tracer

@@ -109,6 +109,12 @@ def test_keys_hashed_from_the_buffer_equal_window_keys() -> None:
     assert len(np.unique(keys)) == len(np.unique(np.c_[win.tokens, programs], axis=0))
 
 
+def announce(detector: AnomalyDetector, data: np.ndarray) -> None:
+    """Every thread of ``data`` is seen starting (its fork), so its first windows are padded as in training."""
+    for tgid, tid in {(int(a), int(b)) for a, b in zip(data["tgid"], data["tid"], strict=True)}:
+        detector.on_fork(tgid, tid)
+
+
 def scores_by_row(detector: AnomalyDetector, batches: list[np.ndarray], exe_of: dict[int, str]) -> np.ndarray:
     """Every window's score, in stream order, as the detector computed it (through its cache or not)."""
     out = []
@@ -136,6 +142,7 @@ def test_cached_scores_equal_uncached_scoring(model: Model) -> None:
     exe_of = {int(t): "/usr/bin/python3.11" for t in np.unique(data["tgid"])}
     batches = np.array_split(data, 7)
     cached = AnomalyDetector(model, cache_size=4096)
+    announce(cached, data)
     got = scores_by_row(cached, batches, exe_of)
     assert cached.stats["cache_hits"] > cached.stats["windows_scored"]  # the cache did the work
     assert np.allclose(got, straight_through(model, data, "/usr/bin/python3.11"), rtol=0, atol=1e-9)
@@ -159,6 +166,7 @@ def test_an_evicted_window_is_scored_again_with_the_same_result(model: Model) ->
     exe_of = {600: "/usr/bin/bash"}
     first = stream(300, threads=1, seed=12, names=COMMON)
     first["tid"] = first["tgid"] = 600
+    announce(det, first)
     det.push(first, exe_of)
     scored = det.stats["windows_scored"]
     assert 64 < scored <= 300 and len(det.cache) <= 64
@@ -172,6 +180,7 @@ def test_an_evicted_window_is_scored_again_with_the_same_result(model: Model) ->
     again = scores_by_row(det, [first], exe_of)
     assert det.stats["windows_scored"] - before > 0  # they had been evicted: onnxruntime again
     ref = AnomalyDetector(model, cache_size=0)
+    announce(ref, first)
     assert np.allclose(again, scores_by_row(ref, [first], exe_of), rtol=0, atol=1e-9)
 
 
@@ -189,6 +198,7 @@ def test_runs_of_one_repeated_window_score_as_every_window_does(model: Model) ->
     data["ts"] = np.arange(len(data), dtype=np.uint64) * 1000
     exe_of = {int(t): "/usr/bin/python3.11" for t in np.unique(data["tgid"])}
     det = AnomalyDetector(model, cache_size=4096)
+    announce(det, data)
     got = scores_by_row(det, np.array_split(data, 3), exe_of)
     assert det.stats["windows_scored"] + det.stats["cache_hits"] == len(data)
     assert np.allclose(got, straight_through(model, data, "/usr/bin/python3.11"), rtol=0, atol=1e-9)

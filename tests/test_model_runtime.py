@@ -41,6 +41,13 @@ def copy_model(src: Path, dst_dir: Path) -> Path:
     return dst
 
 
+def started(det: AnomalyDetector, pid: int, *tids: int) -> AnomalyDetector:
+    """The detector saw the process (and these threads) start: their first windows are padded starts."""
+    for tid in (pid, *tids):
+        det.on_fork(pid, tid)
+    return det
+
+
 def rows(names: list[str], tgid: int, tid: int | None = None, ts0: int = 0) -> np.ndarray:
     out = np.zeros(len(names), dtype=SYSCALL_DTYPE)
     out["ts"] = ts0 + np.arange(len(names)) * 1000
@@ -124,7 +131,7 @@ def test_cli_turns_a_bad_recording_into_one_line(tmp_path: Path, capsys: pytest.
 
 
 def test_repeated_windows_are_not_scored_again(model: Model) -> None:
-    det = AnomalyDetector(model, cache_size=4096)
+    det = started(AnomalyDetector(model, cache_size=4096), 10, 11)
     rng = np.random.default_rng(0)
     batch = rows(habit_trace(HABITS[ALPHA], 400, rng), tgid=10)
     det.push(batch, {10: ALPHA})
@@ -137,7 +144,7 @@ def test_repeated_windows_are_not_scored_again(model: Model) -> None:
     assert det.stats["windows_scored"] == scored + det.model.n - 1 or det.stats["windows_scored"] >= scored
     assert det.stats["cache_hits"] >= len(batch) - scored
     # the exact same windows again (thread 10 carries on the same loop): nothing new reaches onnxruntime
-    det2 = AnomalyDetector(model, cache_size=4096)
+    det2 = started(AnomalyDetector(model, cache_size=4096), 10)
     det2.push(batch, {10: ALPHA})
     first_runs = model.session_runs
     det2.on_exec(10, [10])
@@ -149,7 +156,7 @@ def test_repeated_windows_are_not_scored_again(model: Model) -> None:
 
 
 def test_cache_off_scores_every_window(model: Model) -> None:
-    det = AnomalyDetector(model, cache_size=0)
+    det = started(AnomalyDetector(model, cache_size=0), 3)
     batch = rows(habit_trace(HABITS[ALPHA], 100, np.random.default_rng(1)), tgid=3)
     det.push(batch, {3: ALPHA})
     det.push(batch, {3: ALPHA})
@@ -183,7 +190,7 @@ def test_attack_raises_one_explained_anomaly_and_normal_does_not(model: Model) -
 
 
 def test_unknown_program_uses_the_generic_slot_and_unk_is_counted(model: Model) -> None:
-    det = AnomalyDetector(model)
+    det = started(AnomalyDetector(model), 30)
     det.push(rows(["read", "ptrace", "bpf", "read"], tgid=30), {30: "/opt/never/seen"})
     assert det.stats["unk_tokens"] == 2
     st = det.state(30)
@@ -241,3 +248,20 @@ def test_one_program_alerting_in_every_process_is_limited_per_minute(model: Mode
     unlimited = AnomalyDetector(model, cache_size=4096, program_alerts=0)
     alerts = [a for pid in range(70, 75) for a in unlimited.push(rows(evil, tgid=pid), {pid: ALPHA})]
     assert len(alerts) == 5
+
+
+def test_the_model_judges_a_process_by_its_program_not_its_interpreter(model: Model) -> None:
+    # a script run by bash: exe is bash, the program is the script the model was trained on
+    batch = rows(habit_trace(HABITS[ALPHA], 200, np.random.default_rng(7)), tgid=50)
+    as_script = started(AnomalyDetector(model, cache_size=0), 50)
+    as_script.push(batch, {50: "/usr/bin/bash"}, {50: ALPHA})
+    as_exe = started(AnomalyDetector(model, cache_size=0), 50)
+    as_exe.push(batch, {50: ALPHA})
+    as_bash = started(AnomalyDetector(model, cache_size=0), 50)
+    as_bash.push(batch, {50: "/usr/bin/bash"})
+    script, exe, bash = as_script.state(50), as_exe.state(50), as_bash.state(50)
+    assert script is not None and exe is not None and bash is not None
+    assert script.exe == "/usr/bin/bash"  # alerts still name the executable
+    assert script.score == pytest.approx(exe.score) and script.threshold == exe.threshold
+    assert script.score != pytest.approx(bash.score)  # bash is not a program this model knows: generic slot
+

@@ -14,7 +14,7 @@ import pytest
 from agent.errors import ModelError
 from agent.model import AnomalyDetector, Model, load_model
 from tests.test_model_runtime import ALPHA, copy_model, model, model_path, rows  # noqa: F401 (fixtures)
-from training.synthetic import HABITS, habit_trace
+from training.synthetic import ATTACK, HABITS, habit_trace
 from training.train import startup_thresholds
 
 
@@ -47,6 +47,7 @@ def test_first_span_is_judged_by_startup_thresholds_then_by_the_routine(model: M
     strict = _with_thresholds(model, routine=0.0, startup=((64, 1e9),))
     det = AnomalyDetector(strict, cache_size=4096, alert_every_ns=10**15, min_windows=16)
     normal = habit_trace(HABITS[ALPHA], 200, np.random.default_rng(5))
+    det.on_fork(30, 30)
     assert det.push(rows(normal[:40], tgid=30), {30: ALPHA}) == []  # 40 windows < 64: start-up threshold
     state = det.state(30)
     assert state is not None and state.threshold == 1e9 and not state.is_anomalous
@@ -54,7 +55,63 @@ def test_first_span_is_judged_by_startup_thresholds_then_by_the_routine(model: M
     assert len(found) == 1 and found[0].process_threshold == 0.0
     # without start-up thresholds the same start alerts at once
     plain = AnomalyDetector(_with_thresholds(model, routine=0.0, startup=()), cache_size=4096, min_windows=16)
+    plain.on_fork(31, 31)
     assert len(plain.push(rows(normal[:40], tgid=31), {31: ALPHA})) == 1
+    # an exec is a start too
+    det.on_exec(32, [32], ts=0)
+    assert det.push(rows(normal[:40], tgid=32, ts0=10), {32: ALPHA}) == []
+    assert det.state(32).threshold == 1e9  # type: ignore[union-attr]
+
+
+def test_a_process_first_seen_mid_life_is_judged_as_routine_once_it_has_span_memory_windows(model: Model) -> None:  # noqa: F811
+    strict = _with_thresholds(model, routine=0.0, startup=((64, 1e9),))
+    det = AnomalyDetector(strict, cache_size=4096, alert_every_ns=10**15, min_windows=16, span_memory=100)
+    normal = habit_trace(HABITS[ALPHA], 400, np.random.default_rng(5))
+    # running before the agent: no fork, no exec; its first n-1 syscalls only fill its first window
+    assert det.push(rows(normal[:model.n - 1], tgid=40), {40: ALPHA}) == []
+    assert det.state(40) is None and det.stats["windows"] == 0
+    assert det.stats["context_only_rows"] == model.n - 1
+    # no start to allow for, no earlier span to steady the mean: judged once it has span_memory windows
+    first = model.n - 1
+    assert det.push(rows(normal[first:first + 99], tgid=40, ts0=10**6), {40: ALPHA}) == []
+    assert det.state(40).windows == 99 and not det.state(40).is_anomalous  # type: ignore[union-attr]
+    found = det.push(rows(normal[first + 99:first + 100], tgid=40, ts0=2 * 10**6), {40: ALPHA})
+    assert len(found) == 1 and found[0].process_threshold == 0.0  # routine threshold: no start-up grace
+    assert found[0].process_windows == 100 and len(found[0].window) == model.n  # full windows: no padding
+
+
+def _scores(det: AnomalyDetector, names: list[str], pid: int, ts0: int) -> float:
+    det.push(rows(names, tgid=pid, ts0=ts0), {pid: ALPHA})
+    state = det.state(pid)
+    assert state is not None
+    return state.score
+
+
+def test_a_new_span_carries_the_last_ones_mean_so_a_short_burst_does_not_carry_it_over(model: Model) -> None:  # noqa: F811
+    rng = np.random.default_rng(11)
+    normal = habit_trace(HABITS[ALPHA], 3000, rng)
+    burst = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=12)]
+    span = 10**9
+    probe = AnomalyDetector(model, cache_size=4096, min_windows=16, span_ns=span, span_memory=0)
+    probe.on_fork(60, 60)
+    routine = _scores(probe, normal[:2000], 60, 0)
+    burst_mean = _scores(probe, burst + normal[2000:2020], 60, 2 * span)  # a new span opens on the burst
+    threshold = (routine + burst_mean) / 2  # the burst alone, over a fresh span's few windows, would exceed it
+    for carry, alerts in ((None, False), (0, True)):
+        det = AnomalyDetector(_with_thresholds(model, routine=threshold, startup=()), cache_size=4096,
+                              min_windows=16, span_ns=span, alert_every_ns=10**15, span_memory=carry)
+        det.on_fork(61, 61)
+        assert det.push(rows(normal[:2000], tgid=61), {61: ALPHA}) == []
+        found = det.push(rows(burst + normal[2000:2020], tgid=61, ts0=2 * span), {61: ALPHA})
+        assert bool(found) is alerts  # carry 0: the old tumbling span, judged on its first 32 windows
+    # a sustained change still shows through the carried mean, within about span_memory windows
+    det = AnomalyDetector(_with_thresholds(model, routine=threshold, startup=()), cache_size=4096, min_windows=16,
+                          span_ns=span, alert_every_ns=10**15)
+    det.on_fork(62, 62)
+    det.push(rows(normal[:2000], tgid=62), {62: ALPHA})
+    attack = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=det.span_memory)]
+    found = det.push(rows(attack, tgid=62, ts0=2 * span), {62: ALPHA})
+    assert len(found) == 1 and "earlier spans' mean, worth" in found[0].explanation
 
 
 @pytest.mark.parametrize("bad", [{"*": [[64]]}, {"*": [[64, 1.0], [32, 2.0]]}, {"*": "x"}, [1, 2], {"*": []}])

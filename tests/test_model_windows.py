@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,52 @@ def test_carried_tokens_are_bounded_when_exits_are_lost() -> None:
     assert kept.tokens.tolist() == [[PAD, TOKEN["read"], TOKEN["read"], TOKEN["write"]]]
     fresh = tw.build(batch_of([(0, 0, "write")]))
     assert fresh.tokens.tolist() == [[PAD, PAD, PAD, TOKEN["write"]]]
+
+
+def test_a_thread_first_seen_mid_life_gets_windows_only_once_its_first_window_is_full() -> None:
+    rng = np.random.default_rng(31)
+    names = VOCAB[3:]
+    n = 5
+    rows = [(int(t) // 10, int(t), names[int(rng.integers(len(names)))]) for t in rng.integers(10, 40, 400)]
+    # threads 10-39; those in 10-19 were seen starting (announced), the others run since before the agent
+    tw = ThreadWindows(n, tables(), unseen="mid-life")
+    for tid in range(10, 20):
+        tw.start(tid)
+    cuts = (0, 3, 4, 40, 41, 250, 400)  # batches smaller than n-1 leave the context to the next batch
+    parts = [(a, tw.build(batch_of(rows[a:b]))) for a, b in itertools.pairwise(cuts)]
+    got = {int(r) + a: tuple(w) for a, p in parts for r, w in zip(p.rows, p.tokens.tolist(), strict=True)}
+    want: dict[int, tuple[int, ...]] = {}
+    for tid in {r[1] for r in rows}:
+        mine = [i for i, r in enumerate(rows) if r[1] == tid]
+        windows = naive_windows([TOKEN[rows[i][2]] for i in mine], n)
+        skip = 0 if tid < 20 else n - 1  # announced: padded start; mid-life: its first n-1 are context
+        want.update({mine[k]: tuple(windows[k]) for k in range(skip, len(mine))})
+    assert got == want
+    assert tw.context_only == sum(min(n - 1, sum(r[1] == tid for r in rows)) for tid in range(20, 40))
+    # thread facts describe only the windows kept: a thread with none in a batch is not listed
+    for a, p in parts:
+        for k, tid in enumerate(p.thread_tids.tolist()):
+            end = int(p.thread_starts[k + 1]) if k + 1 < len(p.thread_tids) else len(p)
+            assert end > int(p.thread_starts[k])
+            assert {rows[int(r) + a][1] for r in p.rows[int(p.thread_starts[k]):end]} == {tid}
+            assert int(p.thread_last_rows[k]) == int(p.rows[end - 1])
+
+
+def test_an_exec_or_a_fork_makes_a_start_and_an_evicted_thread_returns_mid_life() -> None:
+    tw = ThreadWindows(3, tables(), unseen="mid-life", max_threads=2)
+    assert len(tw.build(batch_of([(1, 1, "read"), (1, 1, "write")]))) == 0  # mid-life: context only
+    assert tw.build(batch_of([(1, 1, "close")])).tokens.tolist() == [[TOKEN["read"], TOKEN["write"], TOKEN["close"]]]
+    tw.exec(1)
+    assert tw.build(batch_of([(1, 1, "mmap")])).tokens.tolist() == [[PAD, PAD, TOKEN["mmap"]]]
+    tw.start(2)
+    assert tw.build(batch_of([(2, 2, "futex")])).tokens.tolist() == [[PAD, PAD, TOKEN["futex"]]]
+    tw.build(batch_of([(3, 3, "read"), (4, 4, "read")]))  # two more threads push 1 and 2 out
+    assert tw.evicted >= 2
+    assert len(tw.build(batch_of([(1, 1, "read")]))) == 0  # back without its carry: mid-life again
+
+
+def test_unseen_mode_is_checked() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="unseen"):
+        ThreadWindows(3, tables(), unseen="sometimes")

@@ -359,3 +359,37 @@ def test_has_compat_says_whether_compat_mask_can_be_skipped(tmp_path: Path) -> N
     assert table.exe_of([40, 41]) == {40: str(i386), 41: "/usr/bin/new64"}  # read lazily
     assert table.has_compat
     assert table.compat_mask(np.array([41, 40], dtype=np.uint32)).tolist() == [False, True]
+
+
+def test_seed_new_reads_only_processes_born_since_the_seed(seeded: tuple[ProcessTable, Path]) -> None:
+    table, root = seeded
+    reads = table.stats["proc_reads"]
+    # born after the first scan and before the tracer ran: neither in the snapshot nor in a fork event
+    make_proc(root, 300, comm="sh", ppid=100, argv=("sh", "-c", "x"), exe="/usr/bin/dash", start_ticks=900)
+    new = table.seed_new()
+    assert [(p.pid, p.exe) for p in new] == [(300, "/usr/bin/dash")]
+    assert table.stats["proc_reads"] - reads == 1  # the known ones are not read again
+    assert table.get(300) is not None and table.seed_new() == []
+
+
+def test_a_script_is_its_own_program_and_its_interpreter_is_its_exe(seeded: tuple[ProcessTable, Path]) -> None:
+    table, root = seeded
+    assert table.get(100).program == "/usr/bin/bash"  # type: ignore[union-attr]  # no exec seen: the exe
+    start_ns = table.get(100).start_ns  # type: ignore[union-attr]
+    # /proc says bash (the kernel ran the interpreter); the exec was of the script
+    make_proc(root, 100, comm="backup.sh", ppid=1, argv=("/bin/bash", "/opt/backup.sh"), exe="/usr/bin/bash",
+              start_ticks=500)
+    table.apply(execev(60 * SEC, 100, "backup.sh", "/opt/backup.sh"))
+    info = table.get(100)
+    assert info is not None and info.start_ns == start_ns
+    assert (info.exe, info.exec_path, info.program) == ("/usr/bin/bash", "/opt/backup.sh", "/opt/backup.sh")
+    table.apply(fork(61 * SEC, 200, 100))  # a subshell runs the same script
+    assert table.get(200).program == "/opt/backup.sh"  # type: ignore[union-attr]
+    exes, programs = table.exe_and_program_of([100, 200, 1])
+    assert exes == {100: "/usr/bin/bash", 200: "/usr/bin/bash", 1: "/usr/lib/systemd/systemd"}
+    assert programs == {100: "/opt/backup.sh", 200: "/opt/backup.sh", 1: "/usr/lib/systemd/systemd"}
+    # a gone process: the event alone; a relative path gives way to the one execve was given
+    table.apply(execev(62 * SEC, 200, "tool", "./tool"))
+    assert table.get(200).program == "./tool"  # type: ignore[union-attr]
+    table.apply_exec_detail(execve(62 * SEC + 5, 200, "/srv/tool", ["./tool"]))
+    assert table.get(200).program == "/srv/tool"  # type: ignore[union-attr]

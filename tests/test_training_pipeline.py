@@ -167,7 +167,55 @@ def test_a_long_held_out_trace_gives_its_first_half_to_training() -> None:
     # and its first window is a full one, as the runtime would see mid-process
     assert first.syscalls + cut.syscalls[7:] == held_long[0].syscalls and len(first.syscalls) == 3000
     assert cut.context == 7 and cut.syscalls[:7] == first.syscalls[-7:]
+    assert not cut.starts_a_process and first.starts_a_process
     windows, _, _ = encode_traces([cut], ["<pad>", "<unk>", "<mask>", "read", "write", "poll"], ["*"], 8)
     assert len(windows) == len(cut.syscalls) - 7 and (windows[0] != 0).all()
     assert [t for t in held if t.program == "/usr/bin/tool"] == [t for t in whole_held if t.program == "/usr/bin/tool"]
     assert len(train) == len(whole_train) + 1 and len(held) == len(whole_held)
+
+
+def test_traces_say_whether_their_thread_was_seen_starting(tmp_path: Path) -> None:
+    from agent.capture.names import syscall_number
+    from agent.capture.recording import RecordingWriter, iter_thread_traces, read_recording
+    from agent.events import SYSCALL_DTYPE, ProcEvent
+    from agent.proc import ProcessInfo
+
+    writer = RecordingWriter(str(tmp_path / "rec.parquet"))
+    writer.add_process(ProcessInfo(pid=100, ppid=1, comm="old", exe="/usr/bin/old"))  # running before
+    writer.add_event(ProcEvent("fork", 20, 100, 102, ppid=100, is_thread=True))  # a thread seen born
+    writer.add_event(ProcEvent("fork", 30, 200, 200, ppid=100, comm="old"))  # a child seen born
+    writer.add_event(ProcEvent("fork", 35, 400, 400, ppid=999, comm="orphan"))  # born of a parent unknown
+    writer.add_event(ProcEvent("exec", 50, 100, 100, comm="new", filename="/usr/bin/new"))
+    sc = []  # (ts, tgid, tid): thread 101 of 100 and process 300 (neither snapshot nor fork) run mid-life
+    for ts in range(10, 80):
+        sc += [(ts, 100, 100), (ts, 300, 300)]
+        if ts < 50:  # the exec ends the other threads
+            sc += [(ts, 100, 101)] + ([(ts, 100, 102)] if ts > 20 else [])
+        if ts > 30:
+            sc.append((ts, 200, 200))
+        if ts > 35:
+            sc.append((ts, 400, 400))
+    batch = np.zeros(len(sc), dtype=SYSCALL_DTYPE)
+    batch["ts"], batch["tgid"], batch["tid"] = np.array(sc).T
+    batch["nr"] = syscall_number("read")
+    writer.add_syscalls(batch)
+    writer.close({})
+    threads = list(iter_thread_traces(read_recording(str(tmp_path / "rec.parquet"))))
+    got = {(t.tid, t.exe): t.from_start for t in threads}
+    assert got == {
+        (100, "/usr/bin/old"): False,  # before its exec: it was running when the recording began
+        (100, "/usr/bin/new"): True,  # the exec began this program
+        (101, "/usr/bin/old"): False,
+        (102, "/usr/bin/old"): True,
+        (200, "/usr/bin/old"): True,
+        (300, ""): False,
+        (400, ""): True,
+    }
+    traces = traces_from_recordings([str(tmp_path / "rec.parquet")])
+    assert {t.source.rsplit(":", 1)[1] for t in traces if t.starts_a_process} == {"100", "102", "200", "400"}
+    n = 8
+    _, _, owner = encode_traces(traces, ["<pad>", "<unk>", "<mask>", "read"], ["*"], n)
+    per_trace = np.bincount(owner, minlength=len(traces))
+    for t, count in zip(traces, per_trace, strict=True):  # mid-life: the first n-1 syscalls are context only
+        assert count == len(t.syscalls) - (0 if t.from_start else n - 1)
+

@@ -30,6 +30,14 @@ class Trace:
     # trace cut in two starts with the n-1 syscalls before the cut, so its first window sees what the runtime
     # would, not a process start)
     context: int = 0
+    # False: the thread was already running when the recording began, so there is no start to pad; its
+    # first n-1 syscalls are context only, as the runtime treats a thread it first sees mid-life
+    from_start: bool = True
+
+    @property
+    def starts_a_process(self) -> bool:
+        """Its first window is a process start (what start-up thresholds are calibrated on)."""
+        return self.from_start and not self.context
 
 
 def traces_from_recordings(paths: Sequence[str], exes: Sequence[str] = ()) -> list[Trace]:
@@ -40,7 +48,7 @@ def traces_from_recordings(paths: Sequence[str], exes: Sequence[str] = ()) -> li
         for t in iter_thread_traces(rec, exes):
             if t.syscalls:
                 traces.append(Trace(program=t.exe or GENERIC_PROGRAM, syscalls=t.syscalls,
-                                    source=f"{path}:{t.tid}"))
+                                    source=f"{path}:{t.tid}", from_start=t.from_start))
     return traces
 
 

@@ -136,7 +136,7 @@ def encode_traces(traces: Sequence[Trace], vocabulary: Sequence[str], programs: 
     parts, progs, owners = [], [], []
     for i, t in enumerate(traces):
         tokens = np.fromiter((token_of.get(s, UNK) for s in t.syscalls), dtype=np.int64, count=len(t.syscalls))
-        w = windows_of_trace(tokens, n)[t.context:]
+        w = windows_of_trace(tokens, n)[t.context if t.from_start else max(t.context, n - 1):]
         parts.append(w)
         progs.append(np.full(len(w), program_of.get(t.program, 0), dtype=np.int64))
         owners.append(np.full(len(w), i, dtype=np.int64))
@@ -518,7 +518,7 @@ def calibrate(model: Model, holdout: Sequence[Trace], cfg: TrainConfig) -> tuple
     judged_idx = {program: [i for i in idx if len(per_trace[i]) >= cfg.min_windows] or idx
                   for program, idx in scored_of.items() if idx}
     judged_of = {program: [per_trace[i] for i in idx] for program, idx in judged_idx.items()}
-    startups_of = {program: [per_trace[i] for i in idx if not holdout[i].context]
+    startups_of = {program: [per_trace[i] for i in idx if holdout[i].starts_a_process]
                    for program, idx in judged_idx.items()}
     process_th, startup, prior = process_thresholds(judged_of, startups_of, cfg)
     window_th: dict[str, float] = {}

@@ -392,6 +392,9 @@ class ThreadTrace:
     pid: int
     tid: int
     syscalls: tuple[str, ...]
+    # the thread was seen starting (its fork, or the exec that began this program); False: it was already
+    # running when the recording began (or its fork was not recorded), so its first syscalls are mid-life
+    from_start: bool = True
 
 
 def iter_thread_traces(rec: Recording, exes: Sequence[str] = ()) -> Iterator[ThreadTrace]:
@@ -400,17 +403,20 @@ def iter_thread_traces(rec: Recording, exes: Sequence[str] = ()) -> Iterator[Thr
     # A snapshot tells what ran from the start only for processes older than the recording; the others
     # were snapshotted after an exec, and their fork and exec events say what ran when.
     born = {e.pid for e in rec.events if isinstance(e, ProcEvent) and e.kind == "fork" and not e.is_thread}
+    threads_born = {e.tid for e in rec.events if isinstance(e, ProcEvent) and e.kind == "fork" and e.is_thread}
     for info in rec.processes:
         if info.pid not in born and info.pid not in program:
             program[info.pid] = [(0, info.exe, info.comm)]
+    mid_life = set(program)  # their first span began before the recording
     for event in rec.events:
         if isinstance(event, ProcEvent):
             if event.kind == "exec":
                 program.setdefault(event.pid, []).append((event.ts, event.filename, event.comm))
             elif event.kind == "fork" and not event.is_thread:
                 parent = program.get(event.ppid)
-                if parent and event.pid not in program:
-                    program[event.pid] = [(event.ts, parent[-1][1], event.comm or parent[-1][2])]
+                if event.pid not in program:  # seen born, even of a parent the recording does not know
+                    exe, comm = (parent[-1][1], event.comm or parent[-1][2]) if parent else ("", event.comm)
+                    program[event.pid] = [(event.ts, exe, comm)]
         elif event.syscall in ("execve", "execveat") and event.res == 0:
             exe = str(event.args.get("filename", ""))
             spans = program.setdefault(event.tgid, [])
@@ -439,7 +445,14 @@ def iter_thread_traces(rec: Recording, exes: Sequence[str] = ()) -> Iterator[Thr
         which[which < 0] = 0
         names = np.where(rows["flags"] & FLAG_COMPAT, compat[rows["nr"]], native[rows["nr"]])
         for span in np.unique(which):
-            _, exe, comm = spans[int(span)]
+            since, exe, comm = spans[int(span)]
             if wanted and exe not in wanted:
                 continue
-            yield ThreadTrace(exe=exe, comm=comm, pid=tgid, tid=tid, syscalls=tuple(names[which == span]))
+            mine = which == span
+            if tid != tgid:  # a thread other than the leader: was its own birth recorded?
+                from_start = tid in threads_born
+            else:  # the leader: did this program's span begin (fork or exec) inside the recording?
+                began = span > 0 or (tgid in program and tgid not in mid_life)
+                from_start = began and int(rows["ts"][mine][0]) >= since
+            yield ThreadTrace(exe=exe, comm=comm, pid=tgid, tid=tid, syscalls=tuple(names[mine]),
+                              from_start=from_start)

@@ -4,7 +4,7 @@ Public API (numpy + onnxruntime only; training lives in ``training/``)::
 
     model = load_model("models/sysgram-default.onnx")        # ModelError naming the file on any problem
     detector = AnomalyDetector(model, cache_size=65536)
-    anomalies = detector.push(batch, exe_of)                  # batch: SYSCALL_DTYPE array; exe_of: tgid -> exe
+    anomalies = detector.push(batch, exe_of, program_of)      # SYSCALL_DTYPE rows; tgid -> exe, tgid -> program
     detector.on_fork(pid, tid); detector.on_exec(tgid, tids, ts); detector.on_exit(tid, ts); detector.on_process_exit(pid, ts)
     detector.settle(now_ns)                                   # exited threads' windows go once their rows are in
     detector.state(pid) -> AnomalyState | None

@@ -156,6 +156,7 @@ class Anomaly:
             "sysgram.anomaly.window": " ".join(self.window),
             "sysgram.anomaly.window_score": round(self.score, 4),
             "sysgram.anomaly.window_threshold": round(self.threshold, 4),
+            "sysgram.anomaly.program": self.program,  # the model's program it was judged as ("*": generic)
         }
 
 
@@ -166,6 +167,9 @@ class _Process:
     total: float = 0.0
     count: int = 0
     first_span: bool = True  # start-up thresholds apply (the sidecar's process_startup)
+    # the mean carried over from earlier spans, as a total over a number of windows (at most span_memory)
+    carried_total: float = 0.0
+    carried: int = 0
     last_alert: int | None = None
     state: AnomalyState | None = None
     # the latest batch's verdict, made an AnomalyState only when asked for (most never are):
@@ -183,10 +187,11 @@ def contributions_of(nll: np.ndarray, window: tuple[str, ...], top: int = 3) -> 
 
 def explain(exe: str, pid: int, window_score: float, window_threshold: float, process_score: float,
             process_threshold: float, windows: int, contributions: tuple[tuple[int, str, float], ...],
-            aggregate: str = "mean") -> str:
+            aggregate: str = "mean", carried: int = 0) -> str:
     parts = ", ".join(f"{name} at position {pos} ({share:.0%})" for pos, name, share in contributions)
+    earlier = f" (and its earlier spans' mean, worth {carried} windows)" if carried else ""
     return (f"{os.path.basename(exe) or '?'} (pid {pid}) made unusual syscalls: {aggregate} window score "
-            f"{process_score:.2f} over {windows} windows exceeds {process_threshold:.2f}; its most unusual "
+            f"{process_score:.2f} over {windows} windows{earlier} exceeds {process_threshold:.2f}; its most unusual "
             f"window scores {window_score:.2f} (threshold {window_threshold:.2f}), mostly from {parts or 'n/a'}")
 
 
@@ -200,6 +205,8 @@ EXIT_SETTLE_NS = 1_000_000_000
 ENDING_MAX = 16384  # exits waiting to settle; beyond this the oldest settles at once
 
 
+SPAN_MEMORY_SPANS = 8  # span_memory, in min_windows: a burst of ~100 score units (measured) dilutes below a
+# routine threshold of ~0.5 over ~250 windows; a sustained anomaly at 3 nats needs ~50 new windows to show
 PROGRAMS_LIMITED_MAX = 4096  # executables whose recent anomaly alerts are remembered for the per-program limit
 
 
@@ -210,24 +217,33 @@ class AnomalyDetector:
     judged (their state says anomalous, for the rules' cross-check) and counted as ``anomalies_suppressed``;
     0 lifts the limit).
 
-    ``span_ns``: the time span a process's aggregate covers (tumbling); ``min_windows``: windows a span
-    needs before it can be judged (default from the sidecar's calibration).
+    ``span_ns``: the time span a process's aggregate covers; ``min_windows``: windows a span needs before it
+    can be judged (default from the sidecar's calibration). Thresholds are calibrated on held-out processes'
+    whole lives, and only the first span of a process seen starting looks like one (its start-up thresholds
+    allow for a mean over few windows). A mean over a span's first few windows of a long-lived process is
+    noisier: one burst of rare but normal syscalls (a signal racing a child's exit) can carry it over. So
+    ``span_memory`` windows' worth of the previous spans' mean carries into each new span, and a process
+    first seen mid-life (running before the agent) is judged once it has made that many windows.
     """
 
     def __init__(self, model: Model, *, cache_size: int = 65536, span_ns: int = 30_000_000_000,
                  alert_every_ns: int = 60_000_000_000, min_windows: int | None = None,
-                 max_processes: int = 65536, program_alerts: int = 5) -> None:
+                 max_processes: int = 65536, program_alerts: int = 5, span_memory: int | None = None) -> None:
         self.model = model
         self.n = model.n
         self.cache = ScoreCache(cache_size)
-        self.windows = ThreadWindows(self.n, model.nr_tokens)
+        self.windows = ThreadWindows(self.n, model.nr_tokens, unseen="mid-life")
         self.span_ns = span_ns
         self.alert_every_ns = alert_every_ns
         self.min_windows = model.sidecar.thresholds.min_windows if min_windows is None else min_windows
+        self.span_memory = SPAN_MEMORY_SPANS * self.min_windows if span_memory is None else span_memory
         self.max_processes = max_processes
         self.program_alerts = program_alerts
         self._program_alert_times: OrderedDict[str, deque[int]] = OrderedDict()  # exe -> its recent alerts
         self._procs: OrderedDict[int, _Process] = OrderedDict()
+        # processes seen starting (fork or exec) whose first windows have not come yet: only they are judged
+        # against start-up thresholds; one first seen mid-life is judged as routine from its first span
+        self._starting: OrderedDict[int, None] = OrderedDict()
         # [exit ts, pid, its state]: a list, because a process whose syscalls reach us after its exit event
         # gets its state then (``_late`` points at the entry until it is filled)
         self._exited: deque[list[Any]] = deque()
@@ -243,15 +259,24 @@ class AnomalyDetector:
     def stats(self) -> dict[str, int]:
         return {**self._stats, "session_runs": self.model.session_runs, "cache_entries": len(self.cache),
                 "cache_evictions": self.cache.evictions,
-                "pre_exec_rows": self.windows.dropped, "threads_evicted": self.windows.evicted,
+                "pre_exec_rows": self.windows.dropped, "context_only_rows": self.windows.context_only,
+                "threads_evicted": self.windows.evicted,
                 "threads": len(self.windows), "processes": len(self._procs), "exits_settling": len(self._ending)}
 
     def on_fork(self, pid: int, tid: int) -> None:
-        """A new task: whatever an earlier task with this id left is not its own."""
+        """A new task, seen from its start: whatever an earlier task with this id left is not its own."""
         self._settle_exit(tid)
+        self.windows.start(tid)
         if tid == pid:  # a new process: an exited one's state under this pid is no longer addressable
             self._late.pop(pid, None)
             self._procs.pop(pid, None)
+            self._announce(pid)
+
+    def _announce(self, pid: int) -> None:
+        self._starting[pid] = None
+        self._starting.move_to_end(pid)
+        while len(self._starting) > self.max_processes:
+            self._starting.popitem(last=False)
 
     def on_exec(self, tgid: int, tids: Iterable[int], ts: int | None = None) -> None:
         """The process runs a new program since ``ts``: its threads' rows from before are the old program's."""
@@ -260,6 +285,7 @@ class AnomalyDetector:
             self.windows.exec(tid, ts)
         self._late.pop(tgid, None)  # an exit placeholder under this pid is an earlier process's
         self._procs.pop(tgid, None)
+        self._announce(tgid)
 
     def on_exit(self, tid: int, ts: int | None = None) -> None:
         """The thread exited at ``ts``: its windows go once its last syscalls are in (:meth:`settle`); at once
@@ -325,7 +351,10 @@ class AnomalyDetector:
     def _window(self, tokens: np.ndarray) -> tuple[str, ...]:
         return tuple(self._vocab[tokens[tokens != PAD]].tolist())
 
-    def push(self, batch: np.ndarray, exe_of: Mapping[int, str]) -> list[Anomaly]:
+    def push(self, batch: np.ndarray, exe_of: Mapping[int, str],
+             program_of: Mapping[int, str] | None = None) -> list[Anomaly]:
+        """Score a batch; ``exe_of``: tgid -> executable (alerts, limits); ``program_of``: tgid -> the name the
+        model knows it by (a script's path, not its interpreter's; the executable when not given)."""
         win = self.windows.build(batch)
         if self._ending and len(batch):  # the stream's own clock: exits well before this batch are settled
             self.settle(int(batch["ts"].max()))
@@ -343,7 +372,8 @@ class AnomalyDetector:
         counts = np.diff(np.append(starts, len(win)))
         pid_list = thread_tgids[first_thread].tolist()
         exes = [exe_of.get(p, "") for p in pid_list]
-        prog_of_pid = np.array([self.model.program_id(e) for e in exes], dtype=np.int64)
+        keys = exes if program_of is None else [program_of.get(p) or e for p, e in zip(pid_list, exes, strict=True)]
+        prog_of_pid = np.array([self.model.program_id(k) for k in keys], dtype=np.int64)
         programs = np.repeat(prog_of_pid, counts)
         scores = self._scores(win, programs)
         sums = np.add.reduceat(scores, starts)
@@ -393,6 +423,12 @@ class AnomalyDetector:
         self._stats["cache_hits"] += len(keys) - distinct
         return scores
 
+    def _started(self, pid: int) -> bool:
+        if pid in self._starting:
+            del self._starting[pid]
+            return True
+        return False
+
     def _program_may_alert(self, exe: str, ts: int) -> bool:
         if self.program_alerts <= 0:
             return True
@@ -423,7 +459,7 @@ class AnomalyDetector:
                window_score: float, tid: int) -> Anomaly | None:
         proc = self._procs.get(pid)
         if proc is None or proc.exe != exe:
-            proc = self._procs[pid] = _Process(exe=exe, span_start=ts)
+            proc = self._procs[pid] = _Process(exe=exe, span_start=ts, first_span=self._started(pid))
             late = self._late.pop(pid, None)
             if late is not None:  # the process exited before its syscalls got here: its exit keeps the state
                 late[2] = proc
@@ -432,17 +468,24 @@ class AnomalyDetector:
         else:
             self._procs.move_to_end(pid)
         if ts - proc.span_start > self.span_ns and proc.count >= self.min_windows:
+            # a new span: the mean so far carries into it, worth at most span_memory windows
+            weight = min(proc.count + proc.carried, self.span_memory)
+            proc.carried_total = (proc.total + proc.carried_total) / (proc.count + proc.carried) * weight
+            proc.carried = weight
             proc.span_start, proc.total, proc.count, proc.first_span = ts, 0.0, 0, False
         proc.total += total
         proc.count += count
         program_name, p_threshold, w_threshold, startup = self._limits_of(program)
-        if proc.first_span and startup:
+        needed = self.min_windows
+        if proc.first_span:
             for windows_below, threshold in startup:
                 if proc.count < windows_below:
                     p_threshold = threshold
                     break
-        p_score = proc.total / proc.count
-        anomalous = proc.count >= self.min_windows and p_score > p_threshold
+        elif not proc.carried:  # first seen mid-life: no start, no earlier span to steady its mean
+            needed = max(self.min_windows, self.span_memory)
+        p_score = (proc.total + proc.carried_total) / (proc.count + proc.carried)
+        anomalous = proc.count >= needed and p_score > p_threshold
         proc.latest = (ts, p_score, p_threshold, proc.count, window_score, w_threshold,
                        tokens.astype(self._token_dtype).tobytes(), anomalous)
         if not anomalous or (proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns):
@@ -464,7 +507,7 @@ class AnomalyDetector:
             ts=ts, pid=pid, tid=tid, exe=exe, score=window_score, threshold=w_threshold, window=window,
             contributions=contributions,
             explanation=explain(exe, pid, window_score, w_threshold, p_score, p_threshold, proc.count,
-                                contributions, self.model.sidecar.aggregate),
+                                contributions, self.model.sidecar.aggregate, carried=proc.carried),
             process_score=p_score, process_threshold=p_threshold, process_windows=proc.count,
             aggregate=self.model.sidecar.aggregate, program=program_name,
         )

@@ -51,9 +51,9 @@ class Model:
     def tokens_of_names(self, names: tuple[str, ...] | list[str]) -> np.ndarray:
         return np.array([self._token_of.get(nm, UNK) for nm in names], dtype=np.int64)
 
-    def program_id(self, exe: str) -> int:
-        """The program slot of ``exe``; 0 (generic) for programs the model never saw."""
-        return self._program_of.get(exe, 0)
+    def program_id(self, program: str) -> int:
+        """The program slot of ``program``; 0 (generic) for programs the model never saw."""
+        return self._program_of.get(program, 0)
 
     def program_name(self, program: int) -> str:
         return self.sidecar.programs[program] if 0 <= program < len(self.sidecar.programs) else GENERIC_PROGRAM

@@ -1,8 +1,9 @@
 """Sliding windows of syscall tokens per thread, vectorised over whole batches.
 
-A thread's window ending at syscall k holds its syscalls k-n+1..k; a thread's first windows are padded
-on the left with PAD (so a short-lived thread is still scored). Each thread's last n-1 tokens carry over
-to the next batch. A batch's windows are not materialised: they are views into one token buffer, hashed
+A thread's window ending at syscall k holds its syscalls k-n+1..k. A thread seen starting (its fork or
+exec) has its first windows padded on the left with PAD (so a short-lived thread is still scored). A thread
+first seen mid-life (running before the agent started, or its fork lost) has no start to pad: its first n-1
+syscalls are context only, as in training. Each thread's last n-1 tokens carry over to the next batch. A batch's windows are not materialised: they are views into one token buffer, hashed
 straight from it; only the windows that must be scored or shown are copied out (:meth:`Windows.take`).
 """
 
@@ -183,6 +184,7 @@ def windows_of_trace(tokens: np.ndarray, n: int) -> np.ndarray:
 
 
 _MAX_EXEC_PENDING = 4096
+_MAX_STARTING = 65536
 
 
 def _exec_numbers(compat: bool) -> np.ndarray:
@@ -193,6 +195,12 @@ def _exec_numbers(compat: bool) -> np.ndarray:
 class ThreadWindows:
     """Per-thread window state across batches.
 
+    ``unseen``: what a thread with no carried tokens that was not announced by :meth:`start` or :meth:`exec`
+    is taken to be: ``"start"`` (padded, as a new thread) or ``"mid-life"`` (its first n-1 syscalls are
+    context only: windows padded as a process start would look unlike anything the model knows, and the
+    process would be judged on them). The detector uses ``"mid-life"``; it announces the threads it sees
+    start.
+
     After :meth:`exec` at time ``ts``, the thread's rows stamped at or before ``ts`` are still the old
     program's (the capture hands the exec event on at once and holds syscall rows back to order them, so they
     can arrive in any number of batches after the event): they are left out until the first row after the
@@ -200,8 +208,12 @@ class ThreadWindows:
     time, the rows up to the last execve in the next batch holding the thread's rows are left out.
     """
 
-    def __init__(self, n: int, nr_tokens: dict[bool, np.ndarray], max_threads: int = 65536) -> None:
+    def __init__(self, n: int, nr_tokens: dict[bool, np.ndarray], max_threads: int = 65536,
+                 unseen: str = "start") -> None:
+        if unseen not in ("start", "mid-life"):
+            raise ValueError(f"unseen: expected 'start' or 'mid-life', got {unseen!r}")
         self.n = n
+        self.unseen_is_mid_life = unseen == "mid-life"
         self.max_threads = max_threads  # threads whose exit was lost (drops) must not grow memory for ever
         self.evicted = 0
         self.nr_tokens = nr_tokens
@@ -211,11 +223,17 @@ class ThreadWindows:
         self._carry_dtype = np.uint16 if int(self._table.max()) < 1 << 16 else np.int64
         self._carry_width = (n - 1) * np.dtype(self._carry_dtype).itemsize
         self._pad = np.full(n - 1, PAD, dtype=self._carry_dtype).tobytes()
+        # a mid-life thread's carry until n-1 real syscalls fill it: no window begins on this token
+        self._context_token = int(np.iinfo(self._carry_dtype).max)
+        self._unseen = np.full(n - 1, self._context_token, dtype=self._carry_dtype).tobytes() \
+            if self.unseen_is_mid_life else self._pad
         self._carry: dict[int, bytes] = {}
+        self._starting: dict[int, None] = {}  # announced threads whose first rows have not come yet (oldest first)
         # tid -> the exec's time (None: unknown); insertion-ordered: the oldest go first when it is full
         self._exec_pending: dict[int, int | None] = {}
         self._exec_nrs = {compat: _exec_numbers(compat) for compat in (False, True)}
         self.dropped = 0  # rows left out as belonging to the program before an exec
+        self.context_only = 0  # syscalls of threads first seen mid-life that only filled their first window
 
     def __len__(self) -> int:
         return len(self._carry)
@@ -278,12 +296,12 @@ class ThreadWindows:
         thread_key = run_key[thread_run]
         thread_tids = (thread_key & np.uint64(0xFFFFFFFF)).astype(np.int64)
         thread_ids = thread_tids.tolist()
-        carry = np.frombuffer(b"".join([self._carry.get(t, self._pad) for t in thread_ids]),
+        carry = np.frombuffer(b"".join([self._carry_of(t) for t in thread_ids]),
                               dtype=self._carry_dtype).reshape(len(thread_ids), self.n - 1)
         buf, starts, new_carry = _segments(tokens, lengths, carry, self.n)
         raw, w = new_carry.astype(self._carry_dtype).tobytes(), self._carry_width
         self._carry.update(zip(thread_ids, [raw[i * w:(i + 1) * w] for i in range(len(thread_ids))], strict=True))
-        if len(self._carry) > self.max_threads:  # the first seen go first: they restart from PAD if they return
+        if len(self._carry) > self.max_threads:  # the first seen go first: they return as unseen threads
             for old in list(islice(self._carry, len(self._carry) - self.max_threads)):
                 del self._carry[old]
                 self.evicted += 1
@@ -292,17 +310,53 @@ class ThreadWindows:
         last_rows = rows[thread_starts + lengths - 1]
         if kept is not None:  # rows of the batch as given, not of the kept part
             rows, last_rows = kept[rows], kept[last_rows]
-        return Windows(buf, starts, rows, int(np.count_nonzero(tokens == UNK)), self.n,
-                       thread_starts=thread_starts, thread_tgids=(thread_key >> np.uint64(32)).astype(np.int64),
+        thread_tgids = (thread_key >> np.uint64(32)).astype(np.int64)
+        unknown = int(np.count_nonzero(tokens == UNK))
+        if self.unseen_is_mid_life and len(carry) and (carry[:, 0] == self._context_token).any():
+            # context tokens lead a mid-life thread's stream: the windows that begin on one are left out,
+            # so each such thread keeps a suffix of its windows (maybe none)
+            keep = buf[starts] != self._context_token
+            self.context_only += int(len(keep) - np.count_nonzero(keep))
+            counts = np.add.reduceat(keep.astype(np.int64), thread_starts)
+            starts, rows = starts[keep], rows[keep]
+            live = counts > 0
+            counts = counts[live]
+            thread_starts = np.cumsum(counts) - counts
+            thread_tgids, thread_tids, last_rows = thread_tgids[live], thread_tids[live], last_rows[live]
+        return Windows(buf, starts, rows, unknown, self.n,
+                       thread_starts=thread_starts, thread_tgids=thread_tgids,
                        thread_tids=thread_tids, thread_last_rows=last_rows)
 
+    def _carry_of(self, tid: int) -> bytes:
+        carried = self._carry.get(tid)
+        if carried is not None:
+            return carried
+        if tid in self._starting:  # announced: its first rows are its start
+            del self._starting[tid]
+            return self._pad
+        return self._unseen
+
+    def start(self, tid: int) -> None:
+        """A new thread (its fork was seen): its first rows are its start, padded. Whatever an earlier
+        thread with this id left is not its own."""
+        self._carry.pop(tid, None)
+        self._exec_pending.pop(tid, None)
+        self._announce(tid)
+
+    def _announce(self, tid: int) -> None:
+        self._starting.pop(tid, 0)
+        self._starting[tid] = None
+        if len(self._starting) > _MAX_STARTING:  # forks whose thread never made a syscall we saw
+            del self._starting[next(iter(self._starting))]
+
     def reset(self, tid: int) -> None:
-        """Start this thread's windows from PAD again."""
+        """Forget this thread's carried tokens: it starts again as an unseen thread."""
         self._carry.pop(tid, None)
 
     def exec(self, tid: int, ts: int | None = None) -> None:
         """The thread runs a new program since ``ts``: fresh windows, and its rows from before are skipped."""
         self._carry.pop(tid, None)
+        self._announce(tid)  # the new program's first row is its start
         self._exec_pending.pop(tid, None)  # re-inserted: the newest exec goes last
         self._exec_pending[tid] = ts
         if len(self._exec_pending) > _MAX_EXEC_PENDING:  # exits lost to drops must not make every batch slower
@@ -311,3 +365,4 @@ class ThreadWindows:
     def forget(self, tid: int) -> None:
         self._carry.pop(tid, None)
         self._exec_pending.pop(tid, None)
+        self._starting.pop(tid, None)

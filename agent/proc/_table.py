@@ -98,18 +98,26 @@ class ProcessTable:
 
     def seed(self) -> int:
         """Read every process under the proc root; returns how many were read."""
+        return len(self._seed(only_new=False))
+
+    def seed_new(self) -> list[ProcessInfo]:
+        """Read the processes under the proc root that the table does not know: those born between
+        :meth:`seed` and the tracer's start have neither a snapshot nor a fork event."""
+        return self._seed(only_new=True)
+
+    def _seed(self, *, only_new: bool) -> list[ProcessInfo]:
         try:
             names = os.listdir(self.proc_root)
         except OSError as err:
             raise ConfigError(f"cannot list processes: {err.strerror}", path=self.proc_root) from None
-        read = 0
+        read: list[ProcessInfo] = []
         for name in names:
-            if not name.isdigit():
+            if not name.isdigit() or (only_new and int(name) in self._live):
                 continue
             info = self._reader.read(int(name))
             if info is None:
                 continue
-            read += 1
+            read.append(info)
             entry = self._live.get(info.pid)
             if entry is not None:
                 self._set_info(entry, info)
@@ -162,6 +170,9 @@ class ProcessTable:
             changes["args"] = argv
         if not info.exe and filename:
             changes["exe"] = self._absolute(filename, info.cwd)
+        # as training does: a relative path from the exec event gives way to the one execve was given
+        if filename and filename != info.exec_path and not info.exec_path.startswith("/"):
+            changes["exec_path"] = filename
         if changes:
             self._set_info(entry, replace(info, **changes))
 
@@ -194,11 +205,13 @@ class ProcessTable:
             if info is None or entry is None:
                 info = ProcessInfo(
                     pid=pid, ppid=-1, comm=comm, exe=self._absolute(filename, ""), start_ns=0,
-                    container_id=self._container_at_exec(cgroup_id, HOST_CONTAINER_ID),
+                    container_id=self._container_at_exec(cgroup_id, HOST_CONTAINER_ID), exec_path=filename,
                 )
                 self._counts["exec_from_event"] += 1
                 entry = _Entry(info)
                 self._insert(entry)
+            if filename and info.exec_path != filename:
+                self._set_info(entry, replace(info, exec_path=filename))
             entry.exec_pending = True
             entry.threads = 0
             return
@@ -206,7 +219,7 @@ class ProcessTable:
         fresh = self._reader.read(pid, inherit=old)
         # Apply /proc only if it is still this process (same start) and still this image (same comm).
         if fresh is not None and fresh.pid == pid and (not comm or fresh.comm == comm):
-            info = fresh
+            info = replace(fresh, exec_path=filename or old.exec_path)
         else:
             self._counts["exec_from_event"] += 1
             exe = self._absolute(filename, old.cwd) if filename else old.exe
@@ -214,6 +227,7 @@ class ProcessTable:
                 old,
                 comm=comm or posixpath.basename(filename)[:15] or old.comm,
                 exe=exe,
+                exec_path=filename or old.exec_path,
                 args=(),
                 exe_from_memfd=exe.startswith("/memfd:"),
                 exe_writable=False,
@@ -284,6 +298,21 @@ class ProcessTable:
                 break
             current = parent.ppid
         return chain
+
+    def exe_and_program_of(self, tgids: Iterable[int]) -> tuple[dict[int, str], dict[int, str]]:
+        """tgid -> exe path, and tgid -> :attr:`ProcessInfo.program`, for a batch (unknown pids as in
+        :meth:`exe_of`)."""
+        exes: dict[int, str] = {}
+        programs: dict[int, str] = {}
+        for tgid in tgids:
+            pid = int(tgid)
+            if pid in exes:
+                continue
+            entry = self._live.get(pid) or self._exited.get(pid)
+            info = entry.info if entry is not None else self.get(pid)
+            exes[pid] = info.exe if info is not None else ""
+            programs[pid] = info.program if info is not None else ""
+        return exes, programs
 
     def exe_of(self, tgids: Iterable[int]) -> dict[int, str]:
         """tgid -> exe path for a batch; unknown pids are read from /proc once, else ``""``."""

@@ -86,7 +86,7 @@ def run(quick: bool) -> list[Figure]:
     size = len(table) + table.stats["exited"]
     figures.append(Figure(PART, "table size after storm (live + exited)", size, "entries"))
 
-    # Per-batch lookups the pipeline makes: exe_of over the batch's distinct tgids, compat_mask per row.
+    # Per-batch lookups the pipeline makes: exe_and_program_of over its distinct tgids, compat_mask per row.
     # A batch is runs of one thread's syscalls: 1,024 runs of 64 rows over 200 processes.
     run_tgids = np.random.default_rng(0).choice(np.arange(4_100_000, 4_100_200), 1024)
     tgids = np.repeat(run_tgids, 64).astype(np.uint32)
@@ -94,14 +94,14 @@ def run(quick: bool) -> list[Figure]:
     table.apply(ProcEvent("exec", 2, 4_100_000, 4_100_000, comm="i386", filename="/bin/i386"))
     table._live[4_100_000].info = replace(table._live[4_100_000].info, compat=True)  # one 32-bit process
     table._track(table._live[4_100_000].info)
-    table.exe_of(np.unique(run_tgids).tolist())  # warm: the unknown pids are looked up once
+    table.exe_and_program_of(np.unique(run_tgids).tolist())  # warm: the unknown pids are looked up once
     table.compat_mask(tgids)
     start = time.perf_counter()
     for _ in range(rounds):
-        table.exe_of(np.unique(run_tgids).tolist())
+        table.exe_and_program_of(np.unique(run_tgids).tolist())
         table.compat_mask(tgids)
     batch_us = (time.perf_counter() - start) / rounds * 1e6
-    figures.append(Figure(PART, "exe_of + compat_mask per 65,536-row batch", batch_us, "µs"))
+    figures.append(Figure(PART, "exe_and_program_of + compat_mask per 65,536-row batch", batch_us, "µs"))
 
     host_rate = _host_exec_rate(300 if quick else 2000)
     figures.append(

@@ -40,6 +40,16 @@ class ProcessInfo:
     exe_upper_layer: bool = False
     compat: bool = False  # a 32-bit (i386) executable: its syscall numbers are i386 numbers
     seccomp_mode: int = 0  # /proc/PID/status Seccomp: 0 disabled, 1 strict, 2 filter
+    # the path this image was exec'd by, as given to execve (a fork child keeps its parent's): for a script,
+    # the script, where ``exe`` is its interpreter; "" when no exec was seen (running before the agent)
+    exec_path: str = ""
+
+    @property
+    def program(self) -> str:
+        """What the anomaly model knows this process as: the file it exec'd, else its executable. Training
+        keys recorded traces by the exec's path the same way, so a script exec'd by its path is its own
+        program, not one more run of its interpreter."""
+        return self.exec_path or self.exe
 
     @property
     def cmdline(self) -> str:
