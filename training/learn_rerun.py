@@ -9,6 +9,9 @@ alert"), as a repeatable measurement. Needs root (BPF)::
 2. the workload runs again; ``sysgram record --seconds N`` records it;
 3. ``sysgram replay`` judges that recording with the learned model (no rules), alerts to a JSON-lines file.
 
+``--live``: steps 2-3 are instead ``sysgram run`` with the learned model for N seconds while the workload
+runs again (the agent as deployed, reading /proc as it goes; nothing is kept to replay).
+
 Reported: anomaly alerts by executable, and the detector's own counts (anomalous processes past the
 per-executable limit are counted as suppressed). Everything else on the host is recorded too: its alerts
 are counted, not hidden. The default workload is a loop of short-lived programs (thousands of start-ups in
@@ -87,6 +90,36 @@ def _during_workload(script: str, scratch: str, command: list[str]) -> subproces
             work.wait()
 
 
+def _run_live(script: str, scratch: str, command: list[str], seconds: int) -> subprocess.CompletedProcess[str]:
+    """``sysgram COMMAND`` (one that runs until SIGINT) for ``seconds`` once it says it is ready, while the
+    workload runs."""
+    work = subprocess.Popen(["bash", "-c", script, "workload", "100000", scratch], start_new_session=True)
+    log = Path(scratch) / "live.log"
+    try:
+        time.sleep(2)
+        with log.open("w") as err:
+            agent = subprocess.Popen([*SYSGRAM, *command], cwd=REPO, stdout=err, stderr=err, text=True)
+            deadline = time.monotonic() + STEP_TIMEOUT
+            while "sysgram: ready" not in log.read_text() and agent.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if agent.poll() is None:
+                time.sleep(seconds)
+                agent.send_signal(signal.SIGINT)
+            try:
+                agent.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        return subprocess.CompletedProcess(agent.args, agent.returncode, "", log.read_text())
+    finally:
+        os.killpg(work.pid, signal.SIGTERM)
+        try:
+            work.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(work.pid, signal.SIGKILL)
+            work.wait()
+
+
 def _failed(step: subprocess.CompletedProcess[str], what: str) -> bool:
     if step.returncode:
         lines = step.stderr.strip().splitlines()
@@ -101,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "to run ($1, in seconds: far longer than needed, it is stopped) and a "
                                            "scratch directory ($2) (default: the loop of short-lived programs)")
     parser.add_argument("--out", help="keep the model, recording and alerts here (default: a temporary dir)")
+    parser.add_argument("--live", action="store_true", help="judge the rerun with `sysgram run` as it happens, "
+                                                                 "not a recording of it replayed")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     script = Path(args.workload).read_text() if args.workload else WORKLOAD
@@ -114,15 +149,23 @@ def main(argv: list[str] | None = None) -> int:
                                                "--keep-recording", str(out / "learn.parquet")])
         if _failed(learn, "learn"):
             return 1
-        record = _during_workload(script, tmp, ["record", "-o", str(recording), "--seconds", str(args.seconds)])
-        if _failed(record, "record"):
-            return 1
-        replay = subprocess.run([*SYSGRAM, "replay", str(recording), "--model", str(model), "--no-default-rules",
-                                 "--quiet", "--alerts-jsonl", str(alerts)], cwd=REPO, capture_output=True, text=True,
-                                timeout=STEP_TIMEOUT)
-        if _failed(replay, "replay"):
-            return 1
-        result = count_alerts(alerts, replay.stderr + replay.stdout)
+        if args.live:
+            judged = _run_live(script, tmp, ["run", "--model", str(model), "--no-default-rules", "--quiet",
+                                             "--alerts-jsonl", str(alerts), "--state-dir", str(Path(tmp) / "state")],
+                               args.seconds)
+            if _failed(judged, "run"):
+                return 1
+        else:
+            record = _during_workload(script, tmp, ["record", "-o", str(recording), "--seconds", str(args.seconds)])
+            if _failed(record, "record"):
+                return 1
+            judged = subprocess.run([*SYSGRAM, "replay", str(recording), "--model", str(model), "--no-default-rules",
+                                     "--quiet", "--alerts-jsonl", str(alerts)], cwd=REPO, capture_output=True,
+                                    text=True, timeout=STEP_TIMEOUT)
+            if _failed(judged, "replay"):
+                return 1
+        result = count_alerts(alerts, judged.stderr + judged.stdout)
+        result["mode"] = "live" if args.live else "replay"
         said = learn.stdout.splitlines()
         result["learned"] = next((line for line in said if "learned" in line), "")
         result["thin"] = next((line for line in said if "held-out runs" in line), "")
