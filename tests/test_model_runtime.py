@@ -165,7 +165,7 @@ def test_cache_off_scores_every_window(model: Model) -> None:
 
 
 def test_attack_raises_one_explained_anomaly_and_normal_does_not(model: Model) -> None:
-    det = AnomalyDetector(model, cache_size=4096, alert_every_ns=10**15)
+    det = started(AnomalyDetector(model, cache_size=4096, alert_every_ns=10**15), 20)
     rng = np.random.default_rng(2)
     normal = rows(habit_trace(HABITS[ALPHA], 300, rng), tgid=20)
     assert det.push(normal, {20: ALPHA}) == []
@@ -265,3 +265,25 @@ def test_the_model_judges_a_process_by_its_program_not_its_interpreter(model: Mo
     assert script.score == pytest.approx(exe.score) and script.threshold == exe.threshold
     assert script.score != pytest.approx(bash.score)  # bash is not a program this model knows: generic slot
 
+
+
+def test_the_pipeline_hands_the_detector_each_process_program(model: Model, tmp_path: Path) -> None:
+    from agent.events import ProcEvent
+    from agent.pipeline import Pipeline
+    from agent.proc import ProcessTable
+
+    table = ProcessTable(proc_root=str(tmp_path / "no-proc"))  # a replay's view: events only
+    seen: list[tuple[dict[int, str], dict[int, str] | None]] = []
+    det = AnomalyDetector(model, cache_size=0)
+    real_push = det.push
+
+    def push(batch: np.ndarray, exe_of: dict[int, str], program_of: dict[int, str] | None = None) -> list[object]:
+        seen.append((dict(exe_of), None if program_of is None else dict(program_of)))
+        return real_push(batch, exe_of, program_of)  # type: ignore[return-value]
+
+    det.push = push  # type: ignore[method-assign]
+    pipeline = Pipeline(table=table, detector=det)
+    pipeline.handle([ProcEvent("fork", 1, 70, 70, ppid=1, comm="sh"),
+                     ProcEvent("exec", 2, 70, 70, comm="backup.sh", filename="/opt/backup.sh")])
+    pipeline.handle([rows(habit_trace(HABITS[ALPHA], 50, np.random.default_rng(3)), tgid=70, ts0=10)])
+    assert seen and seen[-1][1] == {70: "/opt/backup.sh"}

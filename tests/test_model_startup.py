@@ -133,3 +133,30 @@ def test_trained_sidecar_round_trips_startup_thresholds(model_path: Path) -> Non
     assert {k: [list(b) for b in v] for k, v in loaded.process_startup.items()} == startup
     for program, buckets in startup.items():
         assert all(t > raw["thresholds"]["process"][program] for _, t in buckets)
+
+
+def test_a_young_process_keeps_its_start_up_thresholds_across_spans(model: Model) -> None:  # noqa: F811
+    # its first span carried into the next still holds its start: judged by the start-up buckets on its
+    # lifetime, not by the routine after a few windows of the new span
+    startup = _with_thresholds(model, routine=0.0, startup=((64, 1e9),))
+    det = AnomalyDetector(startup, cache_size=4096, alert_every_ns=10**15, min_windows=16, span_ns=10**6)
+    normal = habit_trace(HABITS[ALPHA], 300, np.random.default_rng(8))
+    det.on_fork(70, 70)
+    assert det.push(rows(normal[:40], tgid=70), {70: ALPHA}) == []
+    assert det.push(rows(normal[40:60], tgid=70, ts0=10**7), {70: ALPHA}) == []  # a new span, lifetime 60
+    assert det.state(70).threshold == 1e9  # type: ignore[union-attr]
+    found = det.push(rows(normal[60:80], tgid=70, ts0=10**8), {70: ALPHA})  # lifetime 80: the routine
+    assert len(found) == 1 and found[0].process_threshold == 0.0
+
+
+def test_a_mid_life_process_waits_for_span_memory_windows_across_spans(model: Model) -> None:  # noqa: F811
+    strict = _with_thresholds(model, routine=0.0, startup=())
+    det = AnomalyDetector(strict, cache_size=4096, alert_every_ns=10**15, min_windows=16, span_ns=10**6,
+                          span_memory=100)
+    normal = habit_trace(HABITS[ALPHA], 400, np.random.default_rng(9))
+    first = model.n - 1
+    det.push(rows(normal[:first], tgid=71), {71: ALPHA})  # context only
+    assert det.push(rows(normal[first:first + 40], tgid=71, ts0=10**6), {71: ALPHA}) == []
+    # the span rolls over after 40 windows; 60 more make 100 in all, only then is it judged
+    assert det.push(rows(normal[first + 40:first + 99], tgid=71, ts0=10**8), {71: ALPHA}) == []
+    assert len(det.push(rows(normal[first + 99:first + 100], tgid=71, ts0=10**8 + 10**5), {71: ALPHA})) == 1

@@ -368,8 +368,15 @@ def test_seed_new_reads_only_processes_born_since_the_seed(seeded: tuple[Process
     make_proc(root, 300, comm="sh", ppid=100, argv=("sh", "-c", "x"), exe="/usr/bin/dash", start_ticks=900)
     new = table.seed_new()
     assert [(p.pid, p.exe) for p in new] == [(300, "/usr/bin/dash")]
-    assert table.stats["proc_reads"] - reads == 1  # the known ones are not read again
+    assert table.stats["proc_reads"] - reads == 3  # every pid is read: a known one may be a reused pid
     assert table.get(300) is not None and table.seed_new() == []
+    # pid 100 exited and its pid was reused before the tracer ran (no exit event): the new process is taken
+    make_proc(root, 100, comm="sleep", ppid=1, argv=("sleep", "9"), exe="/usr/bin/sleep", start_ticks=950)
+    assert [(p.pid, p.exe) for p in table.seed_new()] == [(100, "/usr/bin/sleep")]
+    assert table.get(100).exe == "/usr/bin/sleep"  # type: ignore[union-attr]
+    # its fork event, queued while the tracer loaded, comes after: the same process, not a reused pid
+    table.apply(fork(90 * SEC, 300, 100, "sh"))
+    assert table.stats["pid_reused"] == 0 and table.get(300).ppid == 100  # type: ignore[union-attr]
 
 
 def test_a_script_is_its_own_program_and_its_interpreter_is_its_exe(seeded: tuple[ProcessTable, Path]) -> None:
@@ -388,8 +395,14 @@ def test_a_script_is_its_own_program_and_its_interpreter_is_its_exe(seeded: tupl
     exes, programs = table.exe_and_program_of([100, 200, 1])
     assert exes == {100: "/usr/bin/bash", 200: "/usr/bin/bash", 1: "/usr/lib/systemd/systemd"}
     assert programs == {100: "/opt/backup.sh", 200: "/opt/backup.sh", 1: "/usr/lib/systemd/systemd"}
-    # a gone process: the event alone; a relative path gives way to the one execve was given
+    # a gone process: the event alone. A relative path names no program (anyone can make ./tool anywhere),
+    # and gives way to the one execve was given
     table.apply(execev(62 * SEC, 200, "tool", "./tool"))
-    assert table.get(200).program == "./tool"  # type: ignore[union-attr]
+    assert table.get(200).exec_path == "./tool" and table.get(200).program == ""  # type: ignore[union-attr]
     table.apply_exec_detail(execve(62 * SEC + 5, 200, "/srv/tool", ["./tool"]))
     assert table.get(200).program == "/srv/tool"  # type: ignore[union-attr]
+    # an exec event without a path is a new image all the same: not the script it replaced
+    table.apply(execev(63 * SEC, 200, "x", ""))
+    assert table.get(200).program == table.get(200).exe  # type: ignore[union-attr]
+    table.apply_exec_detail(execve(63 * SEC + 5, 200, "/srv/x", ["x"]))
+    assert table.get(200).program == "/srv/x"  # type: ignore[union-attr]

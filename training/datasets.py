@@ -47,7 +47,9 @@ def traces_from_recordings(paths: Sequence[str], exes: Sequence[str] = ()) -> li
         rec = read_recording(path)
         for t in iter_thread_traces(rec, exes):
             if t.syscalls:
-                traces.append(Trace(program=t.exe or GENERIC_PROGRAM, syscalls=t.syscalls,
+                # a relative exec path names no program (ProcessInfo.program): the generic slot
+                program = t.exe if t.exe.startswith("/") else ""
+                traces.append(Trace(program=program or GENERIC_PROGRAM, syscalls=t.syscalls,
                                     source=f"{path}:{t.tid}", from_start=t.from_start))
     return traces
 

@@ -102,7 +102,9 @@ def _run_live(script: str, scratch: str, command: list[str], seconds: int) -> su
             deadline = time.monotonic() + STEP_TIMEOUT
             while "sysgram: ready" not in log.read_text() and agent.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if agent.poll() is None:
+            if agent.poll() is None and "sysgram: ready" not in log.read_text():
+                agent.kill()  # never ready: no run to report
+            elif agent.poll() is None:
                 time.sleep(seconds)
                 agent.send_signal(signal.SIGINT)
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
@@ -166,7 +167,8 @@ class _Process:
     span_start: int = 0
     total: float = 0.0
     count: int = 0
-    first_span: bool = True  # start-up thresholds apply (the sidecar's process_startup)
+    started: bool = True  # seen starting (fork or exec): start-up thresholds apply while it is young
+    lifetime: int = 0  # windows since it was first seen
     # the mean carried over from earlier spans, as a total over a number of windows (at most span_memory)
     carried_total: float = 0.0
     carried: int = 0
@@ -219,11 +221,12 @@ class AnomalyDetector:
 
     ``span_ns``: the time span a process's aggregate covers; ``min_windows``: windows a span needs before it
     can be judged (default from the sidecar's calibration). Thresholds are calibrated on held-out processes'
-    whole lives, and only the first span of a process seen starting looks like one (its start-up thresholds
-    allow for a mean over few windows). A mean over a span's first few windows of a long-lived process is
-    noisier: one burst of rare but normal syscalls (a signal racing a child's exit) can carry it over. So
-    ``span_memory`` windows' worth of the previous spans' mean carries into each new span, and a process
-    first seen mid-life (running before the agent) is judged once it has made that many windows.
+    whole lives; a process seen starting is judged like one, with the start-up thresholds while its lifetime
+    is within their buckets (a mean over few windows). A mean over a span's first few windows of a
+    long-lived process is noisier: one burst of rare but normal syscalls (a signal racing a child's exit)
+    can carry it over. So ``span_memory`` windows' worth of the previous spans' mean carries into each new
+    span, and a process first seen mid-life (running before the agent) is judged once it has made that
+    many windows.
     """
 
     def __init__(self, model: Model, *, cache_size: int = 65536, span_ns: int = 30_000_000_000,
@@ -459,7 +462,9 @@ class AnomalyDetector:
                window_score: float, tid: int) -> Anomaly | None:
         proc = self._procs.get(pid)
         if proc is None or proc.exe != exe:
-            proc = self._procs[pid] = _Process(exe=exe, span_start=ts, first_span=self._started(pid))
+            # a process recreated because its exe became known is the same process: it keeps its start
+            started = self._started(pid) or (proc is not None and proc.started)
+            proc = self._procs[pid] = _Process(exe=exe, span_start=ts, started=started)
             late = self._late.pop(pid, None)
             if late is not None:  # the process exited before its syscalls got here: its exit keeps the state
                 late[2] = proc
@@ -468,24 +473,26 @@ class AnomalyDetector:
         else:
             self._procs.move_to_end(pid)
         if ts - proc.span_start > self.span_ns and proc.count >= self.min_windows:
-            # a new span: the mean so far carries into it, worth at most span_memory windows
+            # a new span: the mean so far carries into it, worth at most span_memory windows (a NaN score
+            # would otherwise blind the process for good)
             weight = min(proc.count + proc.carried, self.span_memory)
-            proc.carried_total = (proc.total + proc.carried_total) / (proc.count + proc.carried) * weight
-            proc.carried = weight
-            proc.span_start, proc.total, proc.count, proc.first_span = ts, 0.0, 0, False
+            mean = (proc.total + proc.carried_total) / (proc.count + proc.carried)
+            proc.carried, proc.carried_total = (weight, mean * weight) if math.isfinite(mean) else (0, 0.0)
+            proc.span_start, proc.total, proc.count = ts, 0.0, 0
         proc.total += total
         proc.count += count
+        proc.lifetime += count
         program_name, p_threshold, w_threshold, startup = self._limits_of(program)
-        needed = self.min_windows
-        if proc.first_span:
+        enough = proc.count >= self.min_windows
+        if proc.started:  # young: the mean still holds its start (carried spans included)
             for windows_below, threshold in startup:
-                if proc.count < windows_below:
+                if proc.lifetime < windows_below:
                     p_threshold = threshold
                     break
-        elif not proc.carried:  # first seen mid-life: no start, no earlier span to steady its mean
-            needed = max(self.min_windows, self.span_memory)
+        else:  # first seen mid-life: no start, and a mean over few windows is too noisy to judge
+            enough = enough and proc.lifetime >= self.span_memory
         p_score = (proc.total + proc.carried_total) / (proc.count + proc.carried)
-        anomalous = proc.count >= needed and p_score > p_threshold
+        anomalous = enough and p_score > p_threshold
         proc.latest = (ts, p_score, p_threshold, proc.count, window_score, w_threshold,
                        tokens.astype(self._token_dtype).tobytes(), anomalous)
         if not anomalous or (proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns):

@@ -220,7 +220,7 @@ class ThreadWindows:
         self._table = token_table(nr_tokens)
         # Each thread's carried n-1 tokens as bytes of its own (uint16 when the tokens fit): a row view of the
         # batch's carry array would keep that whole array alive for as long as any one of its threads lives.
-        self._carry_dtype = np.uint16 if int(self._table.max()) < 1 << 16 else np.int64
+        self._carry_dtype = np.uint16 if int(self._table.max()) < (1 << 16) - 1 else np.int64  # max: the context token
         self._carry_width = (n - 1) * np.dtype(self._carry_dtype).itemsize
         self._pad = np.full(n - 1, PAD, dtype=self._carry_dtype).tobytes()
         # a mid-life thread's carry until n-1 real syscalls fill it: no window begins on this token

@@ -109,6 +109,8 @@ def cached_rate(model: Model, rows: np.ndarray, exe_of: dict[int, str]) -> tuple
     """(effective windows/s, hit rate, µs per window outside onnxruntime) over the last 3/4 of ``rows``; the
     first quarter warms the cache as a running agent's would be."""
     detector = AnomalyDetector(model)
+    for tgid, tid in set(zip(rows["tgid"].tolist(), rows["tid"].tolist(), strict=True)):
+        detector.on_fork(tgid, tid)  # seen starting, as most of a host's threads are (none is mid-life)
     warm = len(rows) // 4
     for s in range(0, warm, BATCH):
         detector.push(rows[s:min(s + BATCH, warm)], exe_of)

@@ -30,6 +30,7 @@ class _Entry:
     exit_ns: int = 0  # when the leader exited (0 while it runs)
     leader_exited: bool = False  # the leader is gone but threads still run
     exec_pending: bool = False  # an exec ProcEvent was applied; its execve DetailEvent not yet
+    late_seed: bool = False  # read by seed_new: its fork event may still come (not a pid reuse)
 
 
 def _argv_tuple(argv: Any) -> tuple[str, ...]:
@@ -112,17 +113,19 @@ class ProcessTable:
             raise ConfigError(f"cannot list processes: {err.strerror}", path=self.proc_root) from None
         read: list[ProcessInfo] = []
         for name in names:
-            if not name.isdigit() or (only_new and int(name) in self._live):
+            if not name.isdigit():
                 continue
             info = self._reader.read(int(name))
             if info is None:
                 continue
-            read.append(info)
             entry = self._live.get(info.pid)
+            if only_new and entry is not None and self._same_start(entry.info.start_ns, info.start_ns):
+                continue  # known, and still the same process (not a pid reused since the first scan)
+            read.append(info)
             if entry is not None:
                 self._set_info(entry, info)
             else:
-                self._insert(_Entry(info))
+                self._insert(_Entry(info, late_seed=only_new))
         return read
 
     # -- events ------------------------------------------------------------------------------------
@@ -219,7 +222,7 @@ class ProcessTable:
         fresh = self._reader.read(pid, inherit=old)
         # Apply /proc only if it is still this process (same start) and still this image (same comm).
         if fresh is not None and fresh.pid == pid and (not comm or fresh.comm == comm):
-            info = replace(fresh, exec_path=filename or old.exec_path)
+            info = replace(fresh, exec_path=filename)
         else:
             self._counts["exec_from_event"] += 1
             exe = self._absolute(filename, old.cwd) if filename else old.exe
@@ -227,7 +230,7 @@ class ProcessTable:
                 old,
                 comm=comm or posixpath.basename(filename)[:15] or old.comm,
                 exe=exe,
-                exec_path=filename or old.exec_path,
+                exec_path=filename,
                 args=(),
                 exe_from_memfd=exe.startswith("/memfd:"),
                 exe_writable=False,
@@ -453,7 +456,8 @@ class ProcessTable:
 
     def _forget_id(self, task_id: int) -> None:
         """A new task took ``task_id``: whatever held that id before is gone."""
-        if self._live.pop(task_id, None) is not None:
+        gone = self._live.pop(task_id, None)
+        if gone is not None and not gone.late_seed:
             self._counts["pid_reused"] += 1
         self._exited.pop(task_id, None)
         self._untrack(task_id)

@@ -48,8 +48,12 @@ class ProcessInfo:
     def program(self) -> str:
         """What the anomaly model knows this process as: the file it exec'd, else its executable. Training
         keys recorded traces by the exec's path the same way, so a script exec'd by its path is its own
-        program, not one more run of its interpreter."""
-        return self.exec_path or self.exe
+        program, not one more run of its interpreter. A relative path names no program ("": the generic
+        slot), on both sides: ``./tool`` can be made in any directory, so it must not earn a learned
+        program's thresholds."""
+        if self.exec_path:
+            return self.exec_path if self.exec_path.startswith("/") else ""
+        return self.exe
 
     @property
     def cmdline(self) -> str:
