@@ -116,9 +116,9 @@ class AnomalyState:
     pid: int
     exe: str
     ts: int
-    score: float  # the process aggregate (mean window score) over the current span
+    score: float  # the process aggregate: mean window score over the current span and what earlier spans carried in
     threshold: float  # the process threshold for this program
-    windows: int  # windows in the current span
+    windows: int  # windows in the current span (the carried-in mean is worth up to span_memory more)
     window_score: float  # the most unusual window of the latest batch
     window_threshold: float
     window: tuple[str, ...]
