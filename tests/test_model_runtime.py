@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from agent.capture.names import syscall_number
 from agent.cli import main
 from agent.errors import ModelError
 from agent.events import SYSCALL_DTYPE
-from agent.model import AnomalyDetector, Model, load_model
+from agent.model import Anomaly, AnomalyDetector, Model, load_model
 from training.synthetic import ATTACK, HABITS, habit_trace, synthetic_traces
 from training.train import TrainConfig, train_model
 
@@ -277,9 +278,10 @@ def test_the_pipeline_hands_the_detector_each_process_program(model: Model, tmp_
     det = AnomalyDetector(model, cache_size=0)
     real_push = det.push
 
-    def push(batch: np.ndarray, exe_of: dict[int, str], program_of: dict[int, str] | None = None) -> list[object]:
+    def push(batch: np.ndarray, exe_of: Mapping[int, str], program_of: Mapping[int, str] | None = None
+             ) -> list[Anomaly]:
         seen.append((dict(exe_of), None if program_of is None else dict(program_of)))
-        return real_push(batch, exe_of, program_of)  # type: ignore[return-value]
+        return real_push(batch, exe_of, program_of)
 
     det.push = push  # type: ignore[method-assign]
     pipeline = Pipeline(table=table, detector=det)
