@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +74,15 @@ def count_alerts(alerts_jsonl: Path, replay_log: str) -> dict[str, Any]:
 STEP_TIMEOUT = 3600  # seconds for one sysgram step (a learn trains after recording)
 
 
-def _during_workload(script: str, scratch: str, command: list[str]) -> subprocess.CompletedProcess[str]:
-    """``sysgram COMMAND`` while the workload runs (started 2 s before, so the command sees it going; it is
-    told to run far longer than the command, training included, and stopped after: its whole process
-    group, so a long-running child of the workload is not left behind)."""
+@contextlib.contextmanager
+def _workload(script: str, scratch: str) -> Iterator[None]:
+    """The workload running (started 2 s before, so the command sees it going; it is told to run far longer
+    than any command, training included, and stopped after: its whole process group, so a long-running
+    child of the workload is not left behind)."""
     work = subprocess.Popen(["bash", "-c", script, "workload", "100000", scratch], start_new_session=True)
     try:
         time.sleep(2)
-        return subprocess.run([*SYSGRAM, *command], cwd=REPO, capture_output=True, text=True,
-                              timeout=STEP_TIMEOUT)
+        yield
     finally:
         os.killpg(work.pid, signal.SIGTERM)
         try:
@@ -88,38 +90,35 @@ def _during_workload(script: str, scratch: str, command: list[str]) -> subproces
         except subprocess.TimeoutExpired:
             os.killpg(work.pid, signal.SIGKILL)
             work.wait()
+
+
+def _during_workload(script: str, scratch: str, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """``sysgram COMMAND`` while the workload runs."""
+    with _workload(script, scratch):
+        return subprocess.run([*SYSGRAM, *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=STEP_TIMEOUT)
 
 
 def _run_live(script: str, scratch: str, command: list[str], seconds: int) -> subprocess.CompletedProcess[str]:
     """``sysgram COMMAND`` (one that runs until SIGINT) for ``seconds`` once it says it is ready, while the
     workload runs."""
-    work = subprocess.Popen(["bash", "-c", script, "workload", "100000", scratch], start_new_session=True)
     log = Path(scratch) / "live.log"
-    try:
-        time.sleep(2)
-        with log.open("w") as err:
-            agent = subprocess.Popen([*SYSGRAM, *command], cwd=REPO, stdout=err, stderr=err, text=True)
-            deadline = time.monotonic() + STEP_TIMEOUT
-            while "sysgram: ready" not in log.read_text() and agent.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if agent.poll() is None and "sysgram: ready" not in log.read_text():
-                agent.kill()  # never ready: no run to report
-            elif agent.poll() is None:
-                time.sleep(seconds)
-                agent.send_signal(signal.SIGINT)
-            try:
-                agent.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
-        return subprocess.CompletedProcess(agent.args, agent.returncode, "", log.read_text())
-    finally:
-        os.killpg(work.pid, signal.SIGTERM)
+    with _workload(script, scratch), log.open("w") as err:
+        agent = subprocess.Popen([*SYSGRAM, *command], cwd=REPO, stdout=err, stderr=err, text=True)
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while "sysgram: ready" not in log.read_text() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if agent.poll() is None and "sysgram: ready" not in log.read_text():
+            agent.kill()  # never ready: no run to report
+        elif agent.poll() is None:
+            time.sleep(seconds)
+            agent.send_signal(signal.SIGINT)
         try:
-            work.wait(timeout=10)
+            agent.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            os.killpg(work.pid, signal.SIGKILL)
-            work.wait()
+            agent.kill()
+            agent.wait()
+    return subprocess.CompletedProcess(agent.args, agent.returncode, "", log.read_text())
 
 
 def _failed(step: subprocess.CompletedProcess[str], what: str) -> bool:

@@ -245,7 +245,7 @@ class AnomalyDetector:
         self._program_alert_times: OrderedDict[str, deque[int]] = OrderedDict()  # exe -> its recent alerts
         self._procs: OrderedDict[int, _Process] = OrderedDict()
         # processes seen starting (fork or exec) whose first windows have not come yet: only they are judged
-        # against start-up thresholds; one first seen mid-life is judged as routine from its first span
+        # against start-up thresholds; one first seen mid-life waits for span_memory windows
         self._starting: OrderedDict[int, None] = OrderedDict()
         # [exit ts, pid, its state]: a list, because a process whose syscalls reach us after its exit event
         # gets its state then (``_late`` points at the entry until it is filled)

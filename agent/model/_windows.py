@@ -296,7 +296,8 @@ class ThreadWindows:
         thread_key = run_key[thread_run]
         thread_tids = (thread_key & np.uint64(0xFFFFFFFF)).astype(np.int64)
         thread_ids = thread_tids.tolist()
-        carry = np.frombuffer(b"".join([self._carry_of(t) for t in thread_ids]),
+        carried = self._carry
+        carry = np.frombuffer(b"".join([carried.get(t) or self._first_carry(t) for t in thread_ids]),
                               dtype=self._carry_dtype).reshape(len(thread_ids), self.n - 1)
         buf, starts, new_carry = _segments(tokens, lengths, carry, self.n)
         raw, w = new_carry.astype(self._carry_dtype).tobytes(), self._carry_width
@@ -327,10 +328,8 @@ class ThreadWindows:
                        thread_starts=thread_starts, thread_tgids=thread_tgids,
                        thread_tids=thread_tids, thread_last_rows=last_rows)
 
-    def _carry_of(self, tid: int) -> bytes:
-        carried = self._carry.get(tid)
-        if carried is not None:
-            return carried
+    def _first_carry(self, tid: int) -> bytes:
+        """What a thread with nothing carried starts from: padding if it was announced, else context."""
         if tid in self._starting:  # announced: its first rows are its start
             del self._starting[tid]
             return self._pad
@@ -339,8 +338,7 @@ class ThreadWindows:
     def start(self, tid: int) -> None:
         """A new thread (its fork was seen): its first rows are its start, padded. Whatever an earlier
         thread with this id left is not its own."""
-        self._carry.pop(tid, None)
-        self._exec_pending.pop(tid, None)
+        self.forget(tid)
         self._announce(tid)
 
     def _announce(self, tid: int) -> None:

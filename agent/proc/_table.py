@@ -303,8 +303,8 @@ class ProcessTable:
         return chain
 
     def exe_and_program_of(self, tgids: Iterable[int]) -> tuple[dict[int, str], dict[int, str]]:
-        """tgid -> exe path, and tgid -> :attr:`ProcessInfo.program`, for a batch (unknown pids as in
-        :meth:`exe_of`)."""
+        """tgid -> exe path, and tgid -> :attr:`ProcessInfo.program`, for a batch; unknown pids are read from
+        /proc once, else ``""``."""
         exes: dict[int, str] = {}
         programs: dict[int, str] = {}
         for tgid in tgids:
@@ -318,19 +318,8 @@ class ProcessTable:
         return exes, programs
 
     def exe_of(self, tgids: Iterable[int]) -> dict[int, str]:
-        """tgid -> exe path for a batch; unknown pids are read from /proc once, else ``""``."""
-        out: dict[int, str] = {}
-        for tgid in tgids:
-            pid = int(tgid)
-            if pid in out:
-                continue
-            entry = self._live.get(pid) or self._exited.get(pid)
-            if entry is not None:
-                out[pid] = entry.info.exe
-            else:
-                info = self.get(pid)
-                out[pid] = info.exe if info is not None else ""
-        return out
+        """tgid -> exe path for a batch (see :meth:`exe_and_program_of`)."""
+        return self.exe_and_program_of(tgids)[0]
 
     @property
     def has_compat(self) -> bool:
