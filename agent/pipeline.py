@@ -181,7 +181,7 @@ class Pipeline:
             self.engine.on_proc_event(event)
         if self.detector is not None:
             if event.kind == "fork":
-                self.detector.on_fork(event.pid, event.tid)
+                self.detector.on_fork(event.pid, event.tid, event.ts)
             elif event.kind == "exec":
                 self.detector.on_exec(event.pid, (event.tid,), event.ts)
             elif event.kind == "exit":
@@ -413,6 +413,7 @@ class Pipeline:
                 if self.detector is not None:
                     model = dict(self.detector.stats)
                     for key, counter in (("windows_scored", metrics.windows_scored),
+                                         ("windows_known", metrics.windows_known),
                                          ("cache_hits", metrics.cache_hits),
                                          ("anomalies_suppressed", metrics.anomalies_suppressed)):
                         grew = model.get(key, 0) - self._model_seen.get(key, 0)

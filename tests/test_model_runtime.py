@@ -14,7 +14,7 @@ from agent.capture.names import syscall_number
 from agent.cli import main
 from agent.errors import ModelError
 from agent.events import SYSCALL_DTYPE
-from agent.model import Anomaly, AnomalyDetector, Model, load_model
+from agent.model import Anomaly, AnomalyDetector, Model, known_path, load_model
 from training.synthetic import ATTACK, HABITS, habit_trace, synthetic_traces
 from training.train import TrainConfig, train_model
 
@@ -39,6 +39,9 @@ def copy_model(src: Path, dst_dir: Path) -> Path:
     dst = dst_dir / "copy.onnx"
     shutil.copy(src, dst)
     shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
+    known = known_path(src)
+    if known.exists():  # the sidecar names it by its own file name, next to the model
+        shutil.copy(known, dst_dir / known.name)
     return dst
 
 

@@ -243,3 +243,44 @@ def test_unseen_mode_is_checked() -> None:
 
     with pytest.raises(ValueError, match="unseen"):
         ThreadWindows(3, tables(), unseen="sometimes")
+
+
+def timed_batch(rows: list[tuple[int, int, str]], times: list[int]) -> np.ndarray:
+    out = batch_of(rows)
+    out["ts"] = times
+    return out
+
+
+def test_a_dead_threads_late_rows_are_not_the_start_of_a_new_thread_with_its_id() -> None:
+    """The capture holds rows back up to 250 ms; fork and exit events are not held. A thread id reused at
+    once (pid_max 32768 wraps in minutes on a busy host) can see the dead thread's last rows after the fork."""
+    old = [(50, 50, "read"), (50, 50, "write"), (50, 50, "close")]
+    new = [(50, 50, "openat"), (50, 50, "mmap")]
+    tw = ThreadWindows(4, tables())
+    tw.start(50, reused_since=100)
+    win = tw.build(timed_batch(old + new, [90, 95, 99, 101, 102]))
+    assert win.tokens.tolist() == naive_windows([TOKEN["openat"], TOKEN["mmap"]], 4)
+    assert tw.dropped == 3
+    # no reuse: every row is the new thread's
+    fresh = ThreadWindows(4, tables())
+    fresh.start(50)
+    assert len(fresh.build(timed_batch(old + new, [90, 95, 99, 101, 102]))) == 5
+
+
+def test_the_detector_drops_late_rows_only_when_the_id_was_just_freed() -> None:
+    model = load_model(ROOT / "models" / "sysgram-default.onnx")
+    exe = {50: "/usr/bin/true"}
+    rows = [(50, 50, "read"), (50, 50, "write"), (50, 50, "close"), (50, 50, "openat"), (50, 50, "mmap")]
+    det = AnomalyDetector(model)
+    det.on_fork(50, 50, 0)
+    det.push(timed_batch(rows[:2], [10, 20]), exe)
+    det.on_exit(50, 40)  # its last row (ts 30) is still held back by the capture
+    det.on_process_exit(50, 40)
+    det.on_fork(50, 50, 45)  # the id, reused at once
+    det.push(timed_batch(rows[2:], [30, 50, 60]), exe)
+    assert det.stats["pre_exec_rows"] == 1 and det.stats["windows"] == 2 + 2
+    # a fork of an id with no exit pending: nothing dropped
+    det2 = AnomalyDetector(model)
+    det2.on_fork(51, 51, 100)
+    det2.push(timed_batch([(51, 51, "read"), (51, 51, "close")], [90, 110]), {51: "/usr/bin/true"})
+    assert det2.stats["pre_exec_rows"] == 0 and det2.stats["windows"] == 2

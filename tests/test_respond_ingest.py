@@ -142,6 +142,7 @@ def test_metrics_page_serves_prometheus_text(server: tuple[IngestServer, Collect
         "sysgram_events_total 5.0",
         'sysgram_drops_total{stage="ringbuf"} 2.0',
         "sysgram_windows_scored_total",
+        "sysgram_windows_known_total",
         "sysgram_score_cache_hits_total",
         "sysgram_rules_evaluated_total",
         'sysgram_blocks_total{action="kill"}',

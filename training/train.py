@@ -38,6 +38,7 @@ from agent.model import (
     sidecar_path,
     window_keys,
     windows_of_trace,
+    write_known_windows,
 )
 from training.datasets import Trace, data_hash, traces_from_recordings
 from training.net import MaskedWindowAE, NetConfig, scoring_graph
@@ -48,7 +49,7 @@ MASK_RATE = 0.25
 UNK_NOISE = 0.01  # inputs swapped for UNK in training, so unseen syscalls at runtime are familiar noise
 GENERIC_DROPOUT = 0.2  # windows trained as "any program" so the generic slot learns the mixture
 DEFAULT_WINDOW_FAR = 1e-3
-DEFAULT_PROCESS_FAR = 1e-3  # per process: a busy host starts thousands an hour (docs/model.md)
+DEFAULT_PROCESS_FAR = 1e-5  # per process: a busy host starts ~500,000 an hour; 1e-3 is ~500 alerts (docs/model.md)
 DEFAULT_MIN_WINDOWS = 32
 AGGREGATE = "mean"  # chosen on ADFA-LD: see docs/model.md
 UNK_QUANTILE = 0.99  # an unseen syscall costs this quantile of held-out NLL (see calibrate_unk_cost)
@@ -78,6 +79,16 @@ class TrainConfig:
     newest: bool = True
     context_mask: float = 0.1  # target models: context positions hidden in training (robustness)
     net: dict[str, Any] = field(default_factory=dict)  # NetConfig overrides (hidden, bottleneck, dim, ...)
+    # ship the (program, window) pairs of all the data (training and held-out) with the model: the runtime
+    # scores them 0 (Model.is_known). Thresholds are calibrated on the network's scores alone, so known
+    # windows can only lower a score: the target false-alarm rates become upper bounds. (Calibrating with
+    # the training split's known windows instead put most thresholds at their floor, 0.0024, and one novel
+    # window crossed them: 17 alerts on a replayed rerun against 1; docs/model.md.)
+    known_windows: bool = True
+    # no position's NLL counts for more than unk_cost (sidecar nll_cap): a known syscall out of place costs
+    # no more than one never seen. The top ~1% of held-out positions (a wait4 racing a child's exit at
+    # 9-15 nats) are flattened, so a process is judged by how much of it is surprising, not by one spike
+    cap_nll: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ class TrainReport:
     seconds: float
     thresholds: dict[str, Any]
     thin: tuple[tuple[str, int], ...] = ()  # (program, judged held-out traces) below THIN_HOLDOUT
+    known_windows: int = 0  # distinct (program, window) pairs shipped in <stem>.known.npz
 
     def thin_note(self) -> str:
         """One line for the analyst when some programs were seen too few times for tight thresholds."""
@@ -106,7 +118,8 @@ class TrainReport:
                 f"the generic ones); a longer learn tightens them: {names}{more}")
 
     def summary(self) -> str:
-        return (f"{self.onnx_path} and {self.sidecar_path}: {self.traces} traces, {self.windows:,} windows, "
+        known = f", {self.known_windows:,} known windows" if self.known_windows else ""
+        return (f"{self.onnx_path} and {self.sidecar_path}: {self.traces} traces, {self.windows:,} windows{known}, "
                 f"{len(self.programs) - 1} programs + generic, {self.vocabulary_size} tokens, "
                 f"best epoch {self.best_epoch}/{self.epochs_run}, holdout NLL {self.holdout_nll:.3f}, "
                 f"{self.seconds:.0f}s")
@@ -347,14 +360,13 @@ def export_onnx(net: MaskedWindowAE, path: str | Path, check_windows: np.ndarray
 
 
 def trace_window_scores(model: Model, traces: Sequence[Trace]) -> list[np.ndarray]:
-    """Window scores of each trace, each distinct (program, window) scored once."""
+    """Window scores of each trace, each distinct (program, window) scored once (0 if the model knows it)."""
     windows, programs, owner = encode_traces(traces, model.vocabulary, model.sidecar.programs, model.n)
     if not len(windows):
         return [np.zeros(0) for _ in traces]
     keys = window_keys(windows, programs)
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    nll = model.score(windows[first], programs[first])
-    scores = model.window_scores(nll, windows[first])[inverse.ravel()]
+    distinct, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    scores = model.known_or_scored(windows[first], programs[first], distinct)[0][inverse.ravel()]
     bounds = np.searchsorted(owner, np.arange(len(traces) + 1))
     return [scores[bounds[i]:bounds[i + 1]] for i in range(len(traces))]
 
@@ -571,6 +583,7 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
     net_over = {"target": cfg.n - 1, **cfg.net} if cfg.newest else dict(cfg.net)
     net_cfg = NetConfig(vocab_size=len(vocabulary), n=cfg.n, programs=len(programs), **net_over)
     windows, progs, _ = encode_traces(train, vocabulary, programs, cfg.n)
+    every_window, every_prog = windows, progs  # the known set holds all of them, not the training sample
     if cfg.max_windows is not None and len(windows) > cfg.max_windows:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(windows), cfg.max_windows, replace=False))
         windows, progs = windows[keep], progs[keep]
@@ -593,9 +606,14 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
     side_path = sidecar_path(out)
     side_path.write_text(json.dumps(sidecar))
     sidecar["unk_cost"] = calibrate_unk_cost(load_model(out, threads=cfg.threads), val_windows, val_progs)
+    if cfg.cap_nll:
+        sidecar["nll_cap"] = sidecar["unk_cost"]
     side_path.write_text(json.dumps(sidecar))
     model = load_model(out, threads=cfg.threads)
     thresholds, calibration = calibrate(model, held, cfg)
+    if cfg.known_windows:  # after calibration, which judges the network's scores alone (see TrainConfig)
+        sidecar["known_windows"] = write_known_windows(out, np.concatenate([every_prog, val_progs]),
+                                                       np.concatenate([every_window, val_windows]))
     sidecar.update({
         "thresholds": thresholds, "calibration": calibration,
         "training_data": {"sha256": data_hash(train), "traces": len(train), "windows": len(windows),
@@ -618,6 +636,7 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
         best_epoch=result["best_epoch"], holdout_nll=result["holdout_nll"],
         seconds=time.monotonic() - started, thresholds=thresholds,
         thin=thinly_calibrated(programs, calibration),
+        known_windows=int(sidecar.get("known_windows", {}).get("windows", 0)),
     )
 
 

@@ -3,12 +3,13 @@
 Public API (numpy + onnxruntime only; training lives in ``training/``)::
 
     model = load_model("models/sysgram-default.onnx")        # ModelError naming the file on any problem
+    model.is_known(window_keys(tokens, programs))           # windows made in training (sidecar known_windows) score 0
     detector = AnomalyDetector(model, cache_size=65536)
     anomalies = detector.push(batch, exe_of, program_of)      # SYSCALL_DTYPE rows; tgid -> exe, tgid -> program
-    detector.on_fork(pid, tid); detector.on_exec(tgid, tids, ts); detector.on_exit(tid, ts); detector.on_process_exit(pid, ts)
+    detector.on_fork(pid, tid, ts); detector.on_exec(tgid, tids, ts); detector.on_exit(tid, ts); detector.on_process_exit(pid, ts)
     detector.settle(now_ns)                                   # exited threads' windows go once their rows are in
     detector.state(pid) -> AnomalyState | None
-    detector.stats -> {"windows", "windows_scored", "cache_hits", "cache_evictions", "pre_exec_rows", ...}
+    detector.stats -> {"windows", "windows_scored", "windows_known", "cache_hits", "cache_evictions", "pre_exec_rows", ...}
 
     cache = ScoreCache(size)                                  # numpy open-addressing table, key -> window score
     found, scores = cache.lookup(keys); cache.insert(new_keys, new_scores)
@@ -17,7 +18,7 @@ Public API (numpy + onnxruntime only; training lives in ``training/``)::
 """
 
 from agent.model._detector import Anomaly, AnomalyDetector, AnomalyState, ScoreCache
-from agent.model._model import Model, file_sha256, load_model
+from agent.model._model import Model, file_sha256, known_path, load_model, write_known_windows
 from agent.model._sidecar import (
     FORMAT,
     GENERIC_PROGRAM,
@@ -52,6 +53,7 @@ __all__ = [
     "Thresholds",
     "Windows",
     "file_sha256",
+    "known_path",
     "load_model",
     "parse_sidecar",
     "read_sidecar",
@@ -59,4 +61,5 @@ __all__ = [
     "tokens_of_batch",
     "window_keys",
     "windows_of_trace",
+    "write_known_windows",
 ]

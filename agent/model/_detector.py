@@ -255,7 +255,8 @@ class AnomalyDetector:
         self._vocab = np.array(model.vocabulary, dtype=object)
         self._token_dtype = np.uint16 if len(self._vocab) <= 1 << 16 else np.int64  # a kept window, compact
         self._limits: dict[int, tuple[str, float, float, tuple[tuple[int, float], ...]]] = {}
-        self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "cache_hits": 0, "unk_tokens": 0,
+        self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "windows_known": 0, "cache_hits": 0,
+                       "unk_tokens": 0,
                        "anomalies": 0, "anomalies_suppressed": 0, "batches": 0}
 
     @property
@@ -266,10 +267,12 @@ class AnomalyDetector:
                 "threads_evicted": self.windows.evicted,
                 "threads": len(self.windows), "processes": len(self._procs), "exits_settling": len(self._ending)}
 
-    def on_fork(self, pid: int, tid: int) -> None:
-        """A new task, seen from its start: whatever an earlier task with this id left is not its own."""
+    def on_fork(self, pid: int, tid: int, ts: int | None = None) -> None:
+        """A new task, seen from its start (at ``ts``): whatever an earlier task with this id left is not its
+        own, including its last rows if they come after this fork (the id was reused within the holdback)."""
+        reused = tid in self._ending
         self._settle_exit(tid)
-        self.windows.start(tid)
+        self.windows.start(tid, ts if reused else None)
         if tid == pid:  # a new process: an exited one's state under this pid is no longer addressable
             self._late.pop(pid, None)
             self._procs.pop(pid, None)
@@ -415,11 +418,11 @@ class AnomalyDetector:
         if len(missed):
             new_keys, first, inverse = np.unique(distinct_keys[missed], return_index=True, return_inverse=True)
             rows = missed[first] if heads is None else heads[missed[first]]
-            tokens = win.take(rows)
-            new_scores = self.model.window_scores(self.model.score(tokens, programs[rows]), tokens)
+            new_scores, known = self.model.known_or_scored(win.take(rows), programs[rows], new_keys)
             scores[missed] = new_scores[inverse.ravel()]
             self.cache.insert(new_keys, new_scores)
             distinct = len(new_keys)
+            self._stats["windows_known"] += known
         if heads is not None:
             scores = np.repeat(scores, np.diff(np.append(heads, len(keys))))
         self._stats["windows_scored"] += distinct

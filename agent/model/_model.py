@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +17,7 @@ if TYPE_CHECKING:  # loaded when a model is: every other sysgram command starts 
 from agent.capture.names import name_table
 from agent.errors import ModelError
 from agent.model._sidecar import GENERIC_PROGRAM, PAD, UNK, Sidecar, read_sidecar
+from agent.model._windows import window_keys
 
 INPUT_TOKENS, INPUT_PROGRAM, OUTPUT_NLL = "tokens", "program", "nll"
 _RUN_CHUNK = 1024  # windows per session run: 1024 ran ~1.8x faster than 8192 (cache-friendly tensors; measured)
@@ -28,6 +31,8 @@ class Model:
     sidecar: Sidecar
     session: ort.InferenceSession
     session_runs: int = 0
+    # keys (this process's secret hash) of the (program, window) pairs seen in training, sorted: see is_known
+    known_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     _token_of: dict[str, int] = field(default_factory=dict)
     _program_of: dict[str, int] = field(default_factory=dict)
 
@@ -59,7 +64,8 @@ class Model:
         return self.sidecar.programs[program] if 0 <= program < len(self.sidecar.programs) else GENERIC_PROGRAM
 
     def score(self, tokens: np.ndarray, programs: np.ndarray) -> np.ndarray:
-        """Per-position NLL [B, n] (float32) of windows [B, n]; unknown syscalls cost ``unk_cost``."""
+        """Per-position NLL [B, n] (float32) of windows [B, n], at most ``nll_cap``; unknown syscalls cost
+        ``unk_cost``."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         programs = np.ascontiguousarray(programs, dtype=np.int64)
         out = np.empty(tokens.shape, dtype=np.float32)
@@ -69,10 +75,34 @@ class Model:
                 [OUTPUT_NLL], {INPUT_TOKENS: tokens[start:stop], INPUT_PROGRAM: programs[start:stop]}
             )
             self.session_runs += 1
+        if self.sidecar.nll_cap is not None:
+            np.minimum(out, self.sidecar.nll_cap, out=out)
         # the net never predicts UNK, so its NLL there is huge and would drown the rest of the window
         out[tokens == UNK] = self.sidecar.unk_cost
         out[tokens == PAD] = 0.0
         return out
+
+    def is_known(self, keys: np.ndarray) -> np.ndarray:
+        """Which window keys (:func:`window_keys`) the program made in training: those windows score 0.
+
+        The network generalises; it also gives a normal but rare window (seen once among thousands of
+        processes) a high NLL. A window the program is known to make is not evidence of anything new.
+        """
+        if not len(self.known_keys) or not len(keys):
+            return np.zeros(len(keys), dtype=bool)
+        at = np.minimum(np.searchsorted(self.known_keys, keys), len(self.known_keys) - 1)
+        return self.known_keys[at] == keys
+
+    def known_or_scored(self, tokens: np.ndarray, programs: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, int]:
+        """Scores of distinct windows [B, n] with their keys: 0 for known ones (not run through the
+        network), :meth:`window_scores` for the rest; and how many were known."""
+        known = self.is_known(keys)
+        scores = np.zeros(len(keys), dtype=np.float64)
+        novel = np.flatnonzero(~known)
+        if len(novel):
+            tokens = tokens[novel]
+            scores[novel] = self.window_scores(self.score(tokens, programs[novel]), tokens)
+        return scores, len(keys) - len(novel)
 
     def window_scores(self, nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Mean NLL over the real (non-PAD) scored positions of each window (all positions unless the
@@ -97,6 +127,50 @@ def _session(path: str, threads: int) -> ort.InferenceSession:
     except Exception as err:  # onnxruntime raises its own untyped errors for bad files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"not a loadable ONNX model (corrupt or truncated?): {first[:200]}", path=path) from None
+
+
+def known_path(onnx_path: str | Path) -> Path:
+    """Where a model's known windows live: same stem, ``.known.npz``."""
+    return Path(onnx_path).with_suffix(".known.npz")
+
+
+def write_known_windows(onnx_path: str | Path, programs: np.ndarray, windows: np.ndarray) -> dict[str, object]:
+    """Write the distinct (program, window) rows to the model's ``.known.npz``; the sidecar entry to store."""
+    both = np.column_stack([programs, windows])
+    rows = np.unique(both.astype(np.uint16 if both.max(initial=0) < 1 << 16 else np.uint32), axis=0)
+    path = known_path(onnx_path)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, rows=rows)
+    os.replace(tmp, path)
+    return {"file": path.name, "sha256": file_sha256(path), "windows": len(rows)}
+
+
+def _known_keys(sidecar: Sidecar, onnx_path: str) -> np.ndarray:
+    """The sidecar's ``known_windows`` file, hashed with this process's secret key base (sorted, unique)."""
+    entry = sidecar.raw.get("known_windows")
+    if entry is None:
+        return np.zeros(0, dtype=np.uint64)
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not isinstance(entry.get("sha256"), str):
+        raise ModelError("sidecar known_windows must be {\"file\": ..., \"sha256\": ...}", path=sidecar.path)
+    path = Path(onnx_path).parent / Path(entry["file"]).name  # next to the model, never elsewhere
+    if not path.is_file():
+        raise ModelError(f"known-windows file {path.name} named by the sidecar is missing", path=str(path))
+    if file_sha256(path) != entry["sha256"]:
+        raise ModelError("known-windows file does not match its sidecar (sha256 differs)", path=str(path))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            rows = data["rows"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ModelError(f"known-windows file is not a readable .npz with 'rows' ({err})", path=str(path)) from None
+    n = sidecar.n
+    if rows.ndim != 2 or rows.shape[1] != n + 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise ModelError(f"known-windows rows must be integers [k, {n + 1}] (program, then {n} tokens), "
+                         f"not {rows.dtype} {list(rows.shape)}", path=str(path))
+    rows = rows.astype(np.int64)
+    if len(rows) and (rows.min() < 0 or rows[:, 0].max() >= len(sidecar.programs)
+                      or rows[:, 1:].max() >= sidecar.vocab_size):
+        raise ModelError("known-windows rows hold a program or token outside the sidecar's tables", path=str(path))
+    return np.unique(window_keys(rows[:, 1:], rows[:, 0]))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -132,4 +206,4 @@ def load_model(path: str | Path, *, threads: int = 1) -> Model:
         got = meta.get(f"sysgram.{key}")
         if got is None or got != str(want):
             raise ModelError(f"ONNX {key}={got} does not match sidecar {key}={want}", path=onnx_path)
-    return Model(path=onnx_path, sidecar=sidecar, session=session)
+    return Model(path=onnx_path, sidecar=sidecar, session=session, known_keys=_known_keys(sidecar, onnx_path))

@@ -54,6 +54,9 @@ class Sidecar:
     raw: dict[str, Any]
     # optional: the only positions the graph scores (a one-pass target model); None = every position
     score_positions: tuple[int, ...] | None = None
+    # optional: no position's NLL counts for more than this (training sets it to unk_cost: a known syscall
+    # out of place costs no more than one never seen); None = uncapped, as older models were scored
+    nll_cap: float | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -128,6 +131,10 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
                 or not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < n for p in score_positions)):
             raise ModelError(f"sidecar score_positions must be a non-empty list of positions 0..{n - 1}", path=path)
         score_positions = tuple(score_positions)
+    nll_cap = raw.get("nll_cap")
+    if nll_cap is not None and (isinstance(nll_cap, bool) or not isinstance(nll_cap, (int, float))
+                                or not nll_cap > 0):
+        raise ModelError(f"sidecar nll_cap must be a positive number, not {nll_cap!r}", path=path)
     th = _need(raw, "thresholds", dict, path)
     try:
         thresholds = Thresholds(
@@ -144,7 +151,7 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
         path=path, n=n, passes=passes, vocabulary=tuple(vocab), programs=tuple(programs),
         unk_cost=float(_need(raw, "unk_cost", (int, float), path)),
         aggregate=str(raw.get("aggregate", "mean")), thresholds=thresholds, raw=raw,
-        score_positions=score_positions,
+        score_positions=score_positions, nll_cap=None if nll_cap is None else float(nll_cap),
     )
 
 

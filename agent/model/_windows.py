@@ -229,10 +229,11 @@ class ThreadWindows:
             if self.unseen_is_mid_life else self._pad
         self._carry: dict[int, bytes] = {}
         self._starting: dict[int, None] = {}  # announced threads whose first rows have not come yet (oldest first)
-        # tid -> the exec's time (None: unknown); insertion-ordered: the oldest go first when it is full
+        # tid -> the time up to which its rows are an earlier program's (its exec; None: unknown, found by
+        # the execve row) or an earlier thread's (a fork reusing the id); insertion-ordered: oldest go first
         self._exec_pending: dict[int, int | None] = {}
         self._exec_nrs = {compat: _exec_numbers(compat) for compat in (False, True)}
-        self.dropped = 0  # rows left out as belonging to the program before an exec
+        self.dropped = 0  # rows left out as the program's before an exec, or a dead thread's whose id was reused
         self.context_only = 0  # syscalls of threads first seen mid-life that only filled their first window
 
     def __len__(self) -> int:
@@ -335,11 +336,21 @@ class ThreadWindows:
             return self._pad
         return self._unseen
 
-    def start(self, tid: int) -> None:
+    def start(self, tid: int, reused_since: int | None = None) -> None:
         """A new thread (its fork was seen): its first rows are its start, padded. Whatever an earlier
-        thread with this id left is not its own."""
+        thread with this id left is not its own: with ``reused_since`` (the fork's time, given when an
+        earlier thread with this id ended moments ago), its rows up to then are dropped as they come in
+        (the capture holds rows back for up to 250 ms, so a dead thread's last rows can follow the fork)."""
         self.forget(tid)
         self._announce(tid)
+        if reused_since is not None:
+            self._pend(tid, reused_since)
+
+    def _pend(self, tid: int, ts: int | None) -> None:
+        self._exec_pending.pop(tid, None)  # re-inserted: the newest goes last
+        self._exec_pending[tid] = ts
+        if len(self._exec_pending) > _MAX_EXEC_PENDING:  # exits lost to drops must not make every batch slower
+            del self._exec_pending[next(iter(self._exec_pending))]
 
     def _announce(self, tid: int) -> None:
         self._starting.pop(tid, 0)
@@ -355,10 +366,7 @@ class ThreadWindows:
         """The thread runs a new program since ``ts``: fresh windows, and its rows from before are skipped."""
         self._carry.pop(tid, None)
         self._announce(tid)  # the new program's first row is its start
-        self._exec_pending.pop(tid, None)  # re-inserted: the newest exec goes last
-        self._exec_pending[tid] = ts
-        if len(self._exec_pending) > _MAX_EXEC_PENDING:  # exits lost to drops must not make every batch slower
-            del self._exec_pending[next(iter(self._exec_pending))]
+        self._pend(tid, ts)
 
     def forget(self, tid: int) -> None:
         self._carry.pop(tid, None)

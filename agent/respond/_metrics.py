@@ -24,6 +24,10 @@ class Metrics:
         self.windows_scored = Counter(
             "sysgram_windows_scored", "N-gram windows scored by the model", registry=r
         )
+        self.windows_known = Counter(
+            "sysgram_windows_known", "Scored windows the program made in training (scored 0, no network run)",
+            registry=r,
+        )
         self.cache_hits = Counter(
             "sysgram_score_cache_hits", "Windows answered from the score cache", registry=r
         )
