@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -85,3 +86,16 @@ def test_oracle_bounds_fusion_by_weights_fitted_on_the_labels() -> None:
     fused = fusion(scores)
     assert set(fused) == {"a", "b", "a+b"}
     assert fused["a+b"]["auc"] == 1.0 and fused["a"]["auc"] < 0.9
+
+
+def test_fusion_calibration_traces_are_not_scored_against_their_own_known_windows(tmp_path: Path) -> None:
+    """The model ships its held-out traces' windows as known; the probe's calibration traces are those
+    traces, so they must be judged against the rest of the training data, or every score is 0."""
+    from training.adfa_probe import _split, detector_scores
+    from training.synthetic import write_adfa_tree
+
+    train, normal, attack = _split(str(write_adfa_tree(tmp_path / "adfa", train=24, validation=6, attacks=2)))
+    scores = detector_scores(train, normal, attack, progress=False)
+    assert len(scores["calibration"]["model"]) >= 2
+    assert scores["calibration"]["model"].std() > 0 and (scores["calibration"]["model"] > 0).all()
+    assert scores["attack"]["model"].mean() > scores["normal"]["model"].mean()

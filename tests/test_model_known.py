@@ -3,6 +3,7 @@ the NLL cap (no syscall costs more than one never seen)."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import replace
@@ -108,6 +109,7 @@ def test_the_detector_counts_known_windows_and_judges_only_novelty(model: Model)
 
 def test_a_model_trained_without_known_windows_has_none(tmp_path: Path) -> None:
     out = tmp_path / "plain.onnx"
+    known_path(out).write_bytes(b"an earlier model's")  # retrained to the same path: it must not stay
     train_model(TRACES, out, replace(CFG, known_windows=False, epochs=1), progress=False)
     assert not known_path(out).exists() and "known_windows" not in json.loads(out.with_suffix(".json").read_text())
     model = load_model(out)
@@ -132,15 +134,26 @@ def rewrite_rows(dst: Path, rows: np.ndarray) -> None:
     resign(dst)
 
 
-def garble(dst: Path) -> None:
-    known_path(dst).write_bytes(b"not a zip")
+def spoil_with(dst: Path, content: bytes) -> None:
+    """Replace the known-windows file's bytes, keeping the sidecar's sha256 true (the content is what's bad)."""
+    known_path(dst).write_bytes(content)
     resign(dst)
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """A bare .npy (one array, not an .npz archive)."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("spoil, message", [
-    (lambda dst: known_path(dst).unlink(), "named by the sidecar is missing"),
+    (lambda dst: known_path(dst).unlink(), r"known-windows file missing \(named by tiny\.json"),
     (lambda dst: known_path(dst).write_bytes(known_path(dst).read_bytes()[:-9]), "sha256 differs"),
-    (garble, "not a readable .npz"),
+    (lambda dst: spoil_with(dst, b"not a zip"), "not a readable .npz"),
+    (lambda dst: spoil_with(dst, npy_bytes(np.zeros((2, 9), np.uint16))), "not a readable .npz"),
+    (lambda dst: spoil_with(dst, b""), "not a readable .npz"),
+    (lambda dst: rewrite_rows(dst, np.array([[1] + [1] * 8], np.uint16)), "hold <unk> or <mask>"),
     (lambda dst: rewrite_rows(dst, np.zeros((3, 5), np.uint16)), "rows must be integers"),
     (lambda dst: rewrite_rows(dst, np.array([[0] + [60000] * 8], np.uint16)), "outside the sidecar's tables"),
     (lambda dst: rewrite_rows(dst, np.array([[999] + [3] * 8], np.uint16)), "outside the sidecar's tables"),
@@ -220,3 +233,66 @@ def test_without_the_cap_option_the_sidecar_has_none(tmp_path: Path) -> None:
     train_model(TRACES, out, replace(CFG, cap_nll=False, epochs=1), progress=False)
     model = load_model(out)
     assert model.sidecar.nll_cap is None and "nll_cap" not in model.sidecar.raw
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../tiny.known.npz", "/etc/tiny.known.npz"])
+def test_a_known_windows_file_is_only_ever_a_file_next_to_the_model(model_path: Path, tmp_path: Path,
+                                                                    name: str) -> None:
+    dst = copy_model(model_path, tmp_path)
+    side = json.loads(dst.with_suffix(".json").read_text())
+    side["known_windows"]["file"] = name
+    dst.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(ModelError, match="must be"):
+        load_model(dst)
+
+
+def test_a_model_renamed_as_a_whole_still_finds_its_known_windows(model_path: Path, tmp_path: Path) -> None:
+    renamed = tmp_path / "renamed.onnx"
+    shutil.copy(model_path, renamed)
+    shutil.copy(model_path.with_suffix(".json"), renamed.with_suffix(".json"))
+    shutil.copy(known_path(model_path), known_path(renamed))
+    assert len(load_model(renamed).known_keys) == len(load_model(model_path).known_keys) > 0
+    known_path(renamed).unlink()
+    with pytest.raises(ModelError, match=r"copy tiny\.known\.npz with the model"):
+        load_model(renamed)
+
+
+def test_held_out_windows_with_an_unseen_syscall_are_not_known(tmp_path: Path) -> None:
+    """<unk> stands for every syscall the vocabulary lacks: a held-out window holding one must not make
+    every unseen syscall in that context known."""
+    out = tmp_path / "unk.onnx"
+    rng = np.random.default_rng(4)
+    held = [Trace(program=ALPHA, syscalls=tuple(habit_trace(HABITS[ALPHA], 40, rng) + ["ptrace"] * 3
+                                                + habit_trace(HABITS[ALPHA], 40, rng)))] * 2
+    train_model(TRACES, out, replace(CFG, epochs=1), progress=False, holdout=held)
+    model = load_model(out)
+    assert "ptrace" not in model.vocabulary
+    with np.load(known_path(out)) as data:
+        rows = data["rows"].astype(np.int64)
+    assert not np.isin(rows[:, 1:], (1, 2)).any()  # no <unk>, no <mask>
+    odd = Trace(program=ALPHA, syscalls=(*held[0].syscalls[:40], "kexec_load"))
+    windows, programs, _ = encode_traces([odd], model.vocabulary, model.sidecar.programs, model.n)
+    assert not model.is_known(window_keys(windows[-1:], programs[-1:])).any()
+    assert trace_window_scores(model, [odd])[0][-1] > 0
+
+
+def test_thresholds_are_calibrated_on_the_network_alone(tmp_path: Path) -> None:
+    """Known windows only lower scores at runtime: calibration must not see them, or held-out traces
+    (whose windows are mostly known) would set near-zero thresholds."""
+    made = {}
+    for known in (True, False):
+        out = tmp_path / f"m{known}.onnx"
+        train_model(TRACES, out, replace(CFG, epochs=1, known_windows=known), progress=False)
+        made[known] = json.loads(out.with_suffix(".json").read_text())["thresholds"]
+    assert made[True] == made[False]
+
+
+def test_the_known_set_holds_every_window_not_the_training_sample(tmp_path: Path) -> None:
+    out = tmp_path / "sampled.onnx"
+    held = synthetic_traces(4, seed=9)
+    train_model(TRACES, out, replace(CFG, epochs=1, max_windows=3000), progress=False, holdout=held)
+    model = load_model(out)
+    assert json.loads(out.with_suffix(".json").read_text())["training_data"]["windows"] == 3000
+    with np.load(known_path(out)) as data:
+        shipped = {tuple(row) for row in data["rows"].astype(np.int64).tolist()}
+    assert shipped == distinct_pairs(model, TRACES + held) and len(shipped) > 3000 // 8

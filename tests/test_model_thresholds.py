@@ -73,7 +73,7 @@ def test_a_program_with_a_wide_spread_of_its_own_is_judged_by_it() -> None:
 
 def test_bounds_hold_the_false_alarm_rate_where_the_largest_does_not() -> None:
     """Programs whose process means spread alike; 12 held-out traces each, as a 30 s learn gives. New runs
-    over the threshold at the shipped rate of 1e-3: about that with the pooled bound (the normal quantile in
+    over the threshold at the rate of 1e-3: about that with the pooled bound (the normal quantile in
     place of Student's t gives ~3.6e-3, leaving out the sqrt(1 + 1/k) of a new trace ~1.7e-3); about 1/13
     with 1.05 x the largest."""
     far = 1e-3

@@ -247,10 +247,17 @@ def detector_scores(train: list[Trace], normal: list[Trace], attack: list[Trace]
     import tempfile
     from pathlib import Path
 
-    from agent.model import load_model
+    from agent.model import hash_known, known_rows, load_model
     from agent.model.commands import ADFA_EPOCHS
     from training.evaluate import stide_scores
-    from training.train import DEFAULT_N, TrainConfig, split_holdout, trace_window_scores, train_model
+    from training.train import (
+        DEFAULT_N,
+        TrainConfig,
+        encode_traces,
+        split_holdout,
+        trace_window_scores,
+        train_model,
+    )
 
     cfg = TrainConfig(n=DEFAULT_N, epochs=ADFA_EPOCHS)  # the eval's configuration
     rest, held = split_holdout(train, cfg.holdout, cfg.seed)  # the same split train_model makes
@@ -260,7 +267,13 @@ def detector_scores(train: list[Trace], normal: list[Trace], attack: list[Trace]
         out = str(Path(tmp) / "adfa.onnx")
         train_model(train, out, cfg, progress=progress, how="adfa_probe fusion")
         model = load_model(out, threads=cfg.threads)
+        every = model.known_keys
+        # held-out training traces are judged as the other detectors judge them, against the rest only: with
+        # the model's known windows (which hold them) every one of their windows would score 0
+        windows, programs, _ = encode_traces(rest, model.vocabulary, model.sidecar.programs, model.n)
+        of_rest = hash_known(known_rows(programs, windows))
         for g, traces in groups.items():
+            model.known_keys = of_rest if g == "calibration" else every
             scores[g]["model"] = np.array([s.mean() if len(s) else 0.0 for s in trace_window_scores(model, traces)])
     for g, traces in groups.items():
         reference = rest if g == "calibration" else train

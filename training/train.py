@@ -34,6 +34,8 @@ from agent.model import (
     VERSION,
     Model,
     file_sha256,
+    known_path,
+    known_rows,
     load_model,
     sidecar_path,
     window_keys,
@@ -118,7 +120,8 @@ class TrainReport:
                 f"the generic ones); a longer learn tightens them: {names}{more}")
 
     def summary(self) -> str:
-        known = f", {self.known_windows:,} known windows" if self.known_windows else ""
+        known = (f", {self.known_windows:,} known windows (in {Path(self.onnx_path).with_suffix('.known.npz').name}"
+                 f", which travels with the model)") if self.known_windows else ""
         return (f"{self.onnx_path} and {self.sidecar_path}: {self.traces} traces, {self.windows:,} windows{known}, "
                 f"{len(self.programs) - 1} programs + generic, {self.vocabulary_size} tokens, "
                 f"best epoch {self.best_epoch}/{self.epochs_run}, holdout NLL {self.holdout_nll:.3f}, "
@@ -571,6 +574,7 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
     if out.suffix != ".onnx":
         raise ConfigError("the model file must end in .onnx (the sidecar takes the same stem + .json)",
                           path=str(out))
+    known_path(out).unlink(missing_ok=True)  # an earlier model's, which this one must not seem to have
     if holdout is None:
         train, held = split_holdout(traces, cfg.holdout, cfg.seed, split_long=cfg.holdout_split_long,
                                     context=cfg.n - 1)
@@ -583,7 +587,8 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
     net_over = {"target": cfg.n - 1, **cfg.net} if cfg.newest else dict(cfg.net)
     net_cfg = NetConfig(vocab_size=len(vocabulary), n=cfg.n, programs=len(programs), **net_over)
     windows, progs, _ = encode_traces(train, vocabulary, programs, cfg.n)
-    every_window, every_prog = windows, progs  # the known set holds all of them, not the training sample
+    # the known set holds every window, not the training sample: reduced now, so the full array can go
+    known = known_rows(progs, windows) if cfg.known_windows else None
     if cfg.max_windows is not None and len(windows) > cfg.max_windows:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(windows), cfg.max_windows, replace=False))
         windows, progs = windows[keep], progs[keep]
@@ -611,9 +616,11 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
     side_path.write_text(json.dumps(sidecar))
     model = load_model(out, threads=cfg.threads)
     thresholds, calibration = calibrate(model, held, cfg)
-    if cfg.known_windows:  # after calibration, which judges the network's scores alone (see TrainConfig)
-        sidecar["known_windows"] = write_known_windows(out, np.concatenate([every_prog, val_progs]),
-                                                       np.concatenate([every_window, val_windows]))
+    if known is not None:  # after calibration, which judges the network's scores alone (see TrainConfig)
+        held_rows = known_rows(val_progs, val_windows)
+        wide = np.promote_types(known.dtype, held_rows.dtype)
+        sidecar["known_windows"] = write_known_windows(
+            out, np.unique(np.concatenate([known.astype(wide), held_rows.astype(wide)]), axis=0))
     sidecar.update({
         "thresholds": thresholds, "calibration": calibration,
         "training_data": {"sha256": data_hash(train), "traces": len(train), "windows": len(windows),

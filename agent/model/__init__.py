@@ -18,7 +18,15 @@ Public API (numpy + onnxruntime only; training lives in ``training/``)::
 """
 
 from agent.model._detector import Anomaly, AnomalyDetector, AnomalyState, ScoreCache
-from agent.model._model import Model, file_sha256, known_path, load_model, write_known_windows
+from agent.model._model import (
+    Model,
+    file_sha256,
+    hash_known,
+    known_path,
+    known_rows,
+    load_model,
+    write_known_windows,
+)
 from agent.model._sidecar import (
     FORMAT,
     GENERIC_PROGRAM,
@@ -53,7 +61,9 @@ __all__ = [
     "Thresholds",
     "Windows",
     "file_sha256",
+    "hash_known",
     "known_path",
+    "known_rows",
     "load_model",
     "parse_sidecar",
     "read_sidecar",

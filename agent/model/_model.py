@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +15,7 @@ if TYPE_CHECKING:  # loaded when a model is: every other sysgram command starts 
 
 from agent.capture.names import name_table
 from agent.errors import ModelError
-from agent.model._sidecar import GENERIC_PROGRAM, PAD, UNK, Sidecar, read_sidecar
+from agent.model._sidecar import GENERIC_PROGRAM, MASK, PAD, UNK, Sidecar, read_sidecar
 from agent.model._windows import window_keys
 
 INPUT_TOKENS, INPUT_PROGRAM, OUTPUT_NLL = "tokens", "program", "nll"
@@ -75,10 +74,10 @@ class Model:
                 [OUTPUT_NLL], {INPUT_TOKENS: tokens[start:stop], INPUT_PROGRAM: programs[start:stop]}
             )
             self.session_runs += 1
-        if self.sidecar.nll_cap is not None:
-            np.minimum(out, self.sidecar.nll_cap, out=out)
         # the net never predicts UNK, so its NLL there is huge and would drown the rest of the window
         out[tokens == UNK] = self.sidecar.unk_cost
+        if self.sidecar.nll_cap is not None:  # after UNK: no position costs more, whatever the sidecar says
+            np.minimum(out, self.sidecar.nll_cap, out=out)
         out[tokens == PAD] = 0.0
         return out
 
@@ -97,6 +96,8 @@ class Model:
         """Scores of distinct windows [B, n] with their keys: 0 for known ones (not run through the
         network), :meth:`window_scores` for the rest; and how many were known."""
         known = self.is_known(keys)
+        if not known.any():  # the usual case (and every case for a model without known windows): no copies
+            return self.window_scores(self.score(tokens, programs), tokens).astype(np.float64), 0
         scores = np.zeros(len(keys), dtype=np.float64)
         novel = np.flatnonzero(~known)
         if len(novel):
@@ -134,15 +135,52 @@ def known_path(onnx_path: str | Path) -> Path:
     return Path(onnx_path).with_suffix(".known.npz")
 
 
-def write_known_windows(onnx_path: str | Path, programs: np.ndarray, windows: np.ndarray) -> dict[str, object]:
-    """Write the distinct (program, window) rows to the model's ``.known.npz``; the sidecar entry to store."""
-    both = np.column_stack([programs, windows])
-    rows = np.unique(both.astype(np.uint16 if both.max(initial=0) < 1 << 16 else np.uint32), axis=0)
+def known_rows(programs: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """The distinct (program, window) rows [k, 1 + n] worth keeping as known, compact (uint16 when they fit).
+
+    Windows holding UNK or MASK are left out: UNK stands for every syscall the vocabulary lacks, so a held-out
+    window with one would make any unseen syscall in that context known.
+    """
+    keep = ~np.isin(windows, (UNK, MASK)).any(axis=1)
+    both = np.column_stack([programs[keep], windows[keep]])
+    return np.unique(both.astype(np.uint16 if both.max(initial=0) < 1 << 16 else np.uint32), axis=0)
+
+
+def write_known_windows(onnx_path: str | Path, rows: np.ndarray) -> dict[str, object]:
+    """Write :func:`known_rows` to the model's ``.known.npz``; the sidecar entry to store."""
     path = known_path(onnx_path)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, rows=rows)
-    os.replace(tmp, path)
+    try:
+        np.savez_compressed(tmp, rows=rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"file": path.name, "sha256": file_sha256(path), "windows": len(rows)}
+
+
+_HASH_CHUNK = 65536  # rows hashed at a time: a large known set must not cost its int64 copy all at once
+
+
+def hash_known(rows: np.ndarray) -> np.ndarray:
+    """Sorted unique keys (this process's secret base) of (program, window) rows [k, 1 + n]."""
+    parts = [window_keys(rows[i:i + _HASH_CHUNK, 1:], rows[i:i + _HASH_CHUNK, 0])
+             for i in range(0, len(rows), _HASH_CHUNK)]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def _read_rows(path: Path, sha256: str) -> np.ndarray:
+    try:
+        if file_sha256(path) != sha256:
+            raise ModelError("known-windows file does not match its sidecar (sha256 differs)", path=str(path))
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an archive")
+            return np.asarray(data["rows"])
+    except ModelError:
+        raise
+    except Exception as err:  # numpy raises many kinds (EOFError, TypeError, tokenize errors) for bad files
+        raise ModelError(f"known-windows file is not a readable .npz with 'rows' ({type(err).__name__}: "
+                         f"{str(err)[:120]})", path=str(path)) from None
 
 
 def _known_keys(sidecar: Sidecar, onnx_path: str) -> np.ndarray:
@@ -150,27 +188,30 @@ def _known_keys(sidecar: Sidecar, onnx_path: str) -> np.ndarray:
     entry = sidecar.raw.get("known_windows")
     if entry is None:
         return np.zeros(0, dtype=np.uint64)
-    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not isinstance(entry.get("sha256"), str):
-        raise ModelError("sidecar known_windows must be {\"file\": ..., \"sha256\": ...}", path=sidecar.path)
-    path = Path(onnx_path).parent / Path(entry["file"]).name  # next to the model, never elsewhere
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if (not isinstance(name, str) or not isinstance(entry.get("sha256"), str) or Path(name).name != name
+            or name in ("", ".", "..")):
+        raise ModelError('sidecar known_windows must be {"file": a file name, "sha256": ...}', path=sidecar.path)
+    # next to the model, never elsewhere: by the name it was written under, or by the model's own stem
+    # (a model renamed as a whole, .onnx, .json and .known.npz)
+    path = Path(onnx_path).parent / name
+    if not path.is_file() and known_path(onnx_path).is_file():
+        path = known_path(onnx_path)
     if not path.is_file():
-        raise ModelError(f"known-windows file {path.name} named by the sidecar is missing", path=str(path))
-    if file_sha256(path) != entry["sha256"]:
-        raise ModelError("known-windows file does not match its sidecar (sha256 differs)", path=str(path))
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            rows = data["rows"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise ModelError(f"known-windows file is not a readable .npz with 'rows' ({err})", path=str(path)) from None
+        raise ModelError(f"known-windows file missing (named by {Path(sidecar.path).name}; copy "
+                         f"{name} with the model)", path=str(path))
+    rows = _read_rows(path, entry["sha256"])
     n = sidecar.n
     if rows.ndim != 2 or rows.shape[1] != n + 1 or not np.issubdtype(rows.dtype, np.integer):
         raise ModelError(f"known-windows rows must be integers [k, {n + 1}] (program, then {n} tokens), "
                          f"not {rows.dtype} {list(rows.shape)}", path=str(path))
-    rows = rows.astype(np.int64)
     if len(rows) and (rows.min() < 0 or rows[:, 0].max() >= len(sidecar.programs)
                       or rows[:, 1:].max() >= sidecar.vocab_size):
         raise ModelError("known-windows rows hold a program or token outside the sidecar's tables", path=str(path))
-    return np.unique(window_keys(rows[:, 1:], rows[:, 0]))
+    if len(rows) and np.isin(rows[:, 1:], (UNK, MASK)).any():
+        raise ModelError("known-windows rows hold <unk> or <mask>, which stand for more than one syscall",
+                         path=str(path))
+    return hash_known(rows)
 
 
 def file_sha256(path: str | Path) -> str:
