@@ -120,8 +120,8 @@ class TrainReport:
                 f"the generic ones); a longer learn tightens them: {names}{more}")
 
     def summary(self) -> str:
-        known = (f", {self.known_windows:,} known windows (in {Path(self.onnx_path).with_suffix('.known.npz').name}"
-                 f", which travels with the model)") if self.known_windows else ""
+        known = (f", {self.known_windows:,} known windows (in {known_path(self.onnx_path).name}, which travels "
+                 "with the model)") if self.known_windows else ""
         return (f"{self.onnx_path} and {self.sidecar_path}: {self.traces} traces, {self.windows:,} windows{known}, "
                 f"{len(self.programs) - 1} programs + generic, {self.vocabulary_size} tokens, "
                 f"best epoch {self.best_epoch}/{self.epochs_run}, holdout NLL {self.holdout_nll:.3f}, "
@@ -617,10 +617,8 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
     model = load_model(out, threads=cfg.threads)
     thresholds, calibration = calibrate(model, held, cfg)
     if known is not None:  # after calibration, which judges the network's scores alone (see TrainConfig)
-        held_rows = known_rows(val_progs, val_windows)
-        wide = np.promote_types(known.dtype, held_rows.dtype)
-        sidecar["known_windows"] = write_known_windows(
-            out, np.unique(np.concatenate([known.astype(wide), held_rows.astype(wide)]), axis=0))
+        held_rows = known_rows(val_progs, val_windows)  # concatenate widens uint16 to uint32 if one needs it
+        sidecar["known_windows"] = write_known_windows(out, np.unique(np.concatenate([known, held_rows]), axis=0))
     sidecar.update({
         "thresholds": thresholds, "calibration": calibration,
         "training_data": {"sha256": data_hash(train), "traces": len(train), "windows": len(windows),

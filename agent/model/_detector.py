@@ -270,8 +270,7 @@ class AnomalyDetector:
     def on_fork(self, pid: int, tid: int, ts: int | None = None) -> None:
         """A new task, seen from its start (at ``ts``): whatever an earlier task with this id left is not its
         own, including its last rows if they come after this fork (the id was reused within the holdback)."""
-        reused = tid in self._ending
-        self._settle_exit(tid)
+        reused = self._settle_exit(tid)
         self.windows.start(tid, ts if reused else None)
         if tid == pid:  # a new process: an exited one's state under this pid is no longer addressable
             self._late.pop(pid, None)
@@ -336,9 +335,12 @@ class AnomalyDetector:
             settled += 1
         return settled
 
-    def _settle_exit(self, tid: int) -> None:
-        if self._ending.pop(tid, None) is not None:
-            self.windows.forget(tid)
+    def _settle_exit(self, tid: int) -> bool:
+        """Forget an exited thread's windows now; whether its exit was still settling."""
+        if self._ending.pop(tid, None) is None:
+            return False
+        self.windows.forget(tid)
+        return True
 
     def state(self, pid: int) -> AnomalyState | None:
         proc = self._procs.get(pid)

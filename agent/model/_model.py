@@ -96,14 +96,13 @@ class Model:
         """Scores of distinct windows [B, n] with their keys: 0 for known ones (not run through the
         network), :meth:`window_scores` for the rest; and how many were known."""
         known = self.is_known(keys)
-        if not known.any():  # the usual case (and every case for a model without known windows): no copies
-            return self.window_scores(self.score(tokens, programs), tokens).astype(np.float64), 0
+        count = int(np.count_nonzero(known))
         scores = np.zeros(len(keys), dtype=np.float64)
-        novel = np.flatnonzero(~known)
-        if len(novel):
+        if count < len(keys):
+            novel = np.flatnonzero(~known) if count else slice(None)  # none known (the usual case): no copies
             tokens = tokens[novel]
             scores[novel] = self.window_scores(self.score(tokens, programs[novel]), tokens)
-        return scores, len(keys) - len(novel)
+        return scores, count
 
     def window_scores(self, nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Mean NLL over the real (non-PAD) scored positions of each window (all positions unless the

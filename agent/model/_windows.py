@@ -183,7 +183,7 @@ def windows_of_trace(tokens: np.ndarray, n: int) -> np.ndarray:
     return sliding_window_view(buf, n)[starts]
 
 
-_MAX_EXEC_PENDING = 4096
+_MAX_EARLIER_PENDING = 4096
 _MAX_STARTING = 65536
 
 
@@ -231,7 +231,7 @@ class ThreadWindows:
         self._starting: dict[int, None] = {}  # announced threads whose first rows have not come yet (oldest first)
         # tid -> the time up to which its rows are an earlier program's (its exec; None: unknown, found by
         # the execve row) or an earlier thread's (a fork reusing the id); insertion-ordered: oldest go first
-        self._exec_pending: dict[int, int | None] = {}
+        self._earlier_rows: dict[int, int | None] = {}
         self._exec_nrs = {compat: _exec_numbers(compat) for compat in (False, True)}
         self.dropped = 0  # rows left out as the program's before an exec, or a dead thread's whose id was reused
         self.context_only = 0  # syscalls of threads first seen mid-life that only filled their first window
@@ -239,24 +239,25 @@ class ThreadWindows:
     def __len__(self) -> int:
         return len(self._carry)
 
-    def _after_exec(self, batch: np.ndarray) -> np.ndarray | None:
-        """Rows to keep when threads that exec'ed have rows in the batch (None: keep all)."""
-        pending = np.fromiter(self._exec_pending, dtype=np.int64, count=len(self._exec_pending))
+    def _drop_earlier_rows(self, batch: np.ndarray) -> np.ndarray | None:
+        """Rows to keep when threads with an earlier program's or thread's rows pending (an exec, or a fork
+        that reused the id) have rows in the batch (None: keep all)."""
+        pending = np.fromiter(self._earlier_rows, dtype=np.int64, count=len(self._earlier_rows))
         mine = np.isin(batch["tid"], pending)
         if not mine.any():
             return None
         keep = np.ones(len(batch), dtype=bool)
         is_exec: np.ndarray | None = None  # only for an exec without a time (rare): found by syscall
         for tid in np.unique(batch["tid"][mine]).tolist():
-            exec_ts = self._exec_pending[tid]
+            until = self._earlier_rows[tid]
             thread = batch["tid"] == tid
-            if exec_ts is not None:
-                before = thread & (batch["ts"] <= exec_ts)
+            if until is not None:
+                before = thread & (batch["ts"] <= until)
                 keep[before] = False
-                if (thread & ~before).any():  # the new program's first row is in: the exec is behind us
-                    del self._exec_pending[tid]
+                if (thread & ~before).any():  # the new program's (or thread's) first row is in: done
+                    del self._earlier_rows[tid]
                 continue
-            del self._exec_pending[tid]
+            del self._earlier_rows[tid]
             if is_exec is None:
                 compat = (batch["flags"] & FLAG_COMPAT).astype(bool)
                 is_exec = np.where(compat, np.isin(batch["nr"], self._exec_nrs[True]),
@@ -267,7 +268,7 @@ class ThreadWindows:
         return None if keep.all() else np.flatnonzero(keep)
 
     def build(self, batch: np.ndarray) -> Windows:
-        kept = self._after_exec(batch) if self._exec_pending and len(batch) else None
+        kept = self._drop_earlier_rows(batch) if self._earlier_rows and len(batch) else None
         if kept is not None:
             self.dropped += len(batch) - len(kept)
             batch = batch[kept]
@@ -344,13 +345,13 @@ class ThreadWindows:
         self.forget(tid)
         self._announce(tid)
         if reused_since is not None:
-            self._pend(tid, reused_since)
+            self._expect_earlier_rows(tid, reused_since)
 
-    def _pend(self, tid: int, ts: int | None) -> None:
-        self._exec_pending.pop(tid, None)  # re-inserted: the newest goes last
-        self._exec_pending[tid] = ts
-        if len(self._exec_pending) > _MAX_EXEC_PENDING:  # exits lost to drops must not make every batch slower
-            del self._exec_pending[next(iter(self._exec_pending))]
+    def _expect_earlier_rows(self, tid: int, ts: int | None) -> None:
+        self._earlier_rows.pop(tid, None)  # re-inserted: the newest goes last
+        self._earlier_rows[tid] = ts
+        if len(self._earlier_rows) > _MAX_EARLIER_PENDING:  # exits lost to drops must not make every batch slower
+            del self._earlier_rows[next(iter(self._earlier_rows))]
 
     def _announce(self, tid: int) -> None:
         self._starting.pop(tid, 0)
@@ -366,9 +367,9 @@ class ThreadWindows:
         """The thread runs a new program since ``ts``: fresh windows, and its rows from before are skipped."""
         self._carry.pop(tid, None)
         self._announce(tid)  # the new program's first row is its start
-        self._pend(tid, ts)
+        self._expect_earlier_rows(tid, ts)
 
     def forget(self, tid: int) -> None:
         self._carry.pop(tid, None)
-        self._exec_pending.pop(tid, None)
+        self._earlier_rows.pop(tid, None)
         self._starting.pop(tid, None)
