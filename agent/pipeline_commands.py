@@ -23,6 +23,12 @@ from agent.verdict import DecisionTable
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "sysgram-default.onnx"
 DEFAULT_RULES = ROOT / "rules" / "sysgram_rules.yaml"
+# The shipped model knows a recorded demonstration workload, not this host: say so once at start.
+SHIPPED_MODEL_NOTE = (
+    "sysgram: note: the shipped model was learned on a recorded workload, not on this host, and flags this "
+    "host's programs wherever they behave differently (docs/model.md, \"Shipped model\"); learn this host's "
+    "normal with `sysgram learn --seconds 600 -o host.onnx`, then run with --model host.onnx"
+)
 DEFAULT_SECCOMP = {"host_default": str(ROOT / "rules" / "seccomp" / "host-default.json")}
 SECRET_ENV = "SYSGRAM_WEBHOOK_SECRET"  # the webhook secret without putting it on the command line (ps)
 T = TypeVar("T")
@@ -187,6 +193,8 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         from agent.model import AnomalyDetector, load_model
 
         pipeline.detector = AnomalyDetector(load_model(cfg.model))
+        if Path(cfg.model).resolve() == DEFAULT_MODEL.resolve():
+            print(SHIPPED_MODEL_NOTE, file=sys.stderr)
         if pipeline.engine is not None:
             pipeline.engine.anomaly_lookup = _anomaly_fields(pipeline.detector)
     seccomp_section = dict(cfg.seccomp) or {k: v for k, v in DEFAULT_SECCOMP.items() if os.path.exists(v)}
@@ -242,6 +250,7 @@ def _anomaly_fields(detector: Any) -> Any:
             threshold=state.threshold,
             window=" ".join(state.window),
             is_anomalous=state.is_anomalous,
+            new_syscalls=" ".join(state.new_syscalls),
         )
 
     return lookup

@@ -189,12 +189,14 @@ def test_fork_copies_fd_table_and_exit_drops_it(world: World) -> None:
 def test_sysgram_rules_use_anomaly_state() -> None:
     rs, diags = load_rules([STABLE, OURS])
     assert not [d for d in diags if d.is_error]
-    anomalies = {111: AnomalyFields(0.97, 0.8, "openat read close", True), 109: AnomalyFields(0.1, 0.8, "", False)}
+    anomalies = {111: AnomalyFields(0.97, 0.8, "openat read close", True, new_syscalls="socket connect"),
+                 109: AnomalyFields(0.1, 0.8, "", False)}
     w = World(rs, HOST, anomalies=anomalies)
     hits = w.ev(111, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY)
     assert {m.rule for m in hits} == {"Read sensitive file untrusted", "Anomalous process read sensitive file"}
     ours = next(m for m in hits if m.rule.startswith("Anomalous"))
     assert ours.output_fields["sysgram.anomaly.score"] == 0.97 and "sysgram" in ours.tags
+    assert ours.output_fields["sysgram.anomaly.new_syscalls"] == "socket connect"  # the model's plain evidence
     assert [m.rule for m in w.ev(109, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY)] == [
         "Read sensitive file untrusted"]
     w.names(111, "socket", 4, domain=socket.AF_INET, type=socket.SOCK_STREAM, proto=0)
@@ -237,3 +239,14 @@ def test_container_id_is_the_short_id_and_full_id_all_of_it() -> None:
     matches = w.ev(300, "openat", 3, dirfd=-100, name="/etc/hosts", flags=O_RDONLY)
     assert [m.output_fields for m in matches] == [{"container.id": full[:12], "container.full_id": full}]
     assert w.ev(301, "openat", 3, dirfd=-100, name="/etc/hosts", flags=O_RDONLY) == []
+
+
+def test_a_rule_can_ask_which_syscalls_are_new_for_the_program() -> None:
+    rs = ruleset_from("- rule: r\n  desc: d\n  condition: evt.type = openat and sysgram.anomaly.new_syscalls contains"
+                      " socket\n  output: new=%sysgram.anomaly.new_syscalls\n  priority: INFO\n")
+    anomalies = {111: AnomalyFields(0.97, 0.8, "", True, new_syscalls="epoll_create1 socket connect"),
+                 109: AnomalyFields(0.97, 0.8, "", True, new_syscalls="getdents64")}
+    w = World(rs, HOST, anomalies=anomalies)
+    hits = w.ev(111, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY)
+    assert [m.output_fields for m in hits] == [{"sysgram.anomaly.new_syscalls": "epoll_create1 socket connect"}]
+    assert w.ev(109, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY) == []

@@ -115,6 +115,7 @@ def test_a_model_trained_without_known_windows_has_none(tmp_path: Path) -> None:
     model = load_model(out)
     (scores,) = trace_window_scores(model, TRACES[:1])
     assert len(model.known_keys) == 0 and (scores > 0).all()
+    assert model.made is None  # nothing to say which syscalls a program made: no new_syscalls in alerts
 
 
 def test_the_shipped_model_loads_without_known_windows() -> None:

@@ -192,3 +192,6 @@ def test_learned_routine_is_normal_and_something_new_is_an_anomaly(routine: Path
     assert fields["proc.exe"] == str(routine) and fields["proc.name"] == routine.name
     assert fields["sysgram.anomaly.score"] > fields["sysgram.anomaly.threshold"]
     assert len(fields["sysgram.anomaly.window"].split()) > 1
+    # the plain evidence beside the scores: what the routine never did while learning, named
+    new = fields["sysgram.anomaly.new_syscalls"].split()
+    assert {"socket", "connect"} <= set(new) and not {"openat", "write", "unlink"} & set(new), new

@@ -292,3 +292,69 @@ def test_the_pipeline_hands_the_detector_each_process_program(model: Model, tmp_
                      ProcEvent("exec", 2, 70, 70, comm="backup.sh", filename="/opt/backup.sh")])
     pipeline.handle([rows(habit_trace(HABITS[ALPHA], 50, np.random.default_rng(3)), tgid=70, ts0=10)])
     assert seen and seen[-1][1] == {70: "/opt/backup.sh"}
+
+
+def test_the_shipped_model_says_at_start_that_it_does_not_know_this_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from agent.config import AgentConfig
+    from agent.pipeline_commands import DEFAULT_MODEL, SHIPPED_MODEL_NOTE, build_pipeline
+
+    args = argparse.Namespace(quiet=True, alerts_jsonl=None, webhook=None, webhook_secret=None, falco_file=None,
+                              listen=None, state_dir=str(tmp_path / "state"))
+
+    def started_with(model: Path) -> str:
+        cfg = AgentConfig(state_dir=str(tmp_path / "state"), default_rules=False, model=str(model))
+        pipeline, _ = build_pipeline(cfg, args)
+        assert pipeline.detector is not None
+        return capsys.readouterr().err
+
+    assert SHIPPED_MODEL_NOTE in started_with(DEFAULT_MODEL)
+    assert "sysgram learn" in SHIPPED_MODEL_NOTE
+    assert SHIPPED_MODEL_NOTE not in started_with(copy_model(DEFAULT_MODEL, tmp_path))  # a host's own model
+
+
+# ---------------------------------------------------------------------------------------- new syscalls
+
+
+def test_the_model_knows_which_syscalls_each_program_made(model: Model) -> None:
+    assert model.made is not None
+    made = {p: {model.vocabulary[t] for t in np.flatnonzero(model.made[model.program_id(p)])} for p in HABITS}
+    assert set(HABITS[ALPHA]) <= made[ALPHA] and not made[ALPHA] & {"socket", "connect", "epoll_wait"}
+    assert set(HABITS["/usr/bin/beta"]) <= made["/usr/bin/beta"] and "futex" not in made["/usr/bin/beta"]
+    assert model.made[0].all()  # the generic slot: a program never seen has no syscalls of its own
+
+
+def test_an_anomaly_names_the_syscalls_its_program_never_made(model: Model) -> None:
+    from agent.model._detector import NEW_SYSCALLS_MAX
+
+    det = started(AnomalyDetector(model, alert_every_ns=10**15), 40, 41, 42)
+    rng = np.random.default_rng(5)
+    det.push(rows(habit_trace(HABITS[ALPHA], 300, rng), tgid=40), {40: ALPHA})
+    state = det.state(40)
+    assert state is not None and state.new_syscalls == ()
+    # alpha doing beta's networking, then the attack's syscalls (outside the vocabulary: <unk> to the
+    # network, still named here from their numbers)
+    evil = [*habit_trace(HABITS["/usr/bin/beta"], 150, rng), *(ATTACK * 20)]
+    (found,) = det.push(rows(evil, tgid=41), {41: ALPHA})
+    alpha_made = set(HABITS[ALPHA])
+    expected = tuple(dict.fromkeys(nm for nm in evil if nm not in alpha_made))
+    assert "setuid" in expected and "socket" in expected and "close" not in expected
+    assert found.new_syscalls == expected
+    assert found.output_fields()["sysgram.anomaly.new_syscalls"] == " ".join(expected)
+    assert "never made while learning: socket, connect" in found.explanation
+    later = det.state(41)
+    assert later is not None and later.new_syscalls == expected
+    # bounded per process, in the order first made
+    many = ["getuid", "getgid", "geteuid", "getegid", "setpgid", "getpgrp", "setsid", "uname", "sysinfo",
+            "times", "getrusage", "umask", "chdir", "fchdir", "rename", "mkdir", "rmdir", "link", "symlink"]
+    det.push(rows([*many, *many], tgid=42), {42: ALPHA})
+    crowded = det.state(42)
+    assert crowded is not None and crowded.new_syscalls == tuple(many[:NEW_SYSCALLS_MAX])
+    # a program the model never saw (generic slot) has no syscalls of its own to compare with
+    det.on_fork(43, 43)
+    det.push(rows(ATTACK * 10, tgid=43), {43: "/opt/never/seen"})
+    unknown = det.state(43)
+    assert unknown is not None and unknown.new_syscalls == ()

@@ -503,6 +503,8 @@ _plain("sysgram.anomaly.threshold", "float", lambda c: a.threshold if (a := c.an
 _plain("sysgram.anomaly.window", "str", lambda c: a.window if (a := c.anomaly()) is not None else None)
 _plain("sysgram.anomaly.is_anomalous", "bool",
        lambda c: a.is_anomalous if (a := c.anomaly()) is not None else None)
+_plain("sysgram.anomaly.new_syscalls", "str",
+       lambda c: a.new_syscalls if (a := c.anomaly()) is not None else None)
 
 # ---------------------------------------------------------------- inlined hot fields
 OPEN_TYPES = ("open", "openat", "openat2", "creat")

@@ -18,6 +18,7 @@ class AnomalyFields:
     threshold: float
     window: str = ""
     is_anomalous: bool = False
+    new_syscalls: str = ""  # space separated: syscalls its program made in no window the model knows
 
 
 @dataclass(frozen=True, slots=True)

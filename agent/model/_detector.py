@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.capture.names import syscall_name
+from agent.events import FLAG_COMPAT
 from agent.model._model import Model
 from agent.model._sidecar import PAD
 from agent.model._windows import ThreadWindows, Windows, run_heads
@@ -123,6 +125,7 @@ class AnomalyState:
     window_threshold: float
     window: tuple[str, ...]
     is_anomalous: bool
+    new_syscalls: tuple[str, ...] = ()  # syscalls it made that its program made in no known window
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,10 @@ class Anomaly:
     process_windows: int
     aggregate: str = "mean"
     program: str = "*"  # the program slot the model used ("*" = generic)
+    # syscalls this process made (in its life so far) that its program made in none of the model's known
+    # windows: plain evidence for the SOC beside the scores ("socket connect" from a program that never
+    # networked). Empty for the generic slot and for models without known windows.
+    new_syscalls: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -158,6 +165,7 @@ class Anomaly:
             "sysgram.anomaly.window_score": round(self.score, 4),
             "sysgram.anomaly.window_threshold": round(self.threshold, 4),
             "sysgram.anomaly.program": self.program,  # the model's program it was judged as ("*": generic)
+            "sysgram.anomaly.new_syscalls": " ".join(self.new_syscalls),
         }
 
 
@@ -177,6 +185,7 @@ class _Process:
     # the latest batch's verdict, made an AnomalyState only when asked for (most never are):
     # (ts, score, threshold, windows, window score, window threshold, window tokens as bytes, anomalous)
     latest: tuple[int, float, float, int, float, float, bytes, bool] | None = None
+    new_syscalls: tuple[str, ...] = ()  # in the order first made, at most NEW_SYSCALLS_MAX
 
 
 def contributions_of(nll: np.ndarray, window: tuple[str, ...], top: int = 3) -> tuple[tuple[int, str, float], ...]:
@@ -189,12 +198,13 @@ def contributions_of(nll: np.ndarray, window: tuple[str, ...], top: int = 3) -> 
 
 def explain(exe: str, pid: int, window_score: float, window_threshold: float, process_score: float,
             process_threshold: float, windows: int, contributions: tuple[tuple[int, str, float], ...],
-            aggregate: str = "mean", carried: int = 0) -> str:
+            aggregate: str = "mean", carried: int = 0, new_syscalls: tuple[str, ...] = ()) -> str:
     parts = ", ".join(f"{name} at position {pos} ({share:.0%})" for pos, name, share in contributions)
     earlier = f" (and its earlier spans' mean, worth {carried} windows)" if carried else ""
+    new = f"; syscalls its program never made while learning: {', '.join(new_syscalls)}" if new_syscalls else ""
     return (f"{os.path.basename(exe) or '?'} (pid {pid}) made unusual syscalls: {aggregate} window score "
             f"{process_score:.2f} over {windows} windows{earlier} exceeds {process_threshold:.2f}; its most unusual "
-            f"window scores {window_score:.2f} (threshold {window_threshold:.2f}), mostly from {parts or 'n/a'}")
+            f"window scores {window_score:.2f} (threshold {window_threshold:.2f}), mostly from {parts or 'n/a'}{new}")
 
 
 EXITED_KEEP_NS = 30_000_000_000
@@ -210,6 +220,7 @@ ENDING_MAX = 16384  # exits waiting to settle; beyond this the oldest settles at
 SPAN_MEMORY_SPANS = 8  # span_memory, in min_windows: a burst of ~100 score units (measured) dilutes below a
 # routine threshold of ~0.5 over ~250 windows; a sustained anomaly at 3 nats needs ~50 new windows to show
 PROGRAMS_LIMITED_MAX = 4096  # executables whose recent anomaly alerts are remembered for the per-program limit
+NEW_SYSCALLS_MAX = 16  # new syscalls remembered per process: enough to read, bounded under any behaviour
 
 
 class AnomalyDetector:
@@ -255,6 +266,8 @@ class AnomalyDetector:
         self._vocab = np.array(model.vocabulary, dtype=object)
         self._token_dtype = np.uint16 if len(self._vocab) <= 1 << 16 else np.int64  # a kept window, compact
         self._limits: dict[int, tuple[str, float, float, tuple[tuple[int, float], ...]]] = {}
+        # [program * vocabulary + token] -> whether that program made that token in none of its known windows
+        self._new_flat = None if model.made is None else ~model.made.ravel()
         self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "windows_known": 0, "cache_hits": 0,
                        "unk_tokens": 0,
                        "anomalies": 0, "anomalies_suppressed": 0, "batches": 0}
@@ -352,7 +365,7 @@ class AnomalyDetector:
                                       windows=windows, window_score=window_score,
                                       window_threshold=window_threshold,
                                       window=self._window(np.frombuffer(tokens, dtype=self._token_dtype)),
-                                      is_anomalous=anomalous)
+                                      is_anomalous=anomalous, new_syscalls=proc.new_syscalls)
             proc.latest = None
         return proc.state
 
@@ -384,6 +397,12 @@ class AnomalyDetector:
         prog_of_pid = np.array([self.model.program_id(k) for k in keys], dtype=np.int64)
         programs = np.repeat(prog_of_pid, counts)
         scores = self._scores(win, programs)
+        new_of: dict[int, tuple[str, ...]] = {}
+        if self._new_flat is not None:  # windows ending on a syscall new for their program come signed
+            fresh = np.flatnonzero(np.signbit(scores))
+            if len(fresh):
+                np.abs(scores, out=scores)
+                new_of = self._new_syscalls(batch, win, fresh, starts)
         sums = np.add.reduceat(scores, starts)
         # the highest-scoring window of each process in this batch (the last one on ties)
         top = np.repeat(np.maximum.reduceat(scores, starts), counts)
@@ -397,11 +416,29 @@ class AnomalyDetector:
         for i, pid in enumerate(pid_list):
             w = int(best[i])
             anomaly = self._judge(pid, exes[i], int(prog_of_pid[i]), int(last_ts[i]), float(sums[i]),
-                                  int(counts[i]), best_tokens[i], float(scores[w]), int(best_tids[i]))
+                                  int(counts[i]), best_tokens[i], float(scores[w]), int(best_tids[i]),
+                                  new_of.get(i, ()))
             if anomaly is not None:
                 anomalies.append(anomaly)
         self._stats["anomalies"] += len(anomalies)
         return anomalies
+
+    def _new_syscalls(self, batch: np.ndarray, win: Windows, fresh: np.ndarray,
+                      starts: np.ndarray) -> dict[int, tuple[str, ...]]:
+        """Per process (its index in this batch): the syscalls that the windows at ``fresh`` end on, named
+        from the batch's syscall numbers (so a syscall outside the vocabulary, <unk> to the network, keeps
+        its name), in the order first made."""
+        rows = win.rows[fresh]
+        owner = np.searchsorted(starts, fresh, side="right") - 1
+        number = batch["nr"][rows].astype(np.int64) | ((batch["flags"][rows] & FLAG_COMPAT).astype(np.int64) << 32)
+        _, first = np.unique((owner.astype(np.int64) << 40) | number, return_index=True)
+        out: dict[int, tuple[str, ...]] = {}
+        for i in np.sort(first).tolist():
+            nr = int(number[i])
+            name = syscall_name(nr & 0xFFFFFFFF, compat=bool(nr >> 32))
+            o = int(owner[i])
+            out[o] = (*out.get(o, ()), name)
+        return out
 
     def _scores(self, win: Windows, programs: np.ndarray) -> np.ndarray:
         """Every window's score: from the cache, the rest (each distinct window once) from onnxruntime."""
@@ -420,7 +457,15 @@ class AnomalyDetector:
         if len(missed):
             new_keys, first, inverse = np.unique(distinct_keys[missed], return_index=True, return_inverse=True)
             rows = missed[first] if heads is None else heads[missed[first]]
-            new_scores, known = self.model.known_or_scored(win.take(rows), programs[rows], new_keys)
+            tokens = win.take(rows)
+            new_scores, known = self.model.known_or_scored(tokens, programs[rows], new_keys)
+            if self._new_flat is not None:
+                # A window ending on a syscall its program never made is stored with its score negated, so
+                # that cache hits carry that too at the cost of a sign test (scores are never negative;
+                # abs first clears the sign a NaN or -0.0 may have).
+                np.abs(new_scores, out=new_scores)
+                new = self._new_flat.take(programs[rows] * len(self._vocab) + tokens[:, -1])
+                np.negative(new_scores, where=new, out=new_scores)
             scores[missed] = new_scores[inverse.ravel()]
             self.cache.insert(new_keys, new_scores)
             distinct = len(new_keys)
@@ -464,7 +509,7 @@ class AnomalyDetector:
         return limits
 
     def _judge(self, pid: int, exe: str, program: int, ts: int, total: float, count: int, tokens: np.ndarray,
-               window_score: float, tid: int) -> Anomaly | None:
+               window_score: float, tid: int, new_syscalls: tuple[str, ...] = ()) -> Anomaly | None:
         proc = self._procs.get(pid)
         if proc is None or proc.exe != exe:
             # a process recreated because its exe became known is the same process: it keeps its start
@@ -487,6 +532,10 @@ class AnomalyDetector:
         proc.total += total
         proc.count += count
         proc.lifetime += count
+        if new_syscalls and len(proc.new_syscalls) < NEW_SYSCALLS_MAX:
+            seen = set(proc.new_syscalls)
+            added = tuple(nm for nm in new_syscalls if nm not in seen)
+            proc.new_syscalls = (*proc.new_syscalls, *added)[:NEW_SYSCALLS_MAX]
         program_name, p_threshold, w_threshold, startup = self._limits_of(program)
         enough = proc.count >= self.min_windows
         if proc.started:  # young: the mean still holds its start (carried spans included)
@@ -519,7 +568,8 @@ class AnomalyDetector:
             ts=ts, pid=pid, tid=tid, exe=exe, score=window_score, threshold=w_threshold, window=window,
             contributions=contributions,
             explanation=explain(exe, pid, window_score, w_threshold, p_score, p_threshold, proc.count,
-                                contributions, self.model.sidecar.aggregate, carried=proc.carried),
+                                contributions, self.model.sidecar.aggregate, carried=proc.carried,
+                                new_syscalls=proc.new_syscalls),
             process_score=p_score, process_threshold=p_threshold, process_windows=proc.count,
-            aggregate=self.model.sidecar.aggregate, program=program_name,
+            aggregate=self.model.sidecar.aggregate, program=program_name, new_syscalls=proc.new_syscalls,
         )

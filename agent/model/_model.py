@@ -32,6 +32,9 @@ class Model:
     session_runs: int = 0
     # keys (this process's secret hash) of the (program, window) pairs seen in training, sorted: see is_known
     known_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    # bool [programs, vocabulary]: the tokens each program slot made in its known windows (see made_tokens);
+    # None without known windows
+    made: np.ndarray | None = None
     _token_of: dict[str, int] = field(default_factory=dict)
     _program_of: dict[str, int] = field(default_factory=dict)
 
@@ -182,11 +185,25 @@ def _read_rows(path: Path, sha256: str) -> np.ndarray:
                          f"{str(err)[:120]})", path=str(path)) from None
 
 
-def _known_keys(sidecar: Sidecar, onnx_path: str) -> np.ndarray:
-    """The sidecar's ``known_windows`` file, hashed with this process's secret key base (sorted, unique)."""
+def made_tokens(rows: np.ndarray, programs: int, vocab_size: int) -> np.ndarray:
+    """bool [programs, vocab_size]: which tokens each program slot made in the known (program, window) rows.
+
+    The generic slot's row is all True: a program the model never saw has no syscalls of its own to be
+    compared with.
+    """
+    made = np.zeros((programs, vocab_size), dtype=bool)
+    for i in range(0, len(rows), _HASH_CHUNK):
+        chunk = rows[i:i + _HASH_CHUNK].astype(np.intp)
+        made[np.repeat(chunk[:, 0], chunk.shape[1] - 1), chunk[:, 1:].ravel()] = True
+    made[0] = True  # GENERIC_PROGRAM's slot
+    return made
+
+
+def _known_rows(sidecar: Sidecar, onnx_path: str) -> np.ndarray | None:
+    """The sidecar's ``known_windows`` rows [k, 1 + n], checked against its tables; None when it has none."""
     entry = sidecar.raw.get("known_windows")
     if entry is None:
-        return np.zeros(0, dtype=np.uint64)
+        return None
     name = entry.get("file") if isinstance(entry, dict) else None
     if (not isinstance(name, str) or not isinstance(entry.get("sha256"), str) or Path(name).name != name
             or name in ("", ".", "..")):
@@ -210,7 +227,7 @@ def _known_keys(sidecar: Sidecar, onnx_path: str) -> np.ndarray:
     if len(rows) and np.isin(rows[:, 1:], (UNK, MASK)).any():
         raise ModelError("known-windows rows hold <unk> or <mask>, which stand for more than one syscall",
                          path=str(path))
-    return hash_known(rows)
+    return rows
 
 
 def file_sha256(path: str | Path) -> str:
@@ -246,4 +263,8 @@ def load_model(path: str | Path, *, threads: int = 1) -> Model:
         got = meta.get(f"sysgram.{key}")
         if got is None or got != str(want):
             raise ModelError(f"ONNX {key}={got} does not match sidecar {key}={want}", path=onnx_path)
-    return Model(path=onnx_path, sidecar=sidecar, session=session, known_keys=_known_keys(sidecar, onnx_path))
+    rows = _known_rows(sidecar, onnx_path)
+    if rows is None:
+        return Model(path=onnx_path, sidecar=sidecar, session=session)
+    return Model(path=onnx_path, sidecar=sidecar, session=session, known_keys=hash_known(rows),
+                 made=made_tokens(rows, len(sidecar.programs), sidecar.vocab_size))
