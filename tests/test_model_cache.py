@@ -123,7 +123,7 @@ def scores_by_row(detector: AnomalyDetector, batches: list[np.ndarray], exe_of: 
         tgids = batch["tgid"][win.rows]
         programs = np.array([detector.model.program_id(exe_of[int(t)]) for t in tgids], dtype=np.int64)
         scores = np.empty(len(batch))
-        scores[win.rows] = detector._scores(win, programs)
+        scores[win.rows] = detector._scores(win, programs)[0]
         out.append(scores)
     return np.concatenate(out)
 

@@ -358,3 +358,36 @@ def test_an_anomaly_names_the_syscalls_its_program_never_made(model: Model) -> N
     det.push(rows(ATTACK * 10, tgid=43), {43: "/opt/never/seen"})
     unknown = det.state(43)
     assert unknown is not None and unknown.new_syscalls == ()
+
+
+def test_new_syscalls_ride_the_cache_and_leave_every_score_as_it_was(model: Model) -> None:
+    from dataclasses import replace
+
+    from agent.events import FLAG_COMPAT
+
+    rng = np.random.default_rng(6)
+    evil = [*habit_trace(HABITS["/usr/bin/beta"], 120, rng), *(["getrandom"] * 400), *(ATTACK * 5)]
+    expected = tuple(dict.fromkeys(nm for nm in evil if nm not in HABITS[ALPHA]))
+    blind = replace(model, made=None)  # the same network without the sets: what the scores must stay
+    for cache_size in (65536, 0):
+        det = started(AnomalyDetector(model, cache_size=cache_size, alert_every_ns=10**15), 50, 51)
+        plain = started(AnomalyDetector(blind, cache_size=cache_size, alert_every_ns=10**15), 50, 51)
+        for pid in (50, 51):  # 51 makes the same windows: with the cache on, every one is a hit
+            scored = det.stats["windows_scored"]
+            det.push(rows(evil, tgid=pid), {pid: ALPHA})
+            plain.push(rows(evil, tgid=pid), {pid: ALPHA})
+            got, want = det.state(pid), plain.state(pid)
+            assert got is not None and want is not None and got.new_syscalls == expected, (cache_size, pid)
+            assert want.new_syscalls == ()
+            assert (got.score, got.window_score, got.is_anomalous) == (want.score, want.window_score, want.is_anomalous)
+            if cache_size and pid == 51:
+                assert det.stats["windows_scored"] == scored  # the names came from the cache's signs
+    # threads of one process: names in the order made, across threads; a 32-bit syscall is marked
+    det = started(AnomalyDetector(model, alert_every_ns=10**15), 60, 61, 62)
+    first = rows(["socket"], tgid=60, tid=62, ts0=0)
+    second = rows(["ptrace"], tgid=60, tid=61, ts0=10**9)
+    compat = rows(["read"], tgid=60, tid=61, ts0=2 * 10**9)
+    compat["nr"], compat["flags"] = syscall_number("mprotect", compat=True), FLAG_COMPAT
+    det.push(np.concatenate([second, first, compat]), {60: ALPHA})
+    state = det.state(60)
+    assert state is not None and state.new_syscalls == ("socket", "ptrace", "mprotect(i386)")

@@ -11,7 +11,7 @@ Public API (numpy + onnxruntime only; training lives in ``training/``)::
     detector.state(pid) -> AnomalyState | None
     detector.stats -> {"windows", "windows_scored", "windows_known", "cache_hits", "cache_evictions", "pre_exec_rows", ...}
 
-    cache = ScoreCache(size)                                  # numpy open-addressing table, key -> window score
+    cache = ScoreCache(size)                                  # numpy open-addressing table, key -> window score (signed)
     found, scores = cache.lookup(keys); cache.insert(new_keys, new_scores)
     win = ThreadWindows(n, model.nr_tokens).build(batch)      # Windows: views into one token buffer
     win.keys(programs) == window_keys(win.tokens, programs); win.take(index) -> int64 [k, n]

@@ -14,12 +14,14 @@ import numpy as np
 from agent.capture.names import syscall_name
 from agent.events import FLAG_COMPAT
 from agent.model._model import Model
-from agent.model._sidecar import PAD
-from agent.model._windows import ThreadWindows, Windows, run_heads
+from agent.model._sidecar import PAD, UNK
+from agent.model._windows import _COMPAT_BIT, ThreadWindows, Windows, run_heads
 
 
 class ScoreCache:
     """Bounded hash table, window key -> window score, looked up and filled a whole batch at a time (numpy only).
+    The detector stores a window that ends on a syscall new for its program with its score negated (the sign
+    carries that fact to every later hit); the cache itself only stores and returns numbers.
 
     Open addressing with linear probing, at most half full. Each entry remembers the generation (batch) that
     last used it; when new entries would not fit in ``size``, the table is rebuilt from its most recently used
@@ -221,6 +223,9 @@ SPAN_MEMORY_SPANS = 8  # span_memory, in min_windows: a burst of ~100 score unit
 # routine threshold of ~0.5 over ~250 windows; a sustained anomaly at 3 nats needs ~50 new windows to show
 PROGRAMS_LIMITED_MAX = 4096  # executables whose recent anomaly alerts are remembered for the per-program limit
 NEW_SYSCALLS_MAX = 16  # new syscalls remembered per process: enough to read, bounded under any behaviour
+_NR_MASK = (1 << _COMPAT_BIT) - 1  # a row's syscall as one number: nr | compat << _COMPAT_BIT ...
+_OWNER_SHIFT = _COMPAT_BIT + 1  # ... and with its process (index in the batch) above it
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 class AnomalyDetector:
@@ -396,13 +401,8 @@ class AnomalyDetector:
         keys = exes if program_of is None else [program_of.get(p) or e for p, e in zip(pid_list, exes, strict=True)]
         prog_of_pid = np.array([self.model.program_id(k) for k in keys], dtype=np.int64)
         programs = np.repeat(prog_of_pid, counts)
-        scores = self._scores(win, programs)
-        new_of: dict[int, tuple[str, ...]] = {}
-        if self._new_flat is not None:  # windows ending on a syscall new for their program come signed
-            fresh = np.flatnonzero(np.signbit(scores))
-            if len(fresh):
-                np.abs(scores, out=scores)
-                new_of = self._new_syscalls(batch, win, fresh, starts)
+        scores, fresh = self._scores(win, programs)
+        new_of = self._new_syscalls(batch, win, fresh, starts, pid_list, exes) if len(fresh) else {}
         sums = np.add.reduceat(scores, starts)
         # the highest-scoring window of each process in this batch (the last one on ties)
         top = np.repeat(np.maximum.reduceat(scores, starts), counts)
@@ -423,25 +423,41 @@ class AnomalyDetector:
         self._stats["anomalies"] += len(anomalies)
         return anomalies
 
-    def _new_syscalls(self, batch: np.ndarray, win: Windows, fresh: np.ndarray,
-                      starts: np.ndarray) -> dict[int, tuple[str, ...]]:
+    def _new_syscalls(self, batch: np.ndarray, win: Windows, fresh: np.ndarray, starts: np.ndarray,
+                      pids: list[int], exes: list[str]) -> dict[int, tuple[str, ...]]:
         """Per process (its index in this batch): the syscalls that the windows at ``fresh`` end on, named
         from the batch's syscall numbers (so a syscall outside the vocabulary, <unk> to the network, keeps
-        its name), in the order first made."""
-        rows = win.rows[fresh]
-        owner = np.searchsorted(starts, fresh, side="right") - 1
-        number = batch["nr"][rows].astype(np.int64) | ((batch["flags"][rows] & FLAG_COMPAT).astype(np.int64) << 32)
-        _, first = np.unique((owner.astype(np.int64) << 40) | number, return_index=True)
-        out: dict[int, tuple[str, ...]] = {}
-        for i in np.sort(first).tolist():
-            nr = int(number[i])
-            name = syscall_name(nr & 0xFFFFFFFF, compat=bool(nr >> 32))
-            o = int(owner[i])
-            out[o] = (*out.get(o, ()), name)
-        return out
+        its name; a 32-bit one is marked "(i386)"), in the order first made, each once.
 
-    def _scores(self, win: Windows, programs: np.ndarray) -> np.ndarray:
-        """Every window's score: from the cache, the rest (each distinct window once) from onnxruntime."""
+        A process looping on a new syscall must not make this cost a gather and a sort of every window:
+        repeats of one syscall by one thread collapse to their first, and processes whose list is full
+        are skipped.
+        """
+        owner = np.searchsorted(starts, fresh, side="right") - 1
+        owners = owner[run_heads(owner)].tolist()  # fresh is in window order, so owner does not decrease
+        full = [i for i in owners if (p := self._procs.get(pids[i])) is not None
+                and p.exe == exes[i] and len(p.new_syscalls) >= NEW_SYSCALLS_MAX]
+        if full:
+            keep = ~np.isin(owner, full)
+            fresh, owner = fresh[keep], owner[keep]
+        rows = win.rows[fresh]
+        syscall = batch["nr"][rows].astype(np.int64) | (
+            (batch["flags"][rows] & FLAG_COMPAT).astype(np.int64) << _COMPAT_BIT)
+        key = (owner.astype(np.int64) << _OWNER_SHIFT) | syscall
+        heads = run_heads(key)
+        _, first = np.unique(key[heads], return_index=True)
+        first = heads[first]
+        first = first[np.argsort(batch["ts"][rows[first]], kind="stable")]  # across threads: by time
+        out: dict[int, dict[str, None]] = {}
+        for i in first.tolist():
+            nr, compat = int(syscall[i]) & _NR_MASK, bool(int(syscall[i]) >> _COMPAT_BIT)
+            name = f"{syscall_name(nr, compat=True)}(i386)" if compat else syscall_name(nr)
+            out.setdefault(int(owner[i]), {})[name] = None
+        return {owner_index: tuple(names) for owner_index, names in out.items()}
+
+    def _scores(self, win: Windows, programs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every window's score: from the cache, the rest (each distinct window once) from onnxruntime; and
+        the windows that end on a syscall new for their program (of a run of equal windows, the first)."""
         keys = win.keys(programs)
         # A thread repeating one syscall (the loops that make millions of syscalls/s) repeats its window:
         # look up each run of equal consecutive keys once when that saves at least half the lookups.
@@ -470,11 +486,29 @@ class AnomalyDetector:
             self.cache.insert(new_keys, new_scores)
             distinct = len(new_keys)
             self._stats["windows_known"] += known
+        fresh = _NONE
+        if self._new_flat is not None:  # the sign says new; read it before runs are expanded
+            fresh = np.flatnonzero(np.signbit(scores))
+            if len(fresh):
+                np.abs(scores, out=scores)
+                if heads is not None:
+                    fresh = self._run_firsts(win, heads, fresh, len(keys))
         if heads is not None:
             scores = np.repeat(scores, np.diff(np.append(heads, len(keys))))
         self._stats["windows_scored"] += distinct
         self._stats["cache_hits"] += len(keys) - distinct
-        return scores
+        return scores, fresh
+
+    def _run_firsts(self, win: Windows, heads: np.ndarray, runs: np.ndarray, size: int) -> np.ndarray:
+        """The windows to name for these runs of equal windows: each run's first, but every window of a run
+        that ends on <unk>, which stands for many syscalls (equal windows, different syscalls)."""
+        firsts = heads[runs]
+        unk = win.buffer[win.starts[firsts] + (self.n - 1)] == UNK
+        if not unk.any():
+            return firsts
+        lengths = np.where(unk, np.append(heads, size)[runs + 1] - firsts, 1)
+        offsets = np.cumsum(lengths) - lengths  # each run's windows, in order: no sort needed
+        return np.repeat(firsts - offsets, lengths) + np.arange(int(lengths.sum()))
 
     def _started(self, pid: int) -> bool:
         if pid in self._starting:

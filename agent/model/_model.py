@@ -189,7 +189,8 @@ def made_tokens(rows: np.ndarray, programs: int, vocab_size: int) -> np.ndarray:
     """bool [programs, vocab_size]: which tokens each program slot made in the known (program, window) rows.
 
     The generic slot's row is all True: a program the model never saw has no syscalls of its own to be
-    compared with.
+    compared with. Known rows leave out windows holding <unk>, so a syscall a program made only within n-1
+    syscalls after one outside the vocabulary (possible in held-out traces only) counts as not made.
     """
     made = np.zeros((programs, vocab_size), dtype=bool)
     for i in range(0, len(rows), _HASH_CHUNK):
