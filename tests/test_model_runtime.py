@@ -391,3 +391,42 @@ def test_new_syscalls_ride_the_cache_and_leave_every_score_as_it_was(model: Mode
     det.push(np.concatenate([second, first, compat]), {60: ALPHA})
     state = det.state(60)
     assert state is not None and state.new_syscalls == ("socket", "ptrace", "mprotect(i386)")
+
+
+# ---------------------------------------------------------------------------------------- sysgram inspect MODEL
+
+
+def test_inspect_shows_what_a_model_knows(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(model_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    by_name = {p["program"]: p for p in summary["programs"]}
+    side = json.loads(model_path.with_suffix(".json").read_text())
+    assert list(by_name) == side["programs"] and summary["program_slots"] == len(side["programs"])
+    assert summary["known_windows"] == side["known_windows"]["windows"] > 0
+    for exe, habit in HABITS.items():
+        assert by_name[exe]["syscalls_made"] == len(set(habit))
+        assert by_name[exe]["process_threshold"] == side["thresholds"]["process"][exe]
+        assert by_name[exe]["judged_traces"] == side["calibration"]["programs"][exe]["judged_traces"]
+    assert by_name["*"]["syscalls_made"] is None  # the generic slot has no syscalls of its own
+
+    assert main(["inspect", str(model_path), "--program", ALPHA, "--json"]) == 0
+    (alpha,) = json.loads(capsys.readouterr().out)["programs"]
+    assert alpha["syscalls"] == sorted(set(HABITS[ALPHA]))
+
+    assert main(["inspect", str(model_path), "--program", ALPHA]) == 0
+    text = capsys.readouterr().out
+    assert ALPHA in text and f"syscalls made while learning: {' '.join(sorted(set(HABITS[ALPHA])))}" in text
+
+
+def test_inspect_refuses_what_it_cannot_show_in_one_line(model_path: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(model_path), "--program", "/usr/bin/never"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(model_path) in err and "/usr/bin/never" in err
+    assert main(["inspect", str(tmp_path / "some.parquet"), "--program", ALPHA]) == 2  # a recording: --pid
+    assert "--program is for a model" in capsys.readouterr().err
+    broken = copy_model(model_path, tmp_path)
+    broken.write_bytes(b"not a model")
+    assert main(["inspect", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(broken) in err

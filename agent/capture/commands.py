@@ -33,8 +33,9 @@ def register(subparsers: Any) -> None:
     rec.add_argument("--state-dir", default="/var/lib/sysgram", help=argparse.SUPPRESS)
     rec.set_defaults(handler=_record)
 
-    ins = subparsers.add_parser("inspect", help="summarise a recording")
+    ins = subparsers.add_parser("inspect", help="summarise a recording, or what a model (.onnx) knows")
     ins.add_argument("file")
+    ins.add_argument("--program", metavar="PATH", help="a model's program: its thresholds and syscalls by name")
     ins.add_argument("--json", action="store_true")
     ins.add_argument("--pid", type=int, help="only this process")
     ins.add_argument(
@@ -156,12 +157,23 @@ def process_events(rec: Recording, pid: int) -> list[dict[str, Any]]:
 
 def _inspect(args: argparse.Namespace) -> int:
     from agent.capture.recording import read_recording
+    from agent.errors import ConfigError
 
+    if args.file.endswith(".onnx"):
+        from agent.model.commands import model_summary, print_model_summary
+
+        summary = model_summary(args.file, args.program)
+        if args.json:
+            json.dump(summary, sys.stdout)
+            print()
+        else:
+            print_model_summary(summary)
+        return 0
+    if args.program is not None:
+        raise ConfigError("--program is for a model (.onnx); a recording's processes are chosen with --pid")
     rec = read_recording(args.file)
     if args.events:
         if args.pid is None:
-            from agent.errors import ConfigError
-
             raise ConfigError("--events needs --pid P")
         for obj in process_events(rec, args.pid):
             print(json.dumps(obj))

@@ -1,4 +1,5 @@
-"""``sysgram train`` (offline retraining from recordings) and ``sysgram eval adfa`` (the ADFA-LD protocol)."""
+"""``sysgram train`` (offline retraining from recordings), ``sysgram eval adfa`` (the ADFA-LD protocol), and
+what ``sysgram inspect MODEL.onnx`` shows of a model."""
 
 from __future__ import annotations
 
@@ -107,3 +108,78 @@ def _eval_adfa(args: argparse.Namespace) -> int:
           f"{m['epochs_run']} epochs; {result['seconds']:.0f}s" + (f"; ROC curves in {args.plot}" if args.plot else ""))
     del roc
     return 0
+
+
+def model_summary(path: str, program: str | None = None) -> dict[str, Any]:
+    """What a model knows, for ``sysgram inspect MODEL.onnx``: its make-up, and per program slot the syscalls
+    it made in the known windows, its held-out traces judged in calibration and its thresholds. With
+    ``program``: that slot alone, with the syscalls by name."""
+    import numpy as np
+
+    from agent.model import load_model
+    from agent.model._sidecar import GENERIC_PROGRAM, SPECIALS
+
+    model = load_model(path)
+    side = model.sidecar
+    th = side.thresholds
+    calibration = side.raw.get("calibration", {}).get("programs", {})
+    if program is not None and program not in side.programs:
+        raise ConfigError(f"the model has no program {program!r} (it has {len(side.programs) - 1}; "
+                          f"`sysgram inspect {path}` lists them)", path=path)
+
+    def made_by(slot: int) -> list[str] | None:
+        if model.made is None or side.programs[slot] == GENERIC_PROGRAM:
+            return None
+        return sorted(side.vocabulary[t] for t in np.flatnonzero(model.made[slot]) if side.vocabulary[t] not in SPECIALS)
+
+    programs = []
+    for slot, name in enumerate(side.programs):
+        if program is not None and name != program:
+            continue
+        made = made_by(slot)
+        entry: dict[str, Any] = {
+            "program": name,
+            "syscalls_made": None if made is None else len(made),
+            "judged_traces": calibration.get(name, {}).get("judged_traces"),
+            "process_threshold": th.process_for(name),
+            "window_threshold": th.window_for(name),
+            "startup_thresholds": [list(b) for b in th.startup_for(name)],
+        }
+        if program is not None:
+            entry["syscalls"] = made
+        programs.append(entry)
+    made_info = side.raw.get("made", {})
+    return {
+        "model": path, "n": side.n, "tokens": side.vocab_size, "program_slots": len(side.programs),
+        "programs": programs,
+        "known_windows": int(side.raw.get("known_windows", {}).get("windows", 0)),
+        "unk_cost": side.unk_cost, "nll_cap": side.nll_cap,
+        "target_process_far": th.target_process_far, "target_window_far": th.target_window_far,
+        "min_windows": th.min_windows, "training_data": side.raw.get("training_data", {}),
+        "created": made_info.get("created"), "how": made_info.get("how"),
+    }
+
+
+def print_model_summary(summary: dict[str, Any]) -> None:
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3g}"
+
+    data = summary["training_data"]
+    def count(value: Any) -> str:
+        return f"{value:,}" if isinstance(value, int) else "?"
+
+    print(f"{summary['model']}: n {summary['n']}, {summary['tokens']} tokens, {summary['program_slots']} program "
+          f"slots (* = any other program), {summary['known_windows']:,} known windows, nll cap "
+          f"{number(summary['nll_cap'])} (unseen syscall {number(summary['unk_cost'])})")
+    print(f"  made {summary['created'] or '?'} from {count(data.get('traces'))} traces ({count(data.get('windows'))} "
+          f"windows); targets: process false alarms {summary['target_process_far']:g}, windows "
+          f"{summary['target_window_far']:g}; judged from {summary['min_windows']} windows")
+    print(f"  {'program':<48} {'syscalls':>8} {'judged':>6} {'process':>8} {'window':>7}  start-up")
+    for p in summary["programs"]:
+        startup = " ".join(f"<{w}:{number(t)}" for w, t in p["startup_thresholds"]) or "-"
+        made = "-" if p["syscalls_made"] is None else p["syscalls_made"]
+        judged = "-" if p["judged_traces"] is None else p["judged_traces"]
+        print(f"  {p['program']:<48} {made:>8} {judged:>6} {number(p['process_threshold']):>8} "
+              f"{number(p['window_threshold']):>7}  {startup}")
+        if "syscalls" in p:
+            print(f"    syscalls made while learning: {' '.join(p['syscalls']) if p['syscalls'] else '(not known)'}")
