@@ -219,3 +219,16 @@ def test_traces_say_whether_their_thread_was_seen_starting(tmp_path: Path) -> No
     for t, count in zip(traces, per_trace, strict=True):  # mid-life: the first n-1 syscalls are context only
         assert count == len(t.syscalls) - (0 if t.from_start else n - 1)
 
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 5, 10])
+def test_training_of_exactly_ten_steps_trains(tmp_path: Path, epochs: int) -> None:
+    """OneCycleLR divides by pct_start * total_steps - 1, zero at ten steps with a 10% warm-up."""
+    from training.train import fit
+
+    cfg = tiny_cfg(epochs=epochs, batch_size=64, patience=100)
+    windows = np.random.default_rng(0).integers(3, 10, size=(64 * 10 // epochs, 8))
+    programs = np.zeros(len(windows), dtype=np.int64)
+    net_cfg = NetConfig(vocab_size=10, n=8, programs=1, **TINY)
+    _, report = fit(windows, programs, windows[:32], programs[:32], net_cfg, cfg, progress=False)
+    assert report["epochs_run"] == epochs and np.isfinite(report["holdout_nll"])

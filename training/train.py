@@ -255,8 +255,11 @@ def fit(windows: np.ndarray, programs: np.ndarray, val_windows: np.ndarray, val_
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = max(1, math.ceil(len(windows) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs,
-                                                pct_start=0.1)
+    total_steps = steps_per_epoch * cfg.epochs
+    # OneCycleLR divides by pct_start * total_steps - 1: at exactly 10 steps a 10% warm-up raised
+    # ZeroDivisionError (a small `learn --exe`, or `train --epochs 1` on ~5,000 windows)
+    warm_up = 0.15 if math.isclose(0.1 * total_steps, 1.0) else 0.1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=warm_up)
     best, best_state, best_epoch, bad = math.inf, None, 0, 0
     history: list[dict[str, float]] = []
     tokens_all, programs_all = torch.from_numpy(windows), torch.from_numpy(programs)
