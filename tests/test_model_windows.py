@@ -284,3 +284,45 @@ def test_the_detector_drops_late_rows_only_when_the_id_was_just_freed() -> None:
     det2.on_fork(51, 51, 100)
     det2.push(timed_batch([(51, 51, "read"), (51, 51, "close")], [90, 110]), {51: "/usr/bin/true"})
     assert det2.stats["pre_exec_rows"] == 0 and det2.stats["windows"] == 2
+
+
+def test_rows_before_an_exec_or_reused_fork_are_dropped_as_one_row_at_a_time_would() -> None:
+    """The vectorised drop against its plain definition, on random batches (runs of threads, timed and
+    untimed pending threads, 32-bit execve rows)."""
+    model = load_model(ROOT / "models" / "sysgram-default.onnx")
+    execve = {False: syscall_number("execve"), True: syscall_number("execve", compat=True)}
+    rng = np.random.default_rng(11)
+
+    def by_hand(batch: np.ndarray, pending: dict[int, int | None]) -> tuple[np.ndarray, dict[int, int | None]]:
+        keep, left = np.ones(len(batch), dtype=bool), dict(pending)
+        for tid, until in pending.items():
+            mine = [i for i in range(len(batch)) if int(batch["tid"][i]) == tid]
+            if not mine:
+                continue
+            if until is not None:
+                for i in mine:
+                    keep[i] = keep[i] and int(batch["ts"][i]) > until
+                if any(int(batch["ts"][i]) > until for i in mine):
+                    del left[tid]
+                continue
+            del left[tid]
+            execs = [i for i in mine if int(batch["nr"][i]) == execve[bool(batch["flags"][i] & FLAG_COMPAT)]]
+            for i in mine:
+                keep[i] = keep[i] and not (execs and i <= execs[-1])
+        return keep, left
+
+    for _ in range(500):
+        size = int(rng.integers(1, 200))
+        batch = np.zeros(size, dtype=SYSCALL_DTYPE)
+        batch["tid"] = batch["tgid"] = np.repeat(rng.integers(1, 12, size=size), rng.integers(1, 6, size=size))[:size]
+        batch["ts"] = np.sort(rng.integers(0, 1000, size=size))
+        batch["flags"] = np.where(rng.random(size) < 0.2, FLAG_COMPAT, 0)
+        batch["nr"] = np.where(rng.random(size) < 0.1, [execve[bool(f)] for f in batch["flags"]], 0)
+        pending = {int(t): (None if rng.random() < 0.25 else int(rng.integers(0, 1000)))
+                   for t in rng.choice(np.arange(1, 15), size=int(rng.integers(1, 8)), replace=False)}
+        windows = ThreadWindows(model.n, model.nr_tokens)
+        windows._earlier_rows = dict(pending)
+        kept = windows._drop_earlier_rows(batch)
+        keep, left = by_hand(batch, pending)
+        assert np.array_equal(np.arange(size) if kept is None else kept, np.flatnonzero(keep))
+        assert windows._earlier_rows == left

@@ -241,44 +241,57 @@ class ThreadWindows:
 
     def _drop_earlier_rows(self, batch: np.ndarray) -> np.ndarray | None:
         """Rows to keep when threads with an earlier program's or thread's rows pending (an exec, or a fork
-        that reused the id) have rows in the batch (None: keep all)."""
-        pending = np.fromiter(self._earlier_rows, dtype=np.int64, count=len(self._earlier_rows))
-        mine = np.isin(batch["tid"], pending)
-        if not mine.any():
+        that reused the id) have rows in the batch (None: keep all). Vectorised: a host starting hundreds
+        of programs a second has that many pending in every batch."""
+        pending = sorted(self._earlier_rows.items())
+        pending_tids = np.array([tid for tid, _ in pending], dtype=np.int64)
+        # -1: no time known (an exec without one, rare): found by its execve row below
+        untils = np.array([-1 if until is None else until for _, until in pending], dtype=np.int64)
+        tids = batch["tid"].astype(np.int64, copy=False)
+        # rows come in runs of one thread: look the runs up, then expand the few that are pending
+        heads = run_heads(tids)
+        at = np.minimum(np.searchsorted(pending_tids, tids[heads]), len(pending_tids) - 1)
+        hit = np.flatnonzero(pending_tids[at] == tids[heads])
+        if not len(hit):
             return None
+        lengths = np.diff(np.append(heads, len(tids)))[hit]
+        offsets = np.cumsum(lengths) - lengths
+        rows = np.repeat(heads[hit] - offsets, lengths) + np.arange(int(lengths.sum()))
+        which = np.repeat(at[hit], lengths)
         keep = np.ones(len(batch), dtype=bool)
-        is_exec: np.ndarray | None = None  # only for an exec without a time (rare): found by syscall
-        for tid in np.unique(batch["tid"][mine]).tolist():
-            until = self._earlier_rows[tid]
-            thread = batch["tid"] == tid
-            if until is not None:
-                before = thread & (batch["ts"] <= until)
-                keep[before] = False
-                if (thread & ~before).any():  # the new program's (or thread's) first row is in: done
-                    del self._earlier_rows[tid]
-                continue
+        until = untils[which]
+        timed = until >= 0
+        # rows stamped up to the exec (or fork) are the earlier program's (or thread's) ...
+        before = timed & (batch["ts"][rows].astype(np.int64) <= until)
+        keep[rows[before]] = False
+        # ... until the new program's (or thread's) first row is in: then nothing more is pending for it
+        done = np.bincount(which[timed & ~before], minlength=len(pending_tids)) > 0
+        untimed = np.bincount(which[~timed], minlength=len(pending_tids)) > 0
+        for tid in pending_tids[done | untimed].tolist():
             del self._earlier_rows[tid]
-            if is_exec is None:
-                compat = (batch["flags"] & FLAG_COMPAT).astype(bool)
-                is_exec = np.where(compat, np.isin(batch["nr"], self._exec_nrs[True]),
-                                   np.isin(batch["nr"], self._exec_nrs[False]))
-            execs = np.flatnonzero(is_exec & thread)
-            if len(execs):
-                keep[thread & (np.arange(len(batch)) <= execs[-1])] = False
+        if untimed.any():  # the rows up to the thread's last execve row in this batch
+            compat = (batch["flags"] & FLAG_COMPAT).astype(bool)
+            is_exec = np.where(compat, np.isin(batch["nr"], self._exec_nrs[True]),
+                               np.isin(batch["nr"], self._exec_nrs[False]))
+            for tid in pending_tids[untimed].tolist():
+                thread = tids == tid
+                execs = np.flatnonzero(is_exec & thread)
+                if len(execs):
+                    keep[thread & (np.arange(len(batch)) <= execs[-1])] = False
         return None if keep.all() else np.flatnonzero(keep)
 
     def build(self, batch: np.ndarray) -> Windows:
         kept = self._drop_earlier_rows(batch) if self._earlier_rows and len(batch) else None
-        if kept is not None:
-            self.dropped += len(batch) - len(kept)
-            batch = batch[kept]
-        if not len(batch):
-            return Windows(np.zeros(self.n, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), 0, self.n)
         tokens = _tokens(batch, self._table)
         tid, tgid = batch["tid"], batch["tgid"]
+        if kept is not None:  # the three columns used, not the whole record (a copy of every field)
+            self.dropped += len(batch) - len(kept)
+            tokens, tid, tgid = tokens[kept], tid[kept], tgid[kept]
+        if not len(tokens):
+            return Windows(np.zeros(self.n, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), 0, self.n)
         # Rows come in runs of one thread (the capture hands over per-CPU runs): order the runs, not the
         # rows, into process-major (tgid, tid) order, so that the detector can reduce per process.
-        size = len(batch)
+        size = len(tokens)
         boundary = np.empty(size, dtype=bool)
         boundary[0] = True
         np.not_equal(tid[1:], tid[:-1], out=boundary[1:])
