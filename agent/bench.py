@@ -122,6 +122,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--quick", action="store_true", help="smaller runs (for smoke tests)")
+    parser.add_argument("--model", metavar="MODEL.onnx", help="score: this model instead of the shipped one")
     parser.set_defaults(handler=_main)
 
 
@@ -130,6 +131,8 @@ def _main(args: argparse.Namespace) -> int:
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
         raise ConfigError(f"unknown benchmark part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+    if args.model and args.parts and "score" not in args.parts:
+        raise ConfigError("--model is for the score part (sysgram bench score --model MODEL.onnx)")
     for part in args.parts or list(PARTS):
         try:
             module = importlib.import_module(PARTS[part])
@@ -138,7 +141,10 @@ def _main(args: argparse.Namespace) -> int:
                 raise
             figures.append(Figure(part, "status", "not yet available"))
             continue
-        figures.extend(module.run(quick=args.quick))
+        if part == "score" and args.model:
+            figures.extend(module.run(quick=args.quick, model_path=args.model))
+        else:
+            figures.extend(module.run(quick=args.quick))
     if args.json:
         json.dump([asdict(f) for f in figures], sys.stdout, indent=2)
         print()

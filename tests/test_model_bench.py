@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from agent.model import load_model, window_keys
 from agent.model.bench import SHIPPED, adfa_stream, cached_rate, distinct_windows
@@ -27,3 +30,66 @@ def test_cached_rate_reports_the_hit_rate_of_the_measured_part() -> None:
     assert rate > 0 and overhead_us > 0 and 0 < hit_rate < 1
     assert model.session_runs > runs
     assert model.score.__func__ is type(model).score  # type: ignore[attr-defined]  # the timer is removed
+
+
+def test_bench_score_measures_a_hosts_own_model_and_what_naming_new_syscalls_costs(tmp_path: Path) -> None:
+    import os
+
+    from agent.model.bench import run
+    from training.synthetic import synthetic_traces
+    from training.train import TrainConfig, train_model
+
+    if os.geteuid() != 0:
+        pytest.skip("bench score records the host with the live tracer: needs root (BPF)")
+    own = tmp_path / "own.onnx"
+    cfg = TrainConfig(n=8, epochs=2, threads=1, min_program_syscalls=500, net={"hidden": 16, "bottleneck": 8, "dim": 4},
+                      min_windows=16)
+    train_model(synthetic_traces(20, seed=2), own, cfg, progress=False)
+    figures = {f.name: f for f in run(quick=True, model_path=str(own))}
+    known = load_model(own).known_keys
+    assert figures["model"].value == f"own.onnx: {len(known):,} known windows" and len(known) > 0
+    naming = figures["of which naming new syscalls (the same, without it)"]
+    assert isinstance(naming.value, float) and naming.target.startswith("without:")
+    rate = figures["effective windows/s through the cache"].value
+    assert isinstance(rate, int) and rate > 0
+
+
+def test_bench_model_option_is_for_the_score_part_and_a_missing_model_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    assert main(["bench", "rules", "--model", str(tmp_path / "m.onnx")]) == 2
+    assert "--model is for the score part" in capsys.readouterr().err
+    assert main(["bench", "score", "--model", str(tmp_path / "absent.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(tmp_path / "absent.onnx") in err
+
+
+def test_cached_rate_tells_the_detector_of_each_exec_before_the_rows_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.model._detector import AnomalyDetector
+    from agent.model.bench import BATCH
+
+    model = load_model(SHIPPED)
+    rows, exe_of = adfa_stream(4 * BATCH, seed=4)
+    rows["ts"] = np.arange(len(rows))
+    pid = int(rows["tgid"][-1])
+    execs = [(BATCH // 2, pid), (3 * BATCH + 7, pid)]  # one in the warm-up, one in the measured part
+    seen: list[tuple[int, int, int]] = []  # (exec ts, pid, first row ts of the batch pushed next)
+    real_exec, real_push = AnomalyDetector.on_exec, AnomalyDetector.push
+    told: list[tuple[int, int]] = []
+
+    def on_exec(self: AnomalyDetector, tgid: int, tids: list[int], ts: int | None = None) -> None:
+        told.append((int(ts or 0), tgid))
+        real_exec(self, tgid, tids, ts)
+
+    def push(self: AnomalyDetector, batch: np.ndarray, *args: object) -> list:
+        seen.extend((t, p, int(batch["ts"].min())) for t, p in told)
+        told.clear()
+        return real_push(self, batch, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AnomalyDetector, "on_exec", on_exec)
+    monkeypatch.setattr(AnomalyDetector, "push", push)
+    cached_rate(model, rows, exe_of, execs)
+    assert [(t, p) for t, p, _ in seen] == execs
+    assert all(first <= t for t, _, first in seen)  # told before the batch that holds the exec

@@ -2,9 +2,12 @@
 
 A few seconds of this host are recorded with the live tracer (``sysgram record``) while a small workload
 runs (shell loops, coreutils, python); the recording's rows are pushed through :class:`AnomalyDetector`
-with the shipped model. Figures, measured in one run: effective windows/s through the cache (beside the
-raw onnxruntime rate on one core, the reference it multiplies), the cache hit rate, the cost per window of
-everything but onnxruntime, and training time per million of the recording's windows.
+with the shipped model (or ``--model``: a host's own, with its known windows), told of each exec as the
+agent is (a shell's fork child is not judged as the program it execs until it execs). Figures, measured in
+one run: effective windows/s through the cache (beside the raw onnxruntime rate on one core, the reference
+it multiplies), the cache hit rate, the cost per window of everything but onnxruntime (and, for a model
+with known windows, how much of it naming new syscalls takes), and training time per million of the
+recording's windows.
 Without root/BPF the traffic falls back to ADFA-LD traces interleaved across threads (said in the figures).
 """
 
@@ -15,12 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from agent.bench import Figure
-from agent.events import FLAG_COMPAT, SYSCALL_DTYPE
+from agent.events import FLAG_COMPAT, SYSCALL_DTYPE, ProcEvent
 from agent.model._detector import AnomalyDetector
 from agent.model._model import Model, load_model
 from agent.model._windows import ThreadWindows
@@ -29,6 +33,7 @@ PART = "score"
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "sysgram-default.onnx"
 ADFA = ROOT.parent / "shared" / "datasets" / "adfa-ld" / "Validation_Data_Master"
+Execs = Sequence[tuple[int, int]]  # (ts, pid) of each exec, in time order
 BATCH = 16384  # rows per push: what a loaded live agent hands the detector per flush (order of magnitude)
 
 # Shell loops, coreutils and python: the everyday traffic a host agent sees most of.
@@ -41,8 +46,9 @@ _WORKLOAD = (
 )
 
 
-def record_host(seconds: float, workdir: str) -> tuple[np.ndarray, dict[int, str]] | str:
-    """(syscall rows, exe of each pid) of ``seconds`` of this host; or why it could not be recorded."""
+def record_host(seconds: float, workdir: str) -> tuple[np.ndarray, dict[int, str], Execs] | str:
+    """(syscall rows, exe of each pid, its execs) of ``seconds`` of this host; or why it could not be
+    recorded."""
     from agent.capture.recording import read_recording
     from agent.errors import SysgramError
 
@@ -75,7 +81,8 @@ def record_host(seconds: float, workdir: str) -> tuple[np.ndarray, dict[int, str
         rec = read_recording(out)
     except SysgramError as err:
         return f"recording unreadable: {err}"
-    return rec.syscalls, {info.pid: info.exe for info in rec.processes}
+    execs = sorted((e.ts, e.pid) for e in rec.events if isinstance(e, ProcEvent) and e.kind == "exec")
+    return rec.syscalls, {info.pid: info.exe for info in rec.processes}, execs
 
 
 def adfa_stream(rows: int, seed: int = 0) -> tuple[np.ndarray, dict[int, str]]:
@@ -105,15 +112,29 @@ def raw_rate(model: Model, tokens: np.ndarray, programs: np.ndarray) -> float:
     return len(tokens) / (time.perf_counter() - started)
 
 
-def cached_rate(model: Model, rows: np.ndarray, exe_of: dict[int, str]) -> tuple[float, float, float]:
+def cached_rate(model: Model, rows: np.ndarray, exe_of: dict[int, str], execs: Execs = ()
+                ) -> tuple[float, float, float]:
     """(effective windows/s, hit rate, µs per window outside onnxruntime) over the last 3/4 of ``rows``; the
-    first quarter warms the cache as a running agent's would be."""
+    first quarter warms the cache as a running agent's would be. ``execs`` ((ts, pid), in time order) are
+    told to the detector as the agent tells it, so that a process's rows before its exec (a shell's fork
+    child) are not judged as the program it execs."""
     detector = AnomalyDetector(model)
     for tgid, tid in set(zip(rows["tgid"].tolist(), rows["tid"].tolist(), strict=True)):
         detector.on_fork(tgid, tid)  # seen starting, as most of a host's threads are (none is mid-life)
+    pending = iter(execs)
+    upcoming = next(pending, None)
+
+    def push(batch: np.ndarray) -> None:
+        nonlocal upcoming
+        last = int(batch["ts"].max()) if len(batch) else 0
+        while upcoming is not None and upcoming[0] <= last:
+            detector.on_exec(upcoming[1], [upcoming[1]], upcoming[0])
+            upcoming = next(pending, None)
+        detector.push(batch, exe_of)
+
     warm = len(rows) // 4
     for s in range(0, warm, BATCH):
-        detector.push(rows[s:min(s + BATCH, warm)], exe_of)
+        push(rows[s:min(s + BATCH, warm)])
     before = detector.stats
     onnx_seconds = 0.0
     score = model.score
@@ -130,7 +151,7 @@ def cached_rate(model: Model, rows: np.ndarray, exe_of: dict[int, str]) -> tuple
     try:
         started = time.perf_counter()
         for s in range(warm, len(rows), BATCH):
-            detector.push(rows[s:s + BATCH], exe_of)
+            push(rows[s:s + BATCH])
         elapsed = time.perf_counter() - started
     finally:
         del model.score
@@ -168,26 +189,38 @@ def training_seconds_per_million(tokens: np.ndarray, vocab_size: int) -> float |
     return (time.perf_counter() - started) * 1_000_000 / len(tokens)
 
 
-def run(quick: bool) -> list[Figure]:
-    if not SHIPPED.exists():
-        return [Figure(PART, "status", f"no model at {SHIPPED}")]
-    model = load_model(SHIPPED, threads=1)
+def run(quick: bool, model_path: str | None = None) -> list[Figure]:
+    path = Path(model_path) if model_path else SHIPPED
+    if not model_path and not path.exists():
+        return [Figure(PART, "status", f"no model at {path}")]
+    model = load_model(path, threads=1)
     with tempfile.TemporaryDirectory(prefix="sysgram-bench-score-") as workdir:
         recorded = record_host(2.0 if quick else 5.0, workdir)
+    execs: Execs = ()
     if isinstance(recorded, str):
         traffic = f"ADFA-LD traces ({recorded})"
         rows, exe_of = adfa_stream(300_000 if quick else 3_000_000)
     else:
-        rows, exe_of = recorded
+        rows, exe_of, execs = recorded
         traffic = f"{len(rows):,} syscalls recorded on this host"
         rows = rows[:1_000_000] if quick else rows
     tokens, programs = distinct_windows(model, rows, exe_of, 20_000 if quick else 200_000)
     raw = raw_rate(model, tokens, programs)
-    rate, hit_rate, overhead_us = cached_rate(model, rows, exe_of)
+    rate, hit_rate, overhead_us = cached_rate(model, rows, exe_of, execs)
+    check: list[Figure] = []
+    if model.made is not None:  # what naming new syscalls costs: the same traffic with the sets set aside
+        made, model.made = model.made, None
+        try:
+            without = cached_rate(model, rows, exe_of, execs)[2]
+        finally:
+            model.made = made
+        check = [Figure(PART, "of which naming new syscalls (the same, without it)", round(overhead_us - without, 3),
+                        "µs", f"without: {without:.3f} µs")]
     train_windows = 50_000 if quick else 1_000_000
     win = ThreadWindows(model.n, model.nr_tokens).build(rows[:train_windows])
     train = training_seconds_per_million(win.tokens, model.sidecar.vocab_size)
     return [
+        Figure(PART, "model", f"{path.name}: {len(model.known_keys):,} known windows"),
         Figure(PART, "traffic", traffic),
         Figure(PART, "raw ONNX windows/s (1 core, distinct windows of the traffic)", round(raw), "windows/s",
                ">= 200,000"),
@@ -195,6 +228,7 @@ def run(quick: bool) -> list[Figure]:
         Figure(PART, "cache speed-up over raw ONNX", round(rate / raw, 1), "x"),
         Figure(PART, "cache hit rate", round(hit_rate, 4), "fraction", ">= 0.95"),
         Figure(PART, "cost per window outside onnxruntime", round(overhead_us, 3), "µs", "<= 1"),
+        *check,
         Figure(PART, "training time per 1M windows (1 epoch, 1 torch thread)",
                round(train, 1) if isinstance(train, float) else train, "s", f"measured on {len(win):,} windows"),
     ]
