@@ -425,6 +425,23 @@ def test_inspect_refuses_what_it_cannot_show_in_one_line(model_path: Path, tmp_p
     assert "\n" not in err and str(model_path) in err and "/usr/bin/never" in err
     assert main(["inspect", str(tmp_path / "some.parquet"), "--program", ALPHA]) == 2  # a recording: --pid
     assert "--program is for a model" in capsys.readouterr().err
+    assert main(["inspect", str(model_path), "--pid", "1"]) == 2
+    assert "--pid and --events are for a recording" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["calibration", "made", "training_data", "known_windows"])
+def test_inspect_shows_a_model_whose_descriptive_fields_are_odd(model_path: Path, tmp_path: Path, field: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The model loads without these (or with them null): inspect must show it, not fail."""
+    dst = copy_model(model_path, tmp_path)
+    side = json.loads(dst.with_suffix(".json").read_text())
+    side[field] = None if field == "known_windows" else ["not", "an", "object"]
+    if field == "calibration":
+        side[field] = {"programs": {ALPHA: "not an object"}}
+    dst.with_suffix(".json").write_text(json.dumps(side))
+    assert main(["inspect", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert ALPHA in out and "program slots" in out
     broken = copy_model(model_path, tmp_path)
     broken.write_bytes(b"not a model")
     assert main(["inspect", str(broken)]) == 2

@@ -55,6 +55,7 @@ DEFAULT_PROCESS_FAR = 1e-5  # per process: a busy host starts ~500,000 an hour; 
 DEFAULT_MIN_WINDOWS = 32
 AGGREGATE = "mean"  # chosen on ADFA-LD: see docs/model.md
 UNK_QUANTILE = 0.99  # an unseen syscall costs this quantile of held-out NLL (see calibrate_unk_cost)
+WARM_UP = 0.1  # of the optimiser's steps, the learning rate's rise (OneCycleLR)
 LONG_TRACE = 4096  # syscalls: a held-out recorded trace this long gives its first half to training
 
 
@@ -258,7 +259,7 @@ def fit(windows: np.ndarray, programs: np.ndarray, val_windows: np.ndarray, val_
     total_steps = steps_per_epoch * cfg.epochs
     # OneCycleLR divides by pct_start * total_steps - 1: at exactly 10 steps a 10% warm-up raised
     # ZeroDivisionError (a small `learn --exe`, or `train --epochs 1` on ~5,000 windows)
-    warm_up = 0.15 if math.isclose(0.1 * total_steps, 1.0) else 0.1
+    warm_up = 0.15 if total_steps * WARM_UP == 1 else WARM_UP
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=warm_up)
     best, best_state, best_epoch, bad = math.inf, None, 0, 0
     history: list[dict[str, float]] = []

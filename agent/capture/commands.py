@@ -162,6 +162,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.file.endswith(".onnx"):
         from agent.model.commands import model_summary, print_model_summary
 
+        if args.pid is not None or args.events:
+            raise ConfigError("--pid and --events are for a recording; a model's programs are chosen with --program")
+
         summary = model_summary(args.file, args.program)
         if args.json:
             json.dump(summary, sys.stdout)

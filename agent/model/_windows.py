@@ -244,6 +244,8 @@ class ThreadWindows:
         that reused the id) have rows in the batch (None: keep all). Vectorised: a host starting hundreds
         of programs a second has that many pending in every batch."""
         pending = sorted(self._earlier_rows.items())
+        if not pending:
+            return None
         pending_tids = np.array([tid for tid, _ in pending], dtype=np.int64)
         # -1: no time known (an exec without one, rare): found by its execve row below
         untils = np.array([-1 if until is None else until for _, until in pending], dtype=np.int64)

@@ -122,7 +122,7 @@ def model_summary(path: str, program: str | None = None) -> dict[str, Any]:
     model = load_model(path)
     side = model.sidecar
     th = side.thresholds
-    calibration = side.raw.get("calibration", {}).get("programs", {})
+    calibration = _mapping(_mapping(side.raw, "calibration"), "programs")
     if program is not None and program not in side.programs:
         raise ConfigError(f"the model has no program {program!r} (it has {len(side.programs) - 1}; "
                           f"`sysgram inspect {path}` lists them)", path=path)
@@ -140,7 +140,7 @@ def model_summary(path: str, program: str | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "program": name,
             "syscalls_made": None if made is None else len(made),
-            "judged_traces": calibration.get(name, {}).get("judged_traces"),
+            "judged_traces": _mapping(calibration, name).get("judged_traces"),
             "process_threshold": th.process_for(name),
             "window_threshold": th.window_for(name),
             "startup_thresholds": [list(b) for b in th.startup_for(name)],
@@ -148,25 +148,35 @@ def model_summary(path: str, program: str | None = None) -> dict[str, Any]:
         if program is not None:
             entry["syscalls"] = made
         programs.append(entry)
-    made_info = side.raw.get("made", {})
+    made_info = _mapping(side.raw, "made")
     return {
         "model": path, "n": side.n, "tokens": side.vocab_size, "program_slots": len(side.programs),
         "programs": programs,
-        "known_windows": int(side.raw.get("known_windows", {}).get("windows", 0)),
+        "known_windows": len(model.known_keys),
         "unk_cost": side.unk_cost, "nll_cap": side.nll_cap,
         "target_process_far": th.target_process_far, "target_window_far": th.target_window_far,
-        "min_windows": th.min_windows, "training_data": side.raw.get("training_data", {}),
+        "min_windows": th.min_windows, "training_data": _mapping(side.raw, "training_data"),
         "created": made_info.get("created"), "how": made_info.get("how"),
     }
 
 
+def _mapping(raw: Any, key: str) -> dict[str, Any]:
+    """``raw[key]`` when both are JSON objects, else {}: the sidecar's descriptive fields (how it was made,
+    calibration details) are optional and the model loads without them, so showing them must not fail."""
+    value = raw.get(key) if isinstance(raw, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
 def print_model_summary(summary: dict[str, Any]) -> None:
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3g}"
+    """The text form of :func:`model_summary`: two lines about the model, then a row per program slot."""
+
+    def number(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+    def count(value: Any) -> str:
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "?"
 
     data = summary["training_data"]
-    def count(value: Any) -> str:
-        return f"{value:,}" if isinstance(value, int) else "?"
 
     print(f"{summary['model']}: n {summary['n']}, {summary['tokens']} tokens, {summary['program_slots']} program "
           f"slots (* = any other program), {summary['known_windows']:,} known windows, nll cap "
