@@ -15,7 +15,7 @@ from agent.capture.names import syscall_name
 from agent.events import FLAG_COMPAT
 from agent.model._model import Model
 from agent.model._sidecar import PAD, UNK
-from agent.model._windows import _COMPAT_BIT, ThreadWindows, Windows, run_heads
+from agent.model._windows import _COMPAT_BIT, ThreadWindows, Windows, run_heads, run_indices
 
 
 class ScoreCache:
@@ -506,9 +506,7 @@ class AnomalyDetector:
         unk = win.buffer[win.starts[firsts] + (self.n - 1)] == UNK
         if not unk.any():
             return firsts
-        lengths = np.where(unk, np.append(heads, size)[runs + 1] - firsts, 1)
-        offsets = np.cumsum(lengths) - lengths  # each run's windows, in order: no sort needed
-        return np.repeat(firsts - offsets, lengths) + np.arange(int(lengths.sum()))
+        return run_indices(firsts, np.where(unk, np.append(heads, size)[runs + 1] - firsts, 1))
 
     def _started(self, pid: int) -> bool:
         if pid in self._starting:

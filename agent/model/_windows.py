@@ -81,6 +81,12 @@ def run_heads(values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(heads)
 
 
+def run_indices(firsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices of the runs that begin at ``firsts`` and are ``lengths`` long, run after run, in one pass."""
+    offsets = np.cumsum(lengths) - lengths  # where each run begins in the output
+    return np.repeat(firsts - offsets, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
 def _none() -> np.ndarray:
     return np.zeros(0, dtype=np.int64)
 
@@ -257,8 +263,7 @@ class ThreadWindows:
         if not len(hit):
             return None
         lengths = np.diff(np.append(heads, len(tids)))[hit]
-        offsets = np.cumsum(lengths) - lengths
-        rows = np.repeat(heads[hit] - offsets, lengths) + np.arange(int(lengths.sum()))
+        rows = run_indices(heads[hit], lengths)
         which = np.repeat(at[hit], lengths)
         keep = np.ones(len(batch), dtype=bool)
         until = untils[which]
@@ -305,8 +310,7 @@ class ThreadWindows:
         order: np.ndarray | None = None
         if (run_order[1:] < run_order[:-1]).any():
             run_first, run_len, run_key = run_first[run_order], run_len[run_order], run_key[run_order]
-            out_first = np.cumsum(run_len) - run_len
-            order = np.arange(size, dtype=np.int64) + np.repeat(run_first - out_first, run_len)
+            order = run_indices(run_first, run_len)
             tokens = tokens[order]
         thread_run = run_heads(run_key)  # the first run of each thread
         lengths = np.add.reduceat(run_len, thread_run)
