@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 from agent.model import load_model, window_keys
-from agent.model.bench import SHIPPED, adfa_stream, cached_rate, distinct_windows
+from agent.model.bench import SHIPPED, adfa_stream, cached_rate, distinct_windows, raw_rate
 
 
 def test_distinct_windows_are_distinct_and_cover_the_traffic() -> None:
@@ -21,6 +22,30 @@ def test_distinct_windows_are_distinct_and_cover_the_traffic() -> None:
     assert len(np.unique(keys)) == len(tokens) < len(rows)  # repeated windows collapse
     few, _ = distinct_windows(model, rows, exe_of, limit=100)
     assert np.array_equal(few, tokens[:100])
+
+
+def test_raw_rate_is_the_median_of_timed_passes_after_an_untimed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.model import bench
+
+    model = load_model(SHIPPED)
+    rows, exe_of = adfa_stream(20_000)
+    tokens, programs = distinct_windows(model, rows, exe_of, limit=3000)
+    # a clock that each pass moves on by a set time: the untimed pass and the first timed one are slow
+    clock = [0.0]
+    took = iter([10.0, 4.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    scored: list[int] = []
+    real = model.score
+
+    def timed_score(t: np.ndarray, p: np.ndarray) -> np.ndarray:
+        scored.append(len(t))
+        clock[0] += next(took)
+        return real(t, p)
+
+    monkeypatch.setattr(model, "score", timed_score)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    rate = raw_rate(model, tokens, programs)
+    assert scored == [len(tokens)] * (1 + bench.RAW_PASSES)  # every pass scores every window
+    assert rate == pytest.approx(len(tokens) / 0.1)  # the slow first timed pass does not set the figure
 
 
 def test_cached_rate_reports_the_hit_rate_of_the_measured_part() -> None:

@@ -19,7 +19,8 @@ from agent.model._sidecar import GENERIC_PROGRAM, MASK, PAD, UNK, Sidecar, read_
 from agent.model._windows import window_keys
 
 INPUT_TOKENS, INPUT_PROGRAM, OUTPUT_NLL = "tokens", "program", "nll"
-_RUN_CHUNK = 1024  # windows per session run: 1024 ran ~1.8x faster than 8192 (cache-friendly tensors; measured)
+_RUN_CHUNK = 256  # windows per session run: the gathered [chunk, n, hidden] tensor stays in L2 (1024 ran ~1.8x
+# faster than 8192; 256 a further 5-30% over 1024 for the learn net, h128: measured in docs/performance.md)
 
 
 @dataclass

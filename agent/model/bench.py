@@ -35,6 +35,8 @@ SHIPPED = ROOT / "models" / "sysgram-default.onnx"
 ADFA = ROOT.parent / "shared" / "datasets" / "adfa-ld" / "Validation_Data_Master"
 Execs = Sequence[tuple[int, int, int]]  # (ts, pid, tid) of each exec, in time order
 NAMING_ROUNDS = 3
+RAW_WARM_SECONDS = 1.0  # raw rate: untimed passes first, this long
+RAW_PASSES, RAW_SECONDS = 5, 1.0  # then at least this many timed passes, and this long in all
 BATCH = 16384  # rows per push: what a loaded live agent hands the detector per flush (order of magnitude)
 
 # Shell loops, coreutils and python: the everyday traffic a host agent sees most of.
@@ -106,11 +108,25 @@ def adfa_stream(rows: int, seed: int = 0) -> tuple[np.ndarray, dict[int, str]]:
 
 
 def raw_rate(model: Model, tokens: np.ndarray, programs: np.ndarray) -> float:
-    """Windows/s straight through onnxruntime (every window scored; the session's intra-op threads: 1)."""
-    model.score(tokens[:1024], programs[:1024])  # warm-up
-    started = time.perf_counter()
-    model.score(tokens, programs)
-    return len(tokens) / (time.perf_counter() - started)
+    """Windows/s straight through onnxruntime (every window scored; the session's intra-op threads: 1), as
+    the long-lived agent's session runs: untimed passes over all of ``tokens`` for RAW_WARM_SECONDS, then
+    the median of at least RAW_PASSES timed passes (and RAW_SECONDS in all). A fresh session speeds up
+    over its first passes (measured on 6,577 distinct windows: 116-123k windows/s at first, 230-245k from
+    about the sixth pass on), which a single cold pass reported as the rate."""
+    spent = 0.0
+    while spent < RAW_WARM_SECONDS:
+        started = time.perf_counter()
+        model.score(tokens, programs)
+        spent += time.perf_counter() - started
+    rates: list[float] = []
+    spent = 0.0
+    while len(rates) < RAW_PASSES or spent < RAW_SECONDS:
+        started = time.perf_counter()
+        model.score(tokens, programs)
+        took = time.perf_counter() - started
+        rates.append(len(tokens) / took)
+        spent += took
+    return float(np.median(rates))
 
 
 def cached_rate(model: Model, rows: np.ndarray, exe_of: dict[int, str], execs: Execs = ()
@@ -229,7 +245,7 @@ def run(quick: bool, model_path: str | None = None) -> list[Figure]:
     return [
         Figure(PART, "model", f"{path.name}: {len(model.known_keys):,} known windows"),
         Figure(PART, "traffic", traffic),
-        Figure(PART, "raw ONNX windows/s (1 core, distinct windows of the traffic)", round(raw), "windows/s",
+        Figure(PART, "raw ONNX windows/s (1 core, distinct windows of the traffic, median of warm passes)", round(raw), "windows/s",
                ">= 200,000"),
         Figure(PART, "effective windows/s through the cache", round(rate), "windows/s", ">= 1,000,000"),
         Figure(PART, "cache speed-up over raw ONNX", round(rate / raw, 1), "x"),
