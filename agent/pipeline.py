@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from agent._text import escape_controls
 from agent.capture.names import syscall_name
 from agent.capture.source import Chunk, LiveSource, ReplaySource
 from agent.events import FLAG_COMPAT, DetailEvent, KernelSignal, ProcEvent
@@ -344,7 +345,8 @@ class Pipeline:
         from agent.respond import Alert
 
         boot_to_wall = time.time_ns() - time.monotonic_ns()
-        alert = Alert.new(rule, priority, output, fields, tags=tags, time_ns=ts + boot_to_wall)  # type: ignore[arg-type]
+        # one line whatever the process put in its exe, comm or argv (rule outputs are escaped already)
+        alert = Alert.new(rule, priority, escape_controls(output), fields, tags=tags, time_ns=ts + boot_to_wall)  # type: ignore[arg-type]
         self.outputs.sink.emit(alert)
 
     def on_falco_alert(self, falco_alert: Any) -> None:

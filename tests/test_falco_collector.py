@@ -152,6 +152,24 @@ def test_output_fields_and_na() -> None:
     assert m[0].source == "syscall" and m[0].pid == 10
 
 
+def test_output_escapes_control_characters_a_process_chose_and_keeps_the_exact_value() -> None:
+    forged = "x\n2026-11-27T07:09:00.000Z Informational FAKE: all clear\x1b[2J"
+    procs = [*PROCS, proc(20, 1, "cat", "/usr/bin/cat", forged)]
+    text = BASE.replace("read %fd.name by %proc.name", "read %fd.name by %proc.cmdline")
+    m = World(load_rules_text([("a.yaml", text)]), procs).ev(20, "openat", 3, dirfd=-100, name="/etc/passwd",
+                                                            flags=0)
+    assert "\n" not in m[0].output and "\x1b" not in m[0].output  # one line, no terminal escape
+    assert m[0].output.endswith("cat x\\n2026-11-27T07:09:00.000Z Informational FAKE: all clear\\x1b[2J")
+    assert m[0].output_fields["proc.cmdline"] == f"cat {forged}"  # the structured field stays exact
+
+
+def test_folded_output_loses_its_trailing_newline() -> None:
+    text = BASE.replace("  output: read %fd.name by %proc.name\n", "  output: >\n    read %fd.name\n    by %proc.name\n")
+    m = World(load_rules_text([("a.yaml", text)]), PROCS).ev(10, "openat", 3, dirfd=-100, name="/etc/passwd",
+                                                            flags=0)
+    assert m[0].output.endswith(": Warning read /etc/passwd by cat")  # no trailing newline
+
+
 def test_interesting_syscalls_from_index() -> None:
     rs = load_rules_text([("a.yaml", BASE)])
     assert rs.interesting_syscalls() == frozenset({"openat"})

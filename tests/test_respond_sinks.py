@@ -31,6 +31,15 @@ def test_console_shows_time_priority_rule_and_output() -> None:
     assert "\x1b[" not in text
 
 
+def test_console_prints_one_line_whatever_the_alert_text_holds() -> None:
+    out = io.StringIO()
+    # an ingested alert's text is whatever the sender wrote
+    ConsoleSink(out, color=False).emit(Alert.new("r\nFAKE", "Notice", "cat x\n2026 Critical FAKE: ok\x1b[2J"))
+    text = out.getvalue()
+    assert text.count("\n") == 1 and "\x1b" not in text
+    assert "r\\nFAKE" in text and "cat x\\n2026 Critical FAKE: ok\\x1b[2J" in text
+
+
 def test_console_colours_by_priority_when_asked() -> None:
     out = io.StringIO()
     sink = ConsoleSink(out, color=True)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent._text import escape_controls
 from agent.falco._ast import ParseError as _ParseError
 from agent.falco._ast import Source, _Parser
 from agent.falco._fields import BoundField, FieldError, bind_field
@@ -31,7 +32,7 @@ def render_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, tuple):
         return ",".join(render_value(x) for x in v)
-    return str(v)
+    return escape_controls(str(v))  # the line stays one line; output_fields keep the exact value
 
 
 def json_value(v: Any) -> Any:

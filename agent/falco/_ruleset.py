@@ -307,7 +307,7 @@ class _Compiler:
                 seen.add(text)
                 warnings.append(self.node_diag("warning", node, f"field '{text}' is not available in Sysgram; "
                                                "it is treated as missing", rule, "unavailable-field"))
-        output = OutputFormat(rule.output)
+        output = OutputFormat(rule.output.rstrip())  # a folded YAML scalar (`output: >`) ends in a newline
         for f in output.fields:
             if f.error:
                 self.diags.append(Diagnostic("error", rule.output_place.file, rule.output_place.line,

@@ -14,6 +14,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 from rich.console import Console
 from rich.text import Text
 
+from agent._text import escape_controls
 from agent.errors import DeliveryError
 from agent.respond._alert import Alert, AlertFormat, Priority
 from agent.respond._config import ConsoleFormat, Stream
@@ -77,8 +78,9 @@ class ConsoleSink:
             line = Text()
             line.append(alert.time[:23] + "Z ", style="dim")
             line.append(f"{alert.priority:<13}", style=_PRIORITY_STYLE[alert.priority])
-            line.append(f" {alert.rule}", style="bold")
-            line.append(f": {alert.output}")
+            # escaped here too: an ingested Falco alert's text is whatever that Falco sent
+            line.append(f" {escape_controls(alert.rule)}", style="bold")
+            line.append(f": {escape_controls(alert.output)}")
             extras = [
                 f"{key.removeprefix('sysgram.')}={value}"
                 for key, value in alert.output_fields.items()
