@@ -263,6 +263,13 @@ class Pipeline:
             f"Anomalous syscall sequence by {anomaly.name} (pid={anomaly.pid} exe={anomaly.exe} "
             f"score={anomaly.process_score:.2f} threshold={anomaly.process_threshold:.2f}): {anomaly.explanation}"
         )
+        if anomaly.held_back:
+            pids = " ".join(map(str, anomaly.held_back_pids)) + (
+                " ..." if anomaly.held_back > len(anomaly.held_back_pids) else "")
+            output = (
+                f"{anomaly.held_back} anomalous processes of {anomaly.exe} were held back by the per-program "
+                f"alert limit (pids {pids}); the highest-scoring of them: {output}"
+            )
         self._send(ANOMALY_RULE, verdict.severity, output, fields, ("sysgram", "anomaly"), anomaly.ts)
 
     def _emit(self, decided: list[tuple[Verdict, Any]], pid: int, ts: int) -> None:
@@ -400,6 +407,23 @@ class Pipeline:
             self.table.reap(now_ns)
             if self.detector is not None:
                 self.detector.settle(now_ns)
+                self._held_back(now_ns)
+
+    def _held_back(self, now_ns: int | None) -> None:
+        """Alert the detector's summaries of anomalies its per-program limit held back (due ones; all when
+        ``now_ns`` is None)."""
+        if self.detector is None:
+            return
+        for anomaly in self.detector.release_held(now_ns):
+            self.counters["anomalies"] += 1
+            if self.metrics is not None:
+                self.metrics.anomalies.inc()
+            self._anomaly(anomaly)
+
+    def finish(self) -> None:
+        """The stream ended: what is still held back goes out now (nothing judged anomalous is lost)."""
+        with self._lock:
+            self._held_back(None)
 
     # -- periodic sampling: drops and model counters into the metrics; the overload alert ------------------
     def sample(self, drops: dict[str, int], now_ns: int | None = None) -> None:
@@ -596,6 +620,7 @@ def run_live(
 
 
 def _finish(pipeline: Pipeline, drops: dict[str, int]) -> int:
+    pipeline.finish()
     if pipeline.recorder is not None:
         pipeline.recorder.close(drops)
     if pipeline.outputs is not None:

@@ -248,10 +248,82 @@ def test_one_program_alerting_in_every_process_is_limited_per_minute(model: Mode
     other = det.push(rows(evil, tgid=50, ts0=50 * 10**6), {50: "/usr/bin/beta"})
     assert [a.pid for a in other] == [50]  # another executable has its own allowance
     later = det.push(rows(evil, tgid=60, ts0=61 * 10**9), {60: ALPHA})  # a minute on: alpha may alert again
-    assert [a.pid for a in later] == [60]
+    assert (later[0].pid, later[0].held_back) == (60, 0)
+    # ... and the three held back come out as one summary: the worst of them, standing for all three
+    (summary,) = later[1:]
+    assert (summary.held_back, summary.held_back_pids, summary.exe) == (3, (42, 43, 44), ALPHA)
+    assert summary.pid in (42, 43, 44) and summary.process_score > summary.process_threshold
+    assert summary.output_fields()["sysgram.anomaly.held_back_pids"] == "42 43 44"
+    assert "sysgram.anomaly.held_back" not in later[0].output_fields()
+    assert det.stats["held_back_alerts"] == 1 and det.release_held(None) == []  # each summary goes out once
     unlimited = AnomalyDetector(model, cache_size=4096, program_alerts=0)
     alerts = [a for pid in range(70, 75) for a in unlimited.push(rows(evil, tgid=pid), {pid: ALPHA})]
     assert len(alerts) == 5
+
+
+def test_a_spent_quota_cannot_hide_a_later_process_the_worst_held_back_is_summarised(model: Model) -> None:
+    det = AnomalyDetector(model, cache_size=4096, program_alerts=2)
+    rng = np.random.default_rng(9)
+    odd = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
+    found = [a for pid in (40, 41, 42) for a in det.push(rows(odd, tgid=pid, ts0=pid * 10**6), {pid: ALPHA})]
+    assert [a.pid for a in found] == [40, 41]  # the quota, spent; 42 held back
+    # then the process that matters, within the same minute: far worse than the ones that spent the quota
+    worse = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)] * 2
+    assert det.push(rows(worse, tgid=43, ts0=43 * 10**6), {43: ALPHA}) == []
+    assert det.release_held(30 * 10**9) == []  # not yet a limit period since the first held back
+    (summary,) = det.release_held(None)  # the stream ended: nothing judged anomalous stays unsaid
+    assert (summary.held_back, summary.held_back_pids) == (2, (42, 43))
+    worst = max((det.state(42), det.state(43)), key=lambda s: s.score if s else 0.0)
+    assert worst is not None and summary.process_score == pytest.approx(worst.score)
+
+
+def test_the_agent_alerts_what_is_still_held_back_when_its_stream_ends(model: Model, tmp_path: Path) -> None:
+    from agent.config import EnforceConfig
+    from agent.pipeline import ANOMALY_RULE, Pipeline
+    from agent.proc import ProcessTable
+    from agent.respond import JsonlConfig, OutputConfig, build_outputs
+    from agent.verdict import DecisionTable
+
+    alerts = tmp_path / "alerts.jsonl"
+    outputs = build_outputs(OutputConfig(console=None, jsonl=JsonlConfig(str(alerts)), fold_window=0),
+                            state_dir=tmp_path)
+    pipeline = Pipeline(table=ProcessTable(), outputs=outputs,
+                        decisions=DecisionTable.from_mapping({}, EnforceConfig(), source="test"))
+    det = pipeline.detector = AnomalyDetector(model, cache_size=4096, program_alerts=1)
+    rng = np.random.default_rng(9)
+    odd = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
+    for pid in (40, 41, 42):
+        for anomaly in det.push(rows(odd, tgid=pid, ts0=pid * 10**6), {pid: ALPHA}):
+            pipeline._anomaly(anomaly)  # what handle() does with what push returns
+    pipeline.finish()
+    outputs.close()
+    records = [json.loads(line) for line in alerts.read_text().splitlines()]
+    assert [r["rule"] for r in records] == [ANOMALY_RULE, ANOMALY_RULE]
+    summary = records[1]
+    assert summary["output_fields"]["sysgram.anomaly.held_back"] == 2
+    assert summary["output_fields"]["sysgram.anomaly.held_back_pids"] == "41 42"
+    assert summary["output"].startswith(f"2 anomalous processes of {ALPHA} were held back by the per-program "
+                                        "alert limit (pids 41 42); the highest-scoring of them: Anomalous")
+
+
+def test_held_back_summaries_are_bounded_and_never_dropped(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.model._detector as detector_module
+
+    monkeypatch.setattr(detector_module, "PROGRAMS_LIMITED_MAX", 2)
+    monkeypatch.setattr(detector_module, "HELD_PIDS_MAX", 1)
+    det = AnomalyDetector(model, cache_size=4096, program_alerts=1)
+    rng = np.random.default_rng(9)
+    odd = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
+    exes = ["/usr/bin/a", "/usr/bin/b", "/usr/bin/c"]
+    released = []
+    for k, exe in enumerate(exes):  # each: one alert, then two held back
+        for j in range(3):
+            pid = 100 + 10 * k + j
+            released += det.push(rows(odd, tgid=pid, ts0=(k * 3 + j) * 10**6), {pid: exe})
+    summaries = [a for a in released if a.held_back] + det.release_held(None)
+    assert sorted((a.exe, a.held_back, a.held_back_pids) for a in summaries) == [
+        ("/usr/bin/a", 2, (101,)), ("/usr/bin/b", 2, (111,)), ("/usr/bin/c", 2, (121,))]
+    assert [a.exe for a in released if a.held_back] == ["/usr/bin/a"]  # pushed out early by the bound
 
 
 def test_the_model_judges_a_process_by_its_program_not_its_interpreter(model: Model) -> None:

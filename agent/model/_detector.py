@@ -6,7 +6,7 @@ import math
 import os
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -152,6 +152,11 @@ class Anomaly:
     # windows: plain evidence for the SOC beside the scores ("socket connect" from a program that never
     # networked). Empty for the generic slot and for models without known windows.
     new_syscalls: tuple[str, ...] = ()
+    # A summary of processes the per-program limit held back (0: an ordinary alert): this is the
+    # highest-scoring of ``held_back`` anomalous processes of its executable not alerted in one limit
+    # period, the first HELD_PIDS_MAX of them listed.
+    held_back: int = 0
+    held_back_pids: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -168,7 +173,22 @@ class Anomaly:
             "sysgram.anomaly.window_threshold": round(self.threshold, 4),
             "sysgram.anomaly.program": self.program,  # the model's program it was judged as ("*": generic)
             "sysgram.anomaly.new_syscalls": " ".join(self.new_syscalls),
+            **({"sysgram.anomaly.held_back": self.held_back,
+                "sysgram.anomaly.held_back_pids": " ".join(map(str, self.held_back_pids))} if self.held_back else {}),
         }
+
+
+@dataclass(slots=True)
+class _Held:
+    """Anomalous processes of one executable held back by the per-program limit since ``first_ts``."""
+
+    first_ts: int
+    worst: Anomaly
+    count: int = 0
+    pids: list[int] = field(default_factory=list)
+
+    def summary(self) -> Anomaly:
+        return replace(self.worst, held_back=self.count, held_back_pids=tuple(self.pids))
 
 
 @dataclass(slots=True)  # one per live process: no per-instance __dict__
@@ -221,6 +241,7 @@ ENDING_MAX = 16384  # exits waiting to settle; beyond this the oldest settles at
 
 SPAN_MEMORY_SPANS = 8  # span_memory, in min_windows: a burst of ~100 score units (measured) dilutes below a
 # routine threshold of ~0.5 over ~250 windows; a sustained anomaly at 3 nats needs ~50 new windows to show
+HELD_PIDS_MAX = 20  # pids listed in a summary of held-back anomalies
 PROGRAMS_LIMITED_MAX = 4096  # executables whose recent anomaly alerts are remembered for the per-program limit
 NEW_SYSCALLS_MAX = 16  # new syscalls remembered per process: enough to read, bounded under any behaviour
 _NR_MASK = (1 << _COMPAT_BIT) - 1  # a row's syscall as one number: nr | compat << _COMPAT_BIT ...
@@ -259,6 +280,8 @@ class AnomalyDetector:
         self.max_processes = max_processes
         self.program_alerts = program_alerts
         self._program_alert_times: OrderedDict[str, deque[int]] = OrderedDict()  # exe -> its recent alerts
+        self._held: OrderedDict[str, _Held] = OrderedDict()  # exe -> the limit's summary to come
+        self._released: list[Anomaly] = []  # summaries pushed out early by the bound on _held
         self._procs: OrderedDict[int, _Process] = OrderedDict()
         # processes seen starting (fork or exec) whose first windows have not come yet: only they are judged
         # against start-up thresholds; one first seen mid-life waits for span_memory windows
@@ -275,7 +298,7 @@ class AnomalyDetector:
         self._new_flat = None if model.made is None else ~model.made.ravel()
         self._stats = {"syscalls": 0, "windows": 0, "windows_scored": 0, "windows_known": 0, "cache_hits": 0,
                        "unk_tokens": 0,
-                       "anomalies": 0, "anomalies_suppressed": 0, "batches": 0}
+                       "anomalies": 0, "anomalies_suppressed": 0, "held_back_alerts": 0, "batches": 0}
 
     @property
     def stats(self) -> dict[str, int]:
@@ -387,8 +410,9 @@ class AnomalyDetector:
         self._stats["batches"] += 1
         self._stats["syscalls"] += len(batch)
         self._stats["unk_tokens"] += win.unknown
+        now = int(batch["ts"].max()) if len(batch) else None
         if not len(win):
-            return []
+            return self.release_held(now) if self._held and now is not None else []
         self._stats["windows"] += len(win)
         # windows come grouped by process, then thread: per-process figures are reductions over contiguous
         # runs, found from the threads (a few hundred) rather than from every window
@@ -421,6 +445,8 @@ class AnomalyDetector:
             if anomaly is not None:
                 anomalies.append(anomaly)
         self._stats["anomalies"] += len(anomalies)
+        if self._held or self._released:
+            anomalies.extend(self.release_held(now))
         return anomalies
 
     def _new_syscalls(self, batch: np.ndarray, win: Windows, fresh: np.ndarray, starts: np.ndarray,
@@ -583,20 +609,17 @@ class AnomalyDetector:
                        tokens.astype(self._token_dtype).tobytes(), anomalous)
         if not anomalous or (proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns):
             return None
-        if not self._program_may_alert(exe, ts):
-            proc.last_alert = ts  # judged, state anomalous; this process is not retried before alert_every_ns
-            self._stats["anomalies_suppressed"] += 1
-            return None
+        held = not self._program_may_alert(exe, ts)
+        proc.last_alert = ts  # when held: judged, state anomalous; not retried before alert_every_ns
         real = tokens != PAD
         window = self._window(tokens)
-        proc.last_alert = ts
         # the cache keeps scores only: the per-position NLL is recomputed for the rare window that alerts
         nll = self.model.score(tokens[None, :], np.array([program], dtype=np.int64))[0]
         scored = getattr(self.model.sidecar, "score_positions", None)  # a graph that scores only some positions
         if scored is not None:
             nll = np.where(np.isin(np.arange(len(nll)), scored), nll, 0.0)
         contributions = contributions_of(nll[real], window)
-        return Anomaly(
+        anomaly = Anomaly(
             ts=ts, pid=pid, tid=tid, exe=exe, score=window_score, threshold=w_threshold, window=window,
             contributions=contributions,
             explanation=explain(exe, pid, window_score, w_threshold, p_score, p_threshold, proc.count,
@@ -605,3 +628,33 @@ class AnomalyDetector:
             process_score=p_score, process_threshold=p_threshold, process_windows=proc.count,
             aggregate=self.model.sidecar.aggregate, program=program_name, new_syscalls=proc.new_syscalls,
         )
+        if held:
+            self._stats["anomalies_suppressed"] += 1
+            self._hold(anomaly)
+            return None
+        return anomaly
+
+    def _hold(self, anomaly: Anomaly) -> None:
+        """Keep a held-back anomaly for its executable's summary: the count, the first pids, the worst."""
+        held = self._held.get(anomaly.exe)
+        if held is None:
+            held = self._held[anomaly.exe] = _Held(anomaly.ts, anomaly)
+            while len(self._held) > PROGRAMS_LIMITED_MAX:  # the oldest summary goes out early, not lost
+                self._released.append(self._held.popitem(last=False)[1].summary())
+        held.count += 1
+        if len(held.pids) < HELD_PIDS_MAX:
+            held.pids.append(anomaly.pid)
+        if anomaly.process_score > held.worst.process_score:
+            held.worst = anomaly
+
+    def release_held(self, now_ns: int | None = None) -> list[Anomaly]:
+        """Summaries of the anomalies the per-program limit held back, one per executable once a limit
+        period has passed since its first (all of them when ``now_ns`` is None: the stream ended): so a
+        program's quota spent on harmless runs cannot hide a later process unseen. Each is the worst
+        held-back process's anomaly, with ``held_back`` = how many it stands for."""
+        out, self._released = self._released, []
+        due = [exe for exe, held in self._held.items()
+               if now_ns is None or now_ns - held.first_ts >= self.alert_every_ns]
+        out.extend(self._held.pop(exe).summary() for exe in due)
+        self._stats["held_back_alerts"] += len(out)
+        return out
