@@ -1,7 +1,9 @@
-"""`enforce.action: stop`: the offender is frozen with SIGSTOP (kept for forensics), not killed."""
+"""`enforce.action: stop`: the offender is frozen with SIGSTOP (kept for forensics), not killed, and SIGCONT
+resumes it."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -22,7 +24,7 @@ def process_state(pid: int) -> str:
         return fh.read().rsplit(")", 1)[1].split()[0]
 
 
-def test_stop_action_freezes_the_offender(tmp_path: Path) -> None:
+def test_stop_action_freezes_the_offender_and_sigcont_resumes_it(tmp_path: Path) -> None:
     opener = tmp_path / "sysgram-opener"
     subprocess.run([shutil.which("cc") or "cc", "-O1", "-o", str(opener), str(ROOT / "tests" / "open_and_wait.c")],
                    check=True)
@@ -35,21 +37,28 @@ def test_stop_action_freezes_the_offender(tmp_path: Path) -> None:
     )
     agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
                       config="enforce:\n  enabled: true\n  action: stop\n")
-    victim = subprocess.Popen([str(opener), blocked, "5"])
+    victim = subprocess.Popen([str(opener), blocked, "3"])  # after its open, syscalls for 3 s, then exit 0
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and process_state(victim.pid) != "T":
             time.sleep(0.02)
         state = process_state(victim.pid)
         assert victim.poll() is None  # alive: frozen, not killed
+        time.sleep(0.5)  # the agent's own fallback signal (50 ms after the verdict) has gone out too
+        frozen = process_state(victim.pid)
+        victim.send_signal(signal.SIGCONT)  # an analyst lets it go on: it must not be stopped again
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            victim.wait(timeout=10)
     finally:
-        victim.kill()
-        victim.wait()
+        resumed_state = process_state(victim.pid) if victim.poll() is None else "exited"
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
         assert agent.stop() == 0, agent.stderr
         Path(blocked).unlink(missing_ok=True)
-    assert state == "T"
+    assert state == "T" and frozen == "T"
     blocks = [r for r in agent.records() if r["rule"] == "Sysgram blocked a process"]
     assert [r["output_fields"]["sysgram.action"] for r in blocks if r["output_fields"]["proc.pid"] == victim.pid] == [
         "stop sent"
     ]
-    assert victim.returncode == -signal.SIGKILL  # only our kill ended it
+    assert (resumed_state, victim.returncode) == ("exited", 0)  # it ran its loop to the end after SIGCONT
