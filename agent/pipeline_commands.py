@@ -317,4 +317,6 @@ def _learn(args: argparse.Namespace) -> int:
     print(f"sysgram: learned {report.summary()}")
     if note := report.thin_note():
         print(f"sysgram: {note}")
+    if note := report.blind_note():
+        print(f"sysgram: warning: {note}", file=sys.stderr)
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -433,8 +435,6 @@ def test_an_anomaly_names_the_syscalls_its_program_never_made(model: Model) -> N
 
 
 def test_new_syscalls_ride_the_cache_and_leave_every_score_as_it_was(model: Model) -> None:
-    from dataclasses import replace
-
     from agent.events import FLAG_COMPAT
 
     rng = np.random.default_rng(6)
@@ -488,6 +488,31 @@ def test_inspect_shows_what_a_model_knows(model_path: Path, capsys: pytest.Captu
     assert main(["inspect", str(model_path), "--program", ALPHA]) == 0
     text = capsys.readouterr().out
     assert ALPHA in text and f"syscalls made while learning: {' '.join(sorted(set(HABITS[ALPHA])))}" in text
+
+
+def test_inspect_and_training_say_which_programs_can_never_alert(model_path: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from training.train import TrainReport
+
+    dst = copy_model(model_path, tmp_path)
+    side = json.loads(dst.with_suffix(".json").read_text())
+    cap = side["nll_cap"]
+    side["thresholds"]["process"][ALPHA] = cap + 1.0  # held-out runs so far apart that the bound passed the cap
+    dst.with_suffix(".json").write_text(json.dumps(side))
+    assert main(["inspect", str(dst), "--json"]) == 0
+    by_name = {p["program"]: p for p in json.loads(capsys.readouterr().out)["programs"]}
+    assert by_name[ALPHA]["cannot_alert"] is True
+    assert [name for name, p in by_name.items() if p["cannot_alert"]] == [ALPHA]
+    assert main(["inspect", str(dst)]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.strip().startswith(ALPHA))
+    assert f"{cap + 1.0:.3g}!" in row and "never crossed" in text.splitlines()[-1]
+    assert main(["inspect", str(model_path)]) == 0
+    assert "never crossed" not in capsys.readouterr().out  # the unedited model can alert for every slot
+    report = TrainReport(str(dst), str(dst.with_suffix(".json")), 1, 1, tuple(side["programs"]), 1, 1, 1, 0.0, 0.0,
+                         side["thresholds"], nll_cap=cap)
+    assert report.blind() == (ALPHA,) and os.path.basename(ALPHA) in report.blind_note()
+    assert replace(report, nll_cap=None).blind_note() == ""
 
 
 def test_inspect_refuses_what_it_cannot_show_in_one_line(model_path: Path, tmp_path: Path,

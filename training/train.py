@@ -109,6 +109,26 @@ class TrainReport:
     thresholds: dict[str, Any]
     thin: tuple[tuple[str, int], ...] = ()  # (program, judged held-out traces) below THIN_HOLDOUT
     known_windows: int = 0  # distinct (program, window) pairs shipped in <stem>.known.npz
+    nll_cap: float | None = None  # no window scores above it, so no process mean does either
+
+    def blind(self) -> tuple[str, ...]:
+        """Program slots whose process threshold is at or above the NLL cap: no process judged as one of them
+        can score above its threshold, so the model never alerts for it (rules still see it)."""
+        if self.nll_cap is None:
+            return ()
+        process = self.thresholds.get("process", {})
+        return tuple(p for p in self.programs if p in process and process[p] >= self.nll_cap)
+
+    def blind_note(self) -> str:
+        """One line for the analyst when the calibration left some programs beyond the model's reach."""
+        blind = self.blind()
+        if not blind:
+            return ""
+        names = ", ".join(os.path.basename(p) or p for p in blind[:8])
+        more = f" and {len(blind) - 8} more" if len(blind) > 8 else ""
+        return (f"{len(blind)} program slots can never raise an anomaly alert: their process threshold is at or "
+                f"above the NLL cap {self.nll_cap:.3g} that bounds every score (their held-out runs scored that "
+                f"far apart; `sysgram inspect` marks them; a longer or steadier learn narrows them): {names}{more}")
 
     def thin_note(self) -> str:
         """One line for the analyst when some programs were seen too few times for tight thresholds."""
@@ -645,7 +665,7 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
         best_epoch=result["best_epoch"], holdout_nll=result["holdout_nll"],
         seconds=time.monotonic() - started, thresholds=thresholds,
         thin=thinly_calibrated(programs, calibration),
-        known_windows=int(sidecar.get("known_windows", {}).get("windows", 0)),
+        known_windows=int(sidecar.get("known_windows", {}).get("windows", 0)), nll_cap=sidecar.get("nll_cap"),
     )
 
 

@@ -73,6 +73,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"wrote {report.summary()}")
     if note := report.thin_note():
         print(note)
+    if note := report.blind_note():
+        print(f"sysgram: warning: {note}", file=sys.stderr)
     return 0
 
 
@@ -145,6 +147,10 @@ def model_summary(path: str, program: str | None = None) -> dict[str, Any]:
             "window_threshold": th.window_for(name),
             "startup_thresholds": [list(b) for b in th.startup_for(name)],
         }
+        # no score exceeds the cap: at or above it, a threshold is never crossed (the slot cannot alert)
+        cap = side.nll_cap
+        entry["cannot_alert"] = cap is not None and th.process_for(name) >= cap
+        entry["startup_cannot_alert"] = [w for w, t in th.startup_for(name) if cap is not None and t >= cap]
         if program is not None:
             entry["syscalls"] = made
         programs.append(entry)
@@ -186,10 +192,15 @@ def print_model_summary(summary: dict[str, Any]) -> None:
           f"{summary['target_window_far']:g}; judged from {summary['min_windows']} windows")
     print(f"  {'program':<48} {'syscalls':>8} {'judged':>6} {'process':>8} {'window':>7}  start-up")
     for p in summary["programs"]:
-        startup = " ".join(f"<{w}:{number(t)}" for w, t in p["startup_thresholds"]) or "-"
+        startup = " ".join(f"<{w}:{number(t)}" + ("!" if w in p.get("startup_cannot_alert", ()) else "")
+                           for w, t in p["startup_thresholds"]) or "-"
         made = "-" if p["syscalls_made"] is None else p["syscalls_made"]
         judged = "-" if p["judged_traces"] is None else p["judged_traces"]
-        print(f"  {p['program']:<48} {made:>8} {judged:>6} {number(p['process_threshold']):>8} "
+        blind = "!" if p.get("cannot_alert") else " "
+        print(f"  {p['program']:<48} {made:>8} {judged:>6} {number(p['process_threshold']):>7}{blind} "
               f"{number(p['window_threshold']):>7}  {startup}")
         if "syscalls" in p:
             print(f"    syscalls made while learning: {' '.join(p['syscalls']) if p['syscalls'] else '(not known)'}")
+    if any(p.get("cannot_alert") or p.get("startup_cannot_alert") for p in summary["programs"]):
+        print(f"  ! at or above the nll cap {number(summary['nll_cap'])}, which bounds every score: never crossed, so "
+              "no anomaly alert from the model for that program (or that start-up bucket); rules still apply")
