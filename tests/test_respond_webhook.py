@@ -257,9 +257,10 @@ def test_spool_overflow_is_counted_and_reported(tmp_path: Path) -> None:
     fanout.close()
 
 
-def test_retries_back_off_and_keep_the_same_webhook_id(tmp_path: Path) -> None:
+def test_retries_back_off_and_keep_the_same_webhook_id(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     flaky = Receiver(answer=lambda n, h: (503, b"busy") if n < 3 else (200, b"ok"))
     metrics = Metrics()
+    caplog.set_level(logging.INFO, logger="sysgram.respond")
     try:
         sink = WebhookSink(flaky.url, state_dir=tmp_path, retry=FAST, metrics=metrics)
         sink.emit(alert(7))
@@ -271,6 +272,9 @@ def test_retries_back_off_and_keep_the_same_webhook_id(tmp_path: Path) -> None:
     assert len({h["webhook-id"] for h, _ in flaky.requests}) == 1
     assert metrics.value("sysgram_webhook_failures_total", reason="http_5xx") == 3
     assert metrics.value("sysgram_webhook_deliveries_total") == 1
+    # one line for the outage (three 503s), one when delivery resumes: not one per retry
+    lines = [r.getMessage() for r in caplog.records if flaky.url in r.getMessage()]
+    assert len(lines) == 2 and "answered 503" in lines[0] and "busy" in lines[0] and "delivering again" in lines[1]
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:

@@ -272,13 +272,14 @@ class WebhookSink:
                 self._failing_since = None
             return "delivered", None
         snippet = " ".join(response.text[:120].split())
-        log.warning("webhook %s answered %d %s: %s", self.url, status, response.reason_phrase, snippet or "-")
+        answered = f"answered {status} {response.reason_phrase}: {snippet or '-'}"
+        if status in _TRANSIENT_STATUS or status >= 500:
+            self._transient_failure(f"http_{status // 100}xx", answered)  # logged once per outage
+            return "transient", _retry_after(response.headers.get("retry-after"))
+        log.warning("webhook %s %s", self.url, answered)  # 410 and rejections: each is news
         if status == 410:
             self._metrics.webhook_failure("gone")
             return "gone", None
-        if status in _TRANSIENT_STATUS or status >= 500:
-            self._metrics.webhook_failure(f"http_{status // 100}xx")
-            return "transient", _retry_after(response.headers.get("retry-after"))
         self._metrics.webhook_failure("rejected")
         return "rejected", None
 
@@ -286,7 +287,8 @@ class WebhookSink:
         self._metrics.webhook_failure(reason)
         if self._failing_since is None:  # one line per outage, not one per retry
             self._failing_since = time.monotonic()
-            log.warning("webhook %s: %s; alerts stay spooled and are retried", self.url, detail)
+            log.warning("webhook %s: %s; alerts stay spooled and are retried (logged once per outage)", self.url,
+                        detail)
 
     def _disable(self) -> None:
         self.spool.set_meta(_DISABLED_KEY, self.url)
