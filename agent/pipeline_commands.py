@@ -196,7 +196,8 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         if Path(cfg.model).resolve() == DEFAULT_MODEL.resolve():
             print(SHIPPED_MODEL_NOTE, file=sys.stderr)
         if pipeline.engine is not None:
-            pipeline.engine.anomaly_lookup = _anomaly_fields(pipeline.detector)
+            pipeline.engine.anomaly_lookup = _anomaly_fields(pipeline.detector.state)
+            pipeline.engine.exec_origin_lookup = _anomaly_fields(pipeline.detector.exec_origin)
     seccomp_section = dict(cfg.seccomp) or {k: v for k, v in DEFAULT_SECCOMP.items() if os.path.exists(v)}
     if seccomp_section:
         from agent.seccomp import PolicyEvaluator, SeccompConfig
@@ -238,11 +239,12 @@ def _container_lookup(cfg: AgentConfig) -> RuntimeContainerLookup | None:
     return lookup
 
 
-def _anomaly_fields(detector: Any) -> Any:
+def _anomaly_fields(state_of: Any) -> Any:
+    """pid -> AnomalyFields, from a detector's ``state`` or ``exec_origin``."""
     from agent.falco import AnomalyFields
 
     def lookup(pid: int) -> Any:
-        state = detector.state(pid)
+        state = state_of(pid)
         if state is None:
             return None
         return AnomalyFields(

@@ -204,6 +204,28 @@ def test_sysgram_rules_use_anomaly_state() -> None:
         "Anomalous process connected out"]
 
 
+def test_a_shell_is_judged_by_what_spawned_it_not_by_its_own_fresh_state() -> None:
+    rs, _ = load_rules([OURS])
+    shell = "Anomalous process spawned a shell"
+    procs = [*HOST, proc(400, 1, "python3", "/usr/bin/python3", uid=1000), proc(401, 400, "sh", "/bin/sh", "-c", "id"),
+             proc(402, 1, "sh", "/bin/sh", uid=1000), proc(403, 100, "sh", "/bin/sh", uid=33)]
+    fresh = AnomalyFields(0.0, 0.8, "", False)  # a shell just exec'd: nothing judged yet
+    odd_python = AnomalyFields(1.2, 0.3, "socket connect sendto", True, new_syscalls="socket connect")
+    # fork, then exec: the parent (python3, 400) is anomalous
+    w = World(rs, procs, anomalies={400: odd_python, 401: fresh, 403: fresh, 100: AnomalyFields(0.1, 0.8)})
+    hits = w.ev(401, "execve", 0, filename="/bin/sh", argv=["sh", "-c", "id"])
+    assert [m.rule for m in hits] == [shell]
+    assert hits[0].output_fields["sysgram.anomaly.spawner.score"] == 1.2
+    assert hits[0].output_fields["sysgram.anomaly.spawner.new_syscalls"] == "socket connect"
+    assert w.names(403, "execve", 0, filename="/bin/sh", argv=["sh"]) == []  # httpd, its parent, is normal
+    # exec in place (402 was an anomalous python3 until it exec'd /bin/sh): the state from before the exec
+    origins = {402: odd_python}
+    w.engine.exec_origin_lookup = origins.get
+    assert w.names(402, "execve", 0, filename="/bin/sh", argv=["sh"]) == [shell]
+    origins.clear()
+    assert w.names(402, "execve", 0, filename="/bin/sh", argv=["sh"]) == []  # its parent, systemd, has no state
+
+
 def test_exec_through_a_memfd_is_fileless_even_before_proc_says_so(world: World) -> None:
     from agent.events import ProcEvent
 

@@ -263,6 +263,22 @@ def test_one_program_alerting_in_every_process_is_limited_per_minute(model: Mode
     assert len(alerts) == 5
 
 
+def test_what_an_anomalous_process_was_outlives_its_exec_for_the_rules(model: Model) -> None:
+    det = AnomalyDetector(model, cache_size=4096)
+    rng = np.random.default_rng(9)
+    odd = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
+    det.push(rows(odd, tgid=40), {40: ALPHA})
+    det.push(rows(habit_trace(HABITS[ALPHA], 300, rng), tgid=41), {41: ALPHA})
+    before = det.state(40)
+    assert before is not None and before.is_anomalous and not det.state(41).is_anomalous  # type: ignore[union-attr]
+    det.on_exec(40, (40,), ts=10**10)  # it exec'd a shell in place
+    det.on_exec(41, (41,), ts=10**10)
+    assert det.state(40) is None and det.exec_origin(40) == before  # the shell's own state starts afresh
+    assert det.exec_origin(41) is None  # a normal process exec'ing leaves nothing
+    det.on_fork(40, 40, ts=2 * 10**10)  # the pid now names another process
+    assert det.exec_origin(40) is None
+
+
 def test_a_spent_quota_cannot_hide_a_later_process_the_worst_held_back_is_summarised(model: Model) -> None:
     det = AnomalyDetector(model, cache_size=4096, program_alerts=2)
     rng = np.random.default_rng(9)

@@ -76,10 +76,13 @@ class Engine:
         hostname: str | None = None,
         container_lookup: ContainerLookup | None = None,
         boot_to_wall_ns: int | None = None,
+        exec_origin_lookup: AnomalyLookup | None = None,
     ) -> None:
         self.ruleset = ruleset
         self.lookup = lookup
         self.anomaly_lookup = anomaly_lookup
+        # pid -> the model's view of the process as it was before its latest exec, when that was anomalous
+        self.exec_origin_lookup = exec_origin_lookup
         self.container_lookup = container_lookup
         self.hostname = hostname if hostname is not None else socket.gethostname()
         self.boot_to_wall_ns = boot_to_wall_ns if boot_to_wall_ns is not None else time.time_ns() - time.monotonic_ns()

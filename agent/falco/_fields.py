@@ -505,6 +505,11 @@ _plain("sysgram.anomaly.is_anomalous", "bool",
        lambda c: a.is_anomalous if (a := c.anomaly()) is not None else None)
 _plain("sysgram.anomaly.new_syscalls", "str",
        lambda c: a.new_syscalls if (a := c.anomaly()) is not None else None)
+_plain("sysgram.anomaly.spawner.is_anomalous", "bool",
+       lambda c: a.is_anomalous if (a := c.spawner()) is not None else None)
+_plain("sysgram.anomaly.spawner.score", "float", lambda c: a.score if (a := c.spawner()) is not None else None)
+_plain("sysgram.anomaly.spawner.new_syscalls", "str",
+       lambda c: a.new_syscalls if (a := c.spawner()) is not None else None)
 
 # ---------------------------------------------------------------- inlined hot fields
 OPEN_TYPES = ("open", "openat", "openat2", "creat")

@@ -118,7 +118,7 @@ def socket_name(fd: FdInfo) -> str:
 class Ctx:
     """The one mutable object rules look at: reset for each event, never handed out."""
 
-    __slots__ = ("_anc", "_anom", "_cont", "_parent", "engine", "ev", "fd", "num", "proc")
+    __slots__ = ("_anc", "_anom", "_cont", "_parent", "_spawner", "engine", "ev", "fd", "num", "proc")
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -129,6 +129,7 @@ class Ctx:
         self._anc: list[ProcessInfo] | None = None
         self._parent: Any = _UNSET
         self._anom: Any = _UNSET
+        self._spawner: Any = _UNSET
         self._cont: Any = _UNSET
 
     def reset(self, ev: DetailEvent, proc: ProcessInfo | None, fd: FdInfo | None, num: int) -> None:
@@ -139,6 +140,7 @@ class Ctx:
         self._anc = None
         self._parent = _UNSET
         self._anom = _UNSET
+        self._spawner = _UNSET
         self._cont = _UNSET
 
     def parent(self) -> ProcessInfo | None:
@@ -179,6 +181,21 @@ class Ctx:
             fn = self.engine.anomaly_lookup
             a = fn(self.ev.tgid) if fn is not None else None
             self._anom = a
+        return a
+
+    def spawner(self) -> AnomalyFields | None:
+        """The model's view of what started this program: the process as it was before its latest exec
+        (a program exec'ing in place), else its parent (a fork, then exec). A shell just exec'd has no
+        state of its own worth reading; whether an anomalous program started it is the question."""
+        a = self._spawner
+        if a is _UNSET:
+            a = None
+            origin = self.engine.exec_origin_lookup
+            if origin is not None:
+                a = origin(self.ev.tgid)
+            if a is None and self.engine.anomaly_lookup is not None and (parent := self.parent()) is not None:
+                a = self.engine.anomaly_lookup(parent.pid)
+            self._spawner = a
         return a
 
     def container(self) -> ContainerInfo | None:

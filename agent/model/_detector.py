@@ -241,6 +241,7 @@ ENDING_MAX = 16384  # exits waiting to settle; beyond this the oldest settles at
 
 SPAN_MEMORY_SPANS = 8  # span_memory, in min_windows: a burst of ~100 score units (measured) dilutes below a
 # routine threshold of ~0.5 over ~250 windows; a sustained anomaly at 3 nats needs ~50 new windows to show
+EXEC_ORIGINS_MAX = 4096  # anomalous processes' states kept past their exec (a pid each)
 HELD_PIDS_MAX = 20  # pids listed in a summary of held-back anomalies
 PROGRAMS_LIMITED_MAX = 4096  # executables whose recent anomaly alerts are remembered for the per-program limit
 NEW_SYSCALLS_MAX = 16  # new syscalls remembered per process: enough to read, bounded under any behaviour
@@ -281,6 +282,7 @@ class AnomalyDetector:
         self.program_alerts = program_alerts
         self._program_alert_times: OrderedDict[str, deque[int]] = OrderedDict()  # exe -> its recent alerts
         self._held: OrderedDict[str, _Held] = OrderedDict()  # exe -> the limit's summary to come
+        self._exec_origins: OrderedDict[int, AnomalyState] = OrderedDict()  # pid -> anomalous before its exec
         self._released: list[Anomaly] = []  # summaries pushed out early by the bound on _held
         self._procs: OrderedDict[int, _Process] = OrderedDict()
         # processes seen starting (fork or exec) whose first windows have not come yet: only they are judged
@@ -316,6 +318,7 @@ class AnomalyDetector:
         if tid == pid:  # a new process: an exited one's state under this pid is no longer addressable
             self._late.pop(pid, None)
             self._procs.pop(pid, None)
+            self._exec_origins.pop(pid, None)
             self._announce(pid)
 
     def _announce(self, pid: int) -> None:
@@ -330,8 +333,19 @@ class AnomalyDetector:
             self._settle_exit(tid)
             self.windows.exec(tid, ts)
         self._late.pop(tgid, None)  # an exit placeholder under this pid is an earlier process's
+        before = self.state(tgid)
+        self._exec_origins.pop(tgid, None)
+        if before is not None and before.is_anomalous:  # what exec'd the new program, for the rules
+            self._exec_origins[tgid] = before
+            while len(self._exec_origins) > EXEC_ORIGINS_MAX:
+                self._exec_origins.popitem(last=False)
         self._procs.pop(tgid, None)
         self._announce(tgid)
+
+    def exec_origin(self, pid: int) -> AnomalyState | None:
+        """The process's state just before its latest exec, when that was anomalous (a program that execs a
+        shell in place leaves no state of its own under the shell's name); None otherwise."""
+        return self._exec_origins.get(pid)
 
     def on_exit(self, tid: int, ts: int | None = None) -> None:
         """The thread exited at ``ts``: its windows go once its last syscalls are in (:meth:`settle`); at once
