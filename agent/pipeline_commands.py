@@ -315,6 +315,8 @@ def _learn(args: argparse.Namespace) -> int:
         kwargs: dict[str, Any] = {"exes": tuple(args.exe)}
         if args.epochs:
             kwargs["epochs"] = args.epochs
+        print("sysgram: recording done; training the model now (minutes on a small host)", file=sys.stderr,
+              flush=True)
         report = train_from_recordings([recording], args.output, **kwargs)
     print(f"sysgram: learned {report.summary()}")
     if note := report.thin_note():

@@ -232,3 +232,15 @@ def test_training_of_exactly_ten_steps_trains(tmp_path: Path, epochs: int) -> No
     net_cfg = NetConfig(vocab_size=10, n=8, programs=1, **TINY)
     _, report = fit(windows, programs, windows[:32], programs[:32], net_cfg, cfg, progress=False)
     assert report["epochs_run"] == epochs and np.isfinite(report["holdout_nll"])
+
+
+def test_training_off_a_terminal_says_how_far_it_is_once_an_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    from training.train import _progress
+
+    with _progress(True, total=7, every=3) as advance:  # capsys: stderr is not a terminal, as in a journal
+        for step in range(7):
+            advance(f"epoch {step // 3 + 1}/3 loss 0.5")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["training: epoch 1/3 loss 0.5 (step 3 of at most 7)",
+                     "training: epoch 2/3 loss 0.5 (step 6 of at most 7)",
+                     "training: epoch 3/3 loss 0.5 (step 7 of at most 7)"]

@@ -284,7 +284,7 @@ def fit(windows: np.ndarray, programs: np.ndarray, val_windows: np.ndarray, val_
     best, best_state, best_epoch, bad = math.inf, None, 0, 0
     history: list[dict[str, float]] = []
     tokens_all, programs_all = torch.from_numpy(windows), torch.from_numpy(programs)
-    with _torch_threads(cfg.threads), _progress(progress, cfg.epochs * steps_per_epoch) as bar:
+    with _torch_threads(cfg.threads), _progress(progress, cfg.epochs * steps_per_epoch, steps_per_epoch) as bar:
         for epoch in range(1, cfg.epochs + 1):
             net.train()
             order = torch.from_numpy(rng.permutation(len(windows)))
@@ -326,9 +326,21 @@ def fit(windows: np.ndarray, programs: np.ndarray, val_windows: np.ndarray, val_
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Any]:
+def _progress(enabled: bool, total: int, every: int = 0) -> Iterator[Any]:
+    """A rich progress bar on a terminal; elsewhere (a service's journal, a pipe, CI) one plain line on
+    stderr every ``every`` steps (an epoch), so a long training is never silent for minutes."""
     if not enabled:
         yield lambda _desc: None
+        return
+    if not sys.stderr.isatty():
+        done = [0]
+
+        def line(desc: str) -> None:
+            done[0] += 1
+            if every and (done[0] % every == 0 or done[0] == total):
+                print(f"training: {desc} (step {done[0]:,} of at most {total:,})", file=sys.stderr, flush=True)
+
+        yield line
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
