@@ -263,6 +263,8 @@ class Pipeline:
             f"Anomalous syscall sequence by {anomaly.name} (pid={anomaly.pid} exe={anomaly.exe} "
             f"score={anomaly.process_score:.2f} threshold={anomaly.process_threshold:.2f}): {anomaly.explanation}"
         )
+        if anomaly.new_since_alert:
+            output += f" (follow-up: since its last alert it also made {' '.join(anomaly.new_since_alert)})"
         if anomaly.held_back:
             pids = " ".join(map(str, anomaly.held_back_pids)) + (
                 " ..." if anomaly.held_back > len(anomaly.held_back_pids) else "")

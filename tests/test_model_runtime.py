@@ -450,6 +450,27 @@ def test_an_anomaly_names_the_syscalls_its_program_never_made(model: Model) -> N
     assert unknown is not None and unknown.new_syscalls == ()
 
 
+def test_syscalls_new_after_the_alert_raise_one_follow_up_each_time_they_grow(model: Model) -> None:
+    from agent.model._detector import NEW_SYSCALLS_MAX
+
+    det = started(AnomalyDetector(model, alert_every_ns=60 * 10**9), 41)
+    rng = np.random.default_rng(5)
+    evil = [*habit_trace(HABITS["/usr/bin/beta"], 150, rng), *(ATTACK * 20)]
+    (first,) = det.push(rows(evil, tgid=41), {41: ALPHA})
+    assert first.new_since_alert == () and "sysgram.anomaly.new_since_alert" not in first.output_fields()
+    assert len(first.new_syscalls) == NEW_SYSCALLS_MAX - 1 and "swapon" not in first.new_syscalls
+    # within the minute: more of the same says nothing new ...
+    assert det.push(rows(evil, tgid=41, ts0=2 * 10**9), {41: ALPHA}) == []
+    # ... a syscall alpha never made does, once
+    later = [*evil, "swapon", *evil]
+    (follow_up,) = det.push(rows(later, tgid=41, ts0=4 * 10**9), {41: ALPHA})
+    assert follow_up.pid == 41 and follow_up.new_since_alert == ("swapon",)
+    assert follow_up.new_syscalls == (*first.new_syscalls, "swapon")
+    assert follow_up.output_fields()["sysgram.anomaly.new_since_alert"] == "swapon"
+    # the list is bounded, and so are follow-ups: nothing more is added to say within the minute
+    assert det.push(rows([*later, "mount", "reboot"], tgid=41, ts0=6 * 10**9), {41: ALPHA}) == []
+
+
 def test_new_syscalls_ride_the_cache_and_leave_every_score_as_it_was(model: Model) -> None:
     from agent.events import FLAG_COMPAT
 

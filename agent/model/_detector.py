@@ -157,6 +157,8 @@ class Anomaly:
     # period, the first HELD_PIDS_MAX of them listed.
     held_back: int = 0
     held_back_pids: tuple[int, ...] = ()
+    # A follow-up within the alert period: the new syscalls made since this process's last alert.
+    new_since_alert: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -173,6 +175,7 @@ class Anomaly:
             "sysgram.anomaly.window_threshold": round(self.threshold, 4),
             "sysgram.anomaly.program": self.program,  # the model's program it was judged as ("*": generic)
             "sysgram.anomaly.new_syscalls": " ".join(self.new_syscalls),
+            **({"sysgram.anomaly.new_since_alert": " ".join(self.new_since_alert)} if self.new_since_alert else {}),
             **({"sysgram.anomaly.held_back": self.held_back,
                 "sysgram.anomaly.held_back_pids": " ".join(map(str, self.held_back_pids))} if self.held_back else {}),
         }
@@ -208,6 +211,7 @@ class _Process:
     # (ts, score, threshold, windows, window score, window threshold, window tokens as bytes, anomalous)
     latest: tuple[int, float, float, int, float, float, bytes, bool] | None = None
     new_syscalls: tuple[str, ...] = ()  # in the order first made, at most NEW_SYSCALLS_MAX
+    reported_new: int = 0  # how many of new_syscalls its latest alert carried
 
 
 def contributions_of(nll: np.ndarray, window: tuple[str, ...], top: int = 3) -> tuple[tuple[int, str, float], ...]:
@@ -621,10 +625,18 @@ class AnomalyDetector:
         anomalous = enough and p_score > p_threshold
         proc.latest = (ts, p_score, p_threshold, proc.count, window_score, w_threshold,
                        tokens.astype(self._token_dtype).tobytes(), anomalous)
-        if not anomalous or (proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns):
+        if not anomalous:
             return None
+        new_since_alert: tuple[str, ...] = ()
+        if proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns:
+            # one alert per process per period, unless it has since made syscalls its program never made: the
+            # SOC hears of the socket it opened after the first alert (bounded: NEW_SYSCALLS_MAX in a life)
+            if len(proc.new_syscalls) <= proc.reported_new:
+                return None
+            new_since_alert = proc.new_syscalls[proc.reported_new:]
         held = not self._program_may_alert(exe, ts)
         proc.last_alert = ts  # when held: judged, state anomalous; not retried before alert_every_ns
+        proc.reported_new = len(proc.new_syscalls)
         real = tokens != PAD
         window = self._window(tokens)
         # the cache keeps scores only: the per-position NLL is recomputed for the rare window that alerts
@@ -641,6 +653,7 @@ class AnomalyDetector:
                                 new_syscalls=proc.new_syscalls),
             process_score=p_score, process_threshold=p_threshold, process_windows=proc.count,
             aggregate=self.model.sidecar.aggregate, program=program_name, new_syscalls=proc.new_syscalls,
+            new_since_alert=new_since_alert,
         )
         if held:
             self._stats["anomalies_suppressed"] += 1
