@@ -44,6 +44,12 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _epochs(text: str) -> int:
+    from agent.model.commands import _positive
+
+    return int(_positive(text))
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``PORT`` or ``[IPV6]:PORT`` -> (host, port); the host defaults to 127.0.0.1."""
     host, sep, port = text.rpartition(":")
@@ -84,7 +90,7 @@ def register(subparsers: Any) -> None:
     learn.add_argument("--seconds", type=_positive_seconds, required=True, help="how long to record (> 0)")
     learn.add_argument("-o", "--output", required=True, help="the model to write (.onnx; sidecar beside it)")
     learn.add_argument("--exe", action="append", default=[], help="only these executables")
-    learn.add_argument("--epochs", type=int, default=0, help="training epochs (default: the trainer's)")
+    learn.add_argument("--epochs", type=_epochs, default=0, help="training epochs (default: the trainer's)")
     learn.add_argument("--keep-recording", help="also keep the recording at this path")
     learn.set_defaults(handler=_learn)
 
@@ -308,6 +314,18 @@ def _learn(args: argparse.Namespace) -> int:
         raise NotYetAvailable(f"training is not installed ({err}): pip install -e '.[train]'") from None
     from agent.pipeline import Filters, build_recorder_pipeline
 
+    # everything that can be wrong with the options is said before the recording, not after it
+    if not args.output.endswith(".onnx") or os.path.isdir(args.output):
+        raise ConfigError("the model file must end in .onnx", path=args.output)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ConfigError("no such directory for the model", path=args.output)
+    relative = [exe for exe in args.exe if not os.path.isabs(exe)]
+    if relative:
+        raise ConfigError(f"--exe takes the executable's absolute path (as /proc/PID/exe names it), not "
+                          f"{relative[0]!r}")
+    if args.keep_recording and (os.path.isdir(args.keep_recording)
+                                or not os.path.isdir(os.path.dirname(os.path.abspath(args.keep_recording)))):
+        raise ConfigError("--keep-recording must be a file path in an existing directory", path=args.keep_recording)
     with tempfile.TemporaryDirectory(prefix="sysgram-learn-") as tmp:
         recording = args.keep_recording or os.path.join(tmp, "learn.parquet")
         pipeline = build_recorder_pipeline(recording, Filters(exes=frozenset(args.exe)))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from agent.cli import main
-from agent.errors import ConfigError
+from agent.errors import ConfigError, ModelError
 from agent.model import load_model
 from training.datasets import Trace, adfa_traces, traces_from_recordings
 from training.net import MaskedWindowAE, NetConfig, ScoringGraph
@@ -244,3 +244,41 @@ def test_training_off_a_terminal_says_how_far_it_is_once_an_epoch(capsys: pytest
     assert lines == ["training: epoch 1/3 loss 0.5 (step 3 of at most 7)",
                      "training: epoch 2/3 loss 0.5 (step 6 of at most 7)",
                      "training: epoch 3/3 loss 0.5 (step 7 of at most 7)"]
+
+
+def test_a_training_that_fails_leaves_the_model_already_there_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.train as train_module
+
+    out = tmp_path / "host.onnx"
+    train_model(synthetic_traces(20, seed=2), out, tiny_cfg(), progress=False)
+    files = sorted(tmp_path.iterdir())
+    before = {p.name: p.read_bytes() for p in files}
+    assert {p.name for p in files} == {"host.onnx", "host.json", "host.known.npz"}
+
+    def broken(*_args: Any, **_kw: Any) -> Any:
+        raise ModelError("calibration failed", path=str(out))
+
+    monkeypatch.setattr(train_module, "calibrate", broken)  # fails after the new .onnx is exported
+    with pytest.raises(ModelError):
+        train_model(synthetic_traces(20, seed=3), out, tiny_cfg(), progress=False)
+    assert {p.name: p.read_bytes() for p in sorted(tmp_path.iterdir())} == before  # nothing half-written
+    assert load_model(out).known_keys.size > 0
+
+
+def test_learn_and_train_refuse_bad_options_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["train", "-i", "r.parquet", "-o", "m.onnx", "--window", "1"],
+                 ["train", "-i", "r.parquet", "-o", "m.onnx", "--window", "100000"],
+                 ["train", "-i", "r.parquet", "-o", "m.onnx", "--seed", "-1"],
+                 ["learn", "--seconds", "5", "-o", "m.onnx", "--epochs", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("must be from" in err), argv
+    # learn checks its model path and --exe before it records (no root needed to get this far)
+    assert main(["learn", "--seconds", "5", "-o", "/tmp", "--exe", "/usr/bin/true"]) == 2
+    assert "must end in .onnx" in capsys.readouterr().err
+    assert main(["learn", "--seconds", "5", "-o", "m.onnx", "--exe", "bash"]) == 2
+    assert "absolute path" in capsys.readouterr().err

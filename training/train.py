@@ -8,7 +8,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -604,13 +606,33 @@ def _versions() -> dict[str, str]:
 
 def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, progress: bool = True,
                 how: str = "", holdout: Sequence[Trace] | None = None) -> TrainReport:
-    """Train on ``traces`` (holding some out unless ``holdout`` is given), export ``out`` + sidecar."""
+    """Train on ``traces`` (holding some out unless ``holdout`` is given), export ``out`` + sidecar.
+
+    The files are made in a scratch directory beside ``out`` and moved in (each move atomic) only once the
+    model is complete and loads: a training that fails, or is stopped, leaves a model already at ``out``
+    as it was."""
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.stem}.training-", dir=final.parent))
+    try:
+        report = _train_model(traces, work / final.name, cfg, progress=progress, how=how, holdout=holdout)
+        made = [work / final.name, sidecar_path(work / final.name), known_path(work / final.name)]
+        known_path(final).unlink(missing_ok=True)  # an earlier model's, which this one must not seem to have
+        for path in made:
+            if path.exists():
+                os.replace(path, final.parent / path.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return replace(report, onnx_path=str(final), sidecar_path=str(sidecar_path(final)))
+
+
+def _train_model(traces: Sequence[Trace], out: Path, cfg: TrainConfig, *, progress: bool, how: str,
+                 holdout: Sequence[Trace] | None) -> TrainReport:
     started = time.monotonic()
     out = Path(out)
     if out.suffix != ".onnx":
         raise ConfigError("the model file must end in .onnx (the sidecar takes the same stem + .json)",
                           path=str(out))
-    known_path(out).unlink(missing_ok=True)  # an earlier model's, which this one must not seem to have
     if holdout is None:
         train, held = split_holdout(traces, cfg.holdout, cfg.seed, split_long=cfg.holdout_split_long,
                                     context=cfg.n - 1)

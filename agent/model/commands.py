@@ -22,8 +22,9 @@ def register(subparsers: Any) -> None:
     train.add_argument("--exe", action="append", default=[], metavar="PATH",
                        help="train only on these executables (repeatable; default: every program recorded)")
     train.add_argument("--epochs", type=_positive, default=8)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--window", type=_positive, default=None, help="window length n (default: measured)")
+    train.add_argument("--seed", type=seed, default=0)
+    train.add_argument("--window", type=window_length, default=None,
+                       help=f"window length n, 2-{WINDOW_MAX} (default: measured)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
 
@@ -36,8 +37,8 @@ def register(subparsers: Any) -> None:
     adfa.add_argument("--quick", action="store_true", help="a subset of traces and few epochs (smoke test)")
     adfa.add_argument("--epochs", type=_positive, default=ADFA_EPOCHS,
                       help=f"training epochs (default {ADFA_EPOCHS}: measured in docs/model.md)")
-    adfa.add_argument("--window", type=_positive, default=None, help="window length n")
-    adfa.add_argument("--seed", type=int, default=0)
+    adfa.add_argument("--window", type=window_length, default=None, help=f"window length n, 2-{WINDOW_MAX}")
+    adfa.add_argument("--seed", type=seed, default=0)
     adfa.add_argument("--masked", action="store_true",
                       help="the 4-pass masked autoencoder scoring every position (before issue 3), not the newest "
                            "syscall from the n-1 before it")
@@ -45,14 +46,27 @@ def register(subparsers: Any) -> None:
     adfa.set_defaults(handler=_eval_adfa)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
+def _bounded(low: int, high: int) -> Any:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {value}")
+        return value
+
+    return parse
+
+
+_positive = _bounded(1, 100_000)  # epochs
+# n: 2 at least (a window predicts one syscall from the ones before it); at most 128 (the network's first
+# layer and the training windows grow with n: 100,000 took this host's 24 GB)
+WINDOW_MAX = 128
+window_length = _bounded(2, WINDOW_MAX)
+seed = _bounded(0, 2**32 - 1)  # numpy and torch seeds
 
 
 def _need_training() -> None:
