@@ -224,7 +224,7 @@ def test_a_bad_nll_cap_is_refused_naming_the_sidecar(model_path: Path, tmp_path:
     side = json.loads(dst.with_suffix(".json").read_text())
     side["nll_cap"] = cap
     dst.with_suffix(".json").write_text(json.dumps(side))
-    with pytest.raises(ModelError, match="nll_cap must be a positive number") as err:
+    with pytest.raises(ModelError, match="nll_cap must be a finite positive number") as err:
         load_model(dst)
     assert str(dst.with_suffix(".json")) in str(err.value)
 

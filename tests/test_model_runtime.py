@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -503,6 +504,41 @@ def test_new_syscalls_ride_the_cache_and_leave_every_score_as_it_was(model: Mode
 
 
 # ---------------------------------------------------------------------------------------- sysgram inspect MODEL
+
+
+@pytest.mark.parametrize(("damage", "named"), [
+    (lambda s: s["thresholds"]["process"].update({"*": float("nan")}), "thresholds.process['*']"),
+    (lambda s: s["thresholds"]["window"].update({ALPHA: float("inf")}), f"thresholds.window[{ALPHA!r}]"),
+    (lambda s: s["thresholds"]["process"].update({ALPHA: -1}), f"thresholds.process[{ALPHA!r}]"),
+    (lambda s: s["thresholds"].update({"min_windows": 1e30}), "thresholds.min_windows"),
+    (lambda s: s["thresholds"].update({"target_process_far": 2}), "thresholds.target_process_far"),
+    (lambda s: s.update({"unk_cost": float("nan")}), "unk_cost"),
+    (lambda s: s.update({"unk_cost": -100}), "unk_cost"),
+    (lambda s: s.update({"nll_cap": float("inf")}), "nll_cap"),
+    (lambda s: s.update({"aggregate": "bogus"}), "aggregate"),
+    (lambda s: s.update({"specials": {"pad": 999, "unk": -1, "mask": "x"}}), "specials"),
+])
+def test_a_sidecar_whose_values_would_switch_detection_off_is_refused(
+    model_path: Path, tmp_path: Path, damage: Any, named: str
+) -> None:
+    """Loaded, these gave a model that never alerts (NaN is never crossed) or always does, silently."""
+    dst = copy_model(model_path, tmp_path)
+    side = json.loads(dst.with_suffix(".json").read_text())
+    damage(side)
+    dst.with_suffix(".json").write_text(json.dumps(side))  # Python writes NaN/Infinity as JSON extensions
+    with pytest.raises(ModelError) as err:
+        load_model(dst)
+    assert named in str(err.value) and str(dst.with_suffix(".json")) in str(err.value)
+
+
+def test_a_sidecar_that_is_not_text_or_nested_too_deep_is_one_line(model_path: Path, tmp_path: Path) -> None:
+    dst = copy_model(model_path, tmp_path)
+    dst.with_suffix(".json").write_bytes(b"\xff\xfe junk")
+    with pytest.raises(ModelError, match="not UTF-8"):
+        load_model(dst)
+    dst.with_suffix(".json").write_text("[" * 100_000)
+    with pytest.raises(ModelError, match="nested too deeply"):
+        load_model(dst)
 
 
 def test_inspect_shows_what_a_model_knows(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

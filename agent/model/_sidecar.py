@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,17 @@ def _need(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], path: st
     return value
 
 
+def _threshold(value: Any, where: str, path: str) -> float:
+    """A score threshold: a finite number >= 0 (NaN is never crossed and would switch detection off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ModelError(f"sidecar {where} must be a finite number >= 0, not {value!r}", path=path)
+    return float(value)
+
+
 def _float_map(raw: Any, key: str, path: str) -> dict[str, float]:
     if not isinstance(raw, dict) or GENERIC_PROGRAM not in raw:
         raise ModelError(f"sidecar thresholds.{key} must map programs to numbers, with '*'", path=path)
-    try:
-        return {str(k): float(v) for k, v in raw.items()}
-    except (TypeError, ValueError):
-        raise ModelError(f"sidecar thresholds.{key} holds a non-number", path=path) from None
+    return {str(k): _threshold(v, f"thresholds.{key}[{str(k)!r}]", path) for k, v in raw.items()}
 
 
 def _startup_map(raw: Any, path: str) -> dict[str, tuple[tuple[int, float], ...]]:
@@ -102,8 +107,27 @@ def _startup_map(raw: Any, path: str) -> dict[str, tuple[tuple[int, float], ...]
         if not pairs or len(pairs) != len(buckets) or bounds != sorted(set(bounds)) or bounds[0] < 1:
             raise ModelError(f"{where}[{program!r}] must be [[windows, threshold], ...] with rising windows",
                              path=path)
+        for _, value in pairs:
+            _threshold(value, f"thresholds.process_startup[{str(program)!r}]", path)
         out[str(program)] = pairs
     return out
+
+
+AGGREGATES = ("mean",)  # how window scores become a process's: the one the runtime computes
+MIN_WINDOWS_MAX = 1_000_000  # more and no process would ever be judged
+
+
+def _count(value: Any, where: str, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MIN_WINDOWS_MAX:
+        raise ModelError(f"sidecar {where} must be a whole number from 1 to {MIN_WINDOWS_MAX:,}, not {value!r}",
+                         path=path)
+    return value
+
+
+def _fraction(value: Any, where: str, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ModelError(f"sidecar {where} must be a rate between 0 and 1, not {value!r}", path=path)
+    return float(value)
 
 
 def parse_sidecar(raw: Any, path: str) -> Sidecar:
@@ -133,24 +157,34 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
         score_positions = tuple(score_positions)
     nll_cap = raw.get("nll_cap")
     if nll_cap is not None and (isinstance(nll_cap, bool) or not isinstance(nll_cap, (int, float))
-                                or not nll_cap > 0):
-        raise ModelError(f"sidecar nll_cap must be a positive number, not {nll_cap!r}", path=path)
+                                or not math.isfinite(nll_cap) or not nll_cap > 0):
+        raise ModelError(f"sidecar nll_cap must be a finite positive number, not {nll_cap!r}", path=path)
+    unk_cost = _need(raw, "unk_cost", (int, float), path)
+    if not math.isfinite(unk_cost) or unk_cost <= 0:
+        raise ModelError(f"sidecar unk_cost must be a finite positive number, not {unk_cost!r}", path=path)
+    aggregate = raw.get("aggregate", "mean")
+    if aggregate not in AGGREGATES:
+        raise ModelError(f"sidecar aggregate must be one of {list(AGGREGATES)}, not {aggregate!r}", path=path)
+    specials = raw.get("specials")
+    if specials is not None and specials != dict(zip(("pad", "unk", "mask"), (PAD, UNK, MASK), strict=True)):
+        raise ModelError(f"sidecar specials must be {{'pad': {PAD}, 'unk': {UNK}, 'mask': {MASK}}}, not {specials!r}",
+                         path=path)
     th = _need(raw, "thresholds", dict, path)
     try:
         thresholds = Thresholds(
             window=_float_map(th.get("window"), "window", path),
             process=_float_map(th.get("process"), "process", path),
-            min_windows=int(th["min_windows"]),
-            target_window_far=float(th["target_window_far"]),
-            target_process_far=float(th["target_process_far"]),
+            min_windows=_count(th["min_windows"], "thresholds.min_windows", path),
+            target_window_far=_fraction(th["target_window_far"], "thresholds.target_window_far", path),
+            target_process_far=_fraction(th["target_process_far"], "thresholds.target_process_far", path),
             process_startup=_startup_map(th.get("process_startup"), path),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(f"sidecar thresholds malformed ({err})", path=path) from None
     return Sidecar(
         path=path, n=n, passes=passes, vocabulary=tuple(vocab), programs=tuple(programs),
-        unk_cost=float(_need(raw, "unk_cost", (int, float), path)),
-        aggregate=str(raw.get("aggregate", "mean")), thresholds=thresholds, raw=raw,
+        unk_cost=float(unk_cost),
+        aggregate=str(aggregate), thresholds=thresholds, raw=raw,
         score_positions=score_positions, nll_cap=None if nll_cap is None else float(nll_cap),
     )
 
@@ -158,7 +192,9 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
 def read_sidecar(onnx_path: str | Path) -> Sidecar:
     path = sidecar_path(onnx_path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ModelError(f"sidecar is not UTF-8 text (byte {err.start})", path=str(path)) from None
     except FileNotFoundError:
         raise ModelError(f"model sidecar missing (expected next to {Path(onnx_path).name})", path=str(path)) from None
     except OSError as err:
@@ -168,4 +204,6 @@ def read_sidecar(onnx_path: str | Path) -> Sidecar:
     except json.JSONDecodeError as err:
         raise ModelError(f"sidecar is not valid JSON: {err.msg}", path=str(path), line=err.lineno,
                          col=err.colno) from None
+    except RecursionError:
+        raise ModelError("sidecar JSON is nested too deeply", path=str(path)) from None
     return parse_sidecar(raw, str(path))
