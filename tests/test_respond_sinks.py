@@ -57,6 +57,20 @@ def test_console_can_print_falco_json() -> None:
     assert json.loads(out.getvalue())["output"] == "alert 3"
 
 
+def test_jsonl_appended_to_a_file_ending_mid_line_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "alerts.jsonl"
+    path.write_bytes(b'{"ok": 1}\n{"partial":')  # a writer that died mid-line
+    sink = JsonlSink(path)
+    sink.emit(alert(1))
+    sink.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[:2] == [b'{"ok": 1}', b'{"partial":'] and json.loads(lines[2])["output"] == "alert 1"
+    sink = JsonlSink(path)  # a file that ends cleanly gets no blank line
+    sink.emit(alert(2))
+    sink.close()
+    assert [json.loads(x)["output"] for x in path.read_bytes().split(b"\n")[2:] if x] == ["alert 1", "alert 2"]
+
+
 def test_jsonl_writes_one_object_a_line_readable_at_once(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "alerts.jsonl"
     sink = JsonlSink(path)

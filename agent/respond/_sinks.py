@@ -121,6 +121,13 @@ class JsonlSink:
             if parent:
                 os.makedirs(parent, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            # a file left ending mid-line (a crash, another writer) must not glue our first alert onto it
+            size = os.fstat(fd).st_size
+            if size:
+                with open(self.path, "rb") as existing:
+                    existing.seek(size - 1)
+                    if existing.read(1) != b"\n":
+                        os.write(fd, b"\n")
         except OSError as err:
             raise DeliveryError(f"cannot open the alert file: {err.strerror}", path=self.path) from None
         return os.fdopen(fd, "ab")
