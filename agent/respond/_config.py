@@ -9,12 +9,16 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
 from agent.errors import ConfigError
 from agent.respond._alert import ALERT_FORMATS, AlertFormat
+
+DAY_SECONDS = 86_400.0  # the largest interval a setting takes
 
 ConsoleFormat = Literal["text", "falco", "ocsf"]
 Stream = Literal["stderr", "stdout"]
@@ -147,11 +151,18 @@ class _Reader:
             raise self.fail(key, f"must be at least {minimum}, got {number}")
         return number
 
-    def number(self, value: Any, key: str, *, minimum: float, exclusive: bool = False) -> float:
+    def number(self, value: Any, key: str, *, minimum: float, exclusive: bool = False,
+               maximum: float = DAY_SECONDS) -> float:
+        """A number in [minimum, maximum] (seconds, mostly: beyond a day they overflow the clocks they are
+        added to, and a webhook thread that died of it delivered nothing more)."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number, got {value}")
         if value < minimum or (exclusive and value == minimum):
             raise self.fail(key, f"must be {'more than' if exclusive else 'at least'} {minimum}, got {value}")
+        if value > maximum:
+            raise self.fail(key, f"must be at most {maximum:g}, got {value:g}")
         return float(value)
 
     def string(self, value: Any, key: str) -> str:
@@ -221,6 +232,13 @@ class _Reader:
         url = self.string(data["url"], f"{key}.url")
         if not url.startswith(("http://", "https://")):
             raise self.fail(f"{key}.url", f"expected an http:// or https:// URL, got {url!r}")
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            parsed.port  # noqa: B018  (raises on a port outside 0-65535)
+        except ValueError as err:
+            raise self.fail(f"{key}.url", f"not a usable URL ({err}): {url!r}") from None
+        if not parsed.hostname or parsed.port == 0:
+            raise self.fail(f"{key}.url", f"expected a host and a port of 1-65535, got {url!r}")
         secret = self.optional_str(data, key, "secret")
         if secret is not None:
             try:
