@@ -183,3 +183,12 @@ def test_profile_learned_from_a_real_run_lets_it_run_again_and_nothing_more(tmp_
 
 def _repo() -> str:
     return str(Path(__file__).resolve().parent.parent)
+
+
+def test_generate_refuses_to_write_over_a_recording_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rec = _record(tmp_path / "a.parquet", "/opt/app/bin/app", ["write", "getpid"])
+    before = Path(rec).read_bytes()
+    assert main(["seccomp", "generate", "--from", rec, "--exe", "/opt/app/bin/app", "-o", rec]) == 2
+    err = capsys.readouterr().err
+    assert "one of the --from recordings" in err and rec in err and "\n" not in err.strip()
+    assert Path(rec).read_bytes() == before

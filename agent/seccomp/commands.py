@@ -143,6 +143,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from agent.seccomp import generate_profile
 
+    for rec in args.recordings:  # the profile must not replace a recording it is made from
+        if os.path.exists(args.output) and os.path.exists(rec) and os.path.samefile(args.output, rec):
+            raise ConfigError("the output is one of the --from recordings; choose another path", path=args.output)
     generated = generate_profile(
         args.recordings, args.exe, args.default_action, baseline=not args.no_baseline
     )
