@@ -92,6 +92,7 @@ def test_a_falcosidekick_style_post_with_uuid_and_lowercase_priority(
         (json.dumps({**FALCO_PAYLOAD, "priority": "Loud"}).encode(), "unknown priority"),
         (json.dumps({k: v for k, v in FALCO_PAYLOAD.items() if k != "rule"}).encode(), "'rule'"),
         (json.dumps({**FALCO_PAYLOAD, "time": "yesterday"}).encode(), "'time'"),
+        (b"[" * 100_000, "nested too deeply"),  # was a traceback and no answer at all
     ],
 )
 def test_malformed_payloads_get_400_with_a_one_line_reason(
@@ -179,6 +180,9 @@ def test_file_tail_follows_appends_partial_lines_and_rotation(tmp_path: Path) ->
     append(path, half[40:] + "not json at all\n")
     assert tail.poll() == 1
     assert metrics.value("sysgram_falco_ingest_errors_total", reason="malformed") == 1
+    append(path, "[" * 100_000 + "\n" + line("after a line nested too deeply, in the same write"))
+    assert tail.poll() == 1
+    assert metrics.value("sysgram_falco_ingest_errors_total", reason="malformed") == 2
     # logrotate: the file is renamed, Falco writes its last line to the old one, then reopens a new one.
     os.rename(path, tmp_path / "events.json.1")
     append(tmp_path / "events.json.1", line("three, late into the rotated file"))
@@ -189,9 +193,10 @@ def test_file_tail_follows_appends_partial_lines_and_rotation(tmp_path: Path) ->
     assert tail.poll() == 1
     tail.close()
     assert [a.rule for a in got.alerts] == [
-        "one", "two", "three, late into the rotated file", "four", "five", "six"
+        "one", "two", "after a line nested too deeply, in the same write", "three, late into the rotated file",
+        "four", "five", "six"
     ]
-    assert metrics.value("sysgram_falco_alerts_ingested_total", via="file") == 6
+    assert metrics.value("sysgram_falco_alerts_ingested_total", via="file") == 7
 
 
 def test_file_tail_handles_truncation_and_a_file_that_appears_later(tmp_path: Path) -> None:

@@ -124,6 +124,8 @@ def parse_falco_json(text: str | bytes) -> FalcoAlert:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise FalcoPayloadError(f"not JSON: {err}") from None
+    except RecursionError:  # a hostile or broken sender: this payload only, never the next one
+        raise FalcoPayloadError("JSON nested too deeply") from None
     return parse_falco_alert(data)
 
 
