@@ -118,3 +118,39 @@ def test_detail_records_decode_from_raw_bytes() -> None:
     hdr["kind"], hdr["nr"], hdr["tgid"], hdr["tid"], hdr["aux"], hdr["ts"] = L.K_ENFORCED, 110, 9, 10, 9, 77
     sig = decode_kernel_signal(hdr.tobytes())
     assert (sig.pid, sig.tid, sig.nr, sig.signal, sig.ts) == (9, 10, 110, 9, 77)
+
+
+def test_a_recording_whose_json_has_the_wrong_shape_is_one_recording_error(tmp_path: Path) -> None:
+    """Rewritten by hand (pyarrow): args that are a JSON list, metadata that is a list or nested too deep."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from agent.capture.recording import RecordingWriter, read_recording
+    from agent.errors import RecordingError
+    from agent.events import SYSCALL_DTYPE
+    from agent.proc.info import ProcessInfo
+
+    good = tmp_path / "good.parquet"
+    writer = RecordingWriter(str(good))
+    writer.add_process(ProcessInfo(pid=100, ppid=1, comm="app", exe="/usr/bin/app"))
+    writer.add_syscalls(np.zeros(2, dtype=SYSCALL_DTYPE))
+    writer.close({})
+    table = pq.read_table(good)
+    meta = table.schema.metadata
+    args = table.column("args").to_pylist()
+    bad_args = table.set_column(table.schema.get_field_index("args"), "args",
+                                pa.array([json.dumps([1, 2]) if a else a for a in args], type=table.schema.field("args").type))
+    cases = {
+        "args.parquet": (bad_args, "malformed args (a JSON list"),
+        "meta.parquet": (table.replace_schema_metadata({**meta, b"sysgram": b"[1, 2]"}), "corrupt recording metadata"),
+        "deep.parquet": (table.replace_schema_metadata({**meta, b"sysgram": b"[" * 100_000}), "corrupt recording metadata"),
+    }
+    for name, (damaged, words) in cases.items():
+        pq.write_table(damaged, tmp_path / name)
+        with pytest.raises(RecordingError) as err:
+            read_recording(str(tmp_path / name))
+        assert words in str(err.value) and name in str(err.value)
+    assert read_recording(str(good)).processes[0].exe == "/usr/bin/app"

@@ -298,8 +298,10 @@ def read_recording(path: str) -> Recording:
         raise RecordingError("not a sysgram recording (no 'sysgram' metadata)", path=path)
     try:
         meta = json.loads(raw_meta)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RecordingError("corrupt recording metadata", path=path) from None
+    if not isinstance(meta, dict):
+        raise RecordingError(f"corrupt recording metadata (a JSON {type(meta).__name__}, not an object)", path=path)
     if meta.get("format") != FORMAT:
         raise RecordingError(f"not a sysgram recording (format {meta.get('format')!r})", path=path)
     if meta.get("version") != VERSION:
@@ -340,6 +342,8 @@ def _decode(path: str, meta: dict[str, Any], table: pa.Table) -> Recording:
     for idx, row in zip(other_idx, sub, strict=True):
         try:
             args = json.loads(row["args"]) if row["args"] else {}
+            if not isinstance(args, dict):
+                raise TypeError(f"args (a JSON {type(args).__name__}, not an object)")
             k = row["kind"]
             if k == KIND_DETAIL:
                 raw_args = tuple(int(a) for a in args.pop("raw_args", ()))
@@ -367,18 +371,23 @@ def _decode(path: str, meta: dict[str, Any], table: pa.Table) -> Recording:
                 continue
             else:
                 raise RecordingError(f"row {idx}: unknown event kind {k}", path=path)
-        except (KeyError, TypeError, ValueError) as err:
-            raise RecordingError(f"row {idx}: malformed {err}", path=path) from None
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as err:
+            raise RecordingError(f"row {idx}: malformed {err or type(err).__name__}", path=path) from None
         events.append(event)
         event_positions.append(int(positions[idx]))
+    try:
+        drops = {str(k): int(v) for k, v in summary.get("drops", {}).items()}
+        duration_ns = int(summary.get("duration_ns", 0))
+    except (AttributeError, TypeError, ValueError):
+        raise RecordingError("malformed summary row (drops, duration_ns)", path=path) from None
     return Recording(
         path=path,
         meta=meta,
         syscalls=syscalls,
         events=events,
         processes=processes,
-        drops={k: int(v) for k, v in summary.get("drops", {}).items()},
-        duration_ns=int(summary.get("duration_ns", 0)),
+        drops=drops,
+        duration_ns=duration_ns,
         event_positions=np.asarray(event_positions, dtype=np.int64),
     )
 
