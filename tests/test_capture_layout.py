@@ -154,3 +154,23 @@ def test_a_recording_whose_json_has_the_wrong_shape_is_one_recording_error(tmp_p
             read_recording(str(tmp_path / name))
         assert words in str(err.value) and name in str(err.value)
     assert read_recording(str(good)).processes[0].exe == "/usr/bin/app"
+
+
+def test_record_and_eval_refuse_bad_paths_and_filters_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    for argv, words in (
+        (["record", "-o", str(tmp_path), "--seconds", "1"], "must be a file path"),
+        (["record", "-o", str(tmp_path / "no" / "r.parquet"), "--seconds", "1"], "must be a file path"),
+        (["record", "-o", str(tmp_path / "r.parquet"), "--exe", "bash"], "absolute path"),
+        (["record", "-o", str(tmp_path / "r.parquet"), "--comm", "a-very-long-command-name"], "at most 15"),
+        (["record", "-o", str(tmp_path / "r.parquet"), "--seconds", "nan"], "expected a positive duration"),
+        (["eval", "adfa", str(tmp_path), "--plot", str(tmp_path / "no" / "roc.png")], "--plot takes a .png"),
+        (["eval", "adfa", str(tmp_path), "--plot", str(tmp_path / "roc.xyz")], "--plot takes a .png"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "r.parquet").exists()

@@ -47,8 +47,16 @@ def register(subparsers: Any) -> None:
 def _record(args: argparse.Namespace) -> int:
     from agent.pipeline import Filters, build_recorder_pipeline, run_live
 
-    if args.seconds < 0:
+    if not args.seconds >= 0:  # NaN too
         raise ConfigError(f"--seconds {args.seconds:g}: expected a positive duration (or 0: until SIGINT)")
+    if os.path.isdir(args.output) or not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ConfigError("the recording must be a file path in an existing directory", path=args.output)
+    relative = [exe for exe in args.exe if not os.path.isabs(exe)]
+    if relative:  # it would match nothing: processes are named by /proc/PID/exe, an absolute path
+        raise ConfigError(f"--exe takes the executable's absolute path, not {relative[0]!r}")
+    long_comm = [comm for comm in args.comm if len(comm) > 15]
+    if long_comm:  # the kernel keeps 15 bytes of a comm: a longer one would match nothing
+        raise ConfigError(f"--comm {long_comm[0]!r}: a comm is at most 15 characters (the kernel cuts it)")
     missing = [pid for pid in args.pid if not os.path.exists(f"/proc/{pid}")]
     if missing:
         raise ConfigError(f"--pid {missing[0]}: no such process")

@@ -99,6 +99,11 @@ def _eval_adfa(args: argparse.Namespace) -> int:
 
     if not Path(args.directory).is_dir():
         raise ConfigError("no such directory", path=args.directory)
+    if args.plot and (not args.plot.endswith(".png") or Path(args.plot).is_dir()
+                      or not Path(args.plot).resolve().parent.is_dir()):  # said now, not after the evaluation
+        raise ConfigError("--plot takes a .png file path in an existing directory", path=args.plot)
+    if args.save_model and (not args.save_model.endswith(".onnx") or Path(args.save_model).is_dir()):
+        raise ConfigError("--save-model takes a .onnx file path", path=args.save_model)
     cfg = TrainConfig(n=args.window or (16 if args.masked else DEFAULT_N), seed=args.seed, newest=not args.masked,
                       **({"epochs": args.epochs} if args.epochs else {}))
     result = evaluate_adfa(args.directory, cfg, quick=args.quick, progress=not args.json,
