@@ -100,3 +100,28 @@ def test_check_report_shape(tmp_path: Path) -> None:
     assert {r["name"]: r["status"] for r in report["rules"]} == {"r": "ok", "r2": "error"}
     assert all(set(r) == {"name", "file", "status", "reason"} for r in report["rules"])
     json.dumps(report)
+
+
+@pytest.mark.parametrize("shape", ["not", "paren", "macros"])
+def test_a_condition_nested_too_deeply_is_an_error_on_its_rule_not_a_traceback(tmp_path: Path, shape: str) -> None:
+    # 200 nested `not`s were a SyntaxError from the generated code; 250 parentheses and a chain of 1,000 macros
+    # a RecursionError
+    depth = {"not": 200, "paren": 250, "macros": 1000}[shape]
+    parts = []
+    if shape == "not":
+        cond = "not " * depth + "evt.type = openat"
+    elif shape == "paren":
+        cond = "(" * depth + "evt.type = openat" + ")" * depth
+    else:
+        parts.append("- macro: m0\n  condition: evt.type = openat\n")
+        parts += [f"- macro: m{i}\n  condition: m{i - 1}\n" for i in range(1, depth)]
+        cond = f"m{depth - 1}"
+    parts.append(f"- rule: deep\n  desc: d\n  condition: {cond}\n  output: o\n  priority: INFO\n")
+    parts.append("- rule: fine\n  desc: d\n  condition: evt.type = openat\n  output: o\n  priority: INFO\n")
+    path = tmp_path / "deep.yaml"
+    path.write_text("".join(parts))
+    rs, diags = load_rules([str(path)])
+    errors = [d for d in diags if d.is_error]
+    assert [(d.item_name, d.code) for d in errors] == [("deep", "too-deep")]
+    assert errors[0].file == str(path) and "nested too deeply" in errors[0].message
+    assert [r.name for r in rs.rules if r.name == "fine"] == ["fine"]

@@ -37,6 +37,8 @@ from agent.falco._reader import read_rules_text
 
 RULE_MATCHING = ("first", "all")
 LIST_OPS = ("in", "intersects", "pmatch")
+TOO_DEEP = ("condition nested too deeply (parentheses, 'not's or a chain of macros deeper than Sysgram "
+            "can compile)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,10 @@ class _Compiler:
                 file, line, col = src.locate(err.offset)
                 self.diags.append(Diagnostic("error", file, line, col, err.message, "macro", name, "syntax",
                                              src.text, err.offset))
+            except RecursionError:
+                info.error = TOO_DEEP
+                file, line, col = src.locate(0)
+                self.diags.append(Diagnostic("error", file, line, col, TOO_DEEP, "macro", name, "too-deep"))
             else:
                 self._check_macro_fields(info)
             self.macros[name] = info
@@ -265,6 +271,15 @@ class _Compiler:
         return Not(src, 0, inner)
 
     def compile_rule(self, rule: RuleDef, order: int) -> CompiledRule | None:
+        try:
+            return self._compile_rule(rule, order)
+        except (RecursionError, SyntaxError):  # Python's own limits on depth, in parsing or generated code
+            file, line, col = _source(rule.condition, "rule", rule.name).locate(0)
+            self.statuses[-1].status, self.statuses[-1].reason = "error", TOO_DEEP
+            self.diags.append(Diagnostic("error", file, line, col, TOO_DEEP, "rule", rule.name, "too-deep"))
+            return None
+
+    def _compile_rule(self, rule: RuleDef, order: int) -> CompiledRule | None:
         src = _source(rule.condition, "rule", rule.name)
         status = RuleStatus(rule.name, rule.file, "ok", "" if rule.enabled else "disabled")
         self.statuses.append(status)
