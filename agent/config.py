@@ -277,6 +277,8 @@ def load_config(path: str) -> AgentConfig:
         raise ConfigError(
             f"invalid YAML: {getattr(err, 'problem', err)}", path=path, line=line, col=col
         ) from None
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply", path=path) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -247,3 +247,11 @@ def test_priority_nice_defaults_to_a_boost_and_is_checked(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="priority_nice") as err:
         load_config(str(p))
     assert err.value.line == 2
+
+
+def test_a_config_nested_too_deeply_is_one_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "sysgram.yaml"
+    path.write_text("verdict: " + "[" * 100_000 + "\n")  # was a RecursionError traceback
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value) == f"{path}: YAML nested too deeply"

@@ -158,3 +158,11 @@ def test_cli_eval_prints_the_decision(capsys: pytest.CaptureFixture[str]) -> Non
     )
     assert main(["seccomp", "eval", f"{SHARED}/docker-default.json", "read", "--caps", "CAP_NOPE"]) == 2
     assert "--caps: unknown capability 'CAP_NOPE'" in capsys.readouterr().err
+
+
+def test_a_profile_nested_too_deeply_is_one_profile_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000)  # was a RecursionError traceback in check, eval, exec and host_default
+    with pytest.raises(ProfileError) as err:
+        load_profile(str(path))
+    assert str(err.value) == f"{path}: JSON nested too deeply"

@@ -328,6 +328,8 @@ def load_profile(path: str) -> Profile:
         raise ProfileError("not UTF-8 text", path=path) from None
     except json.JSONDecodeError as err:
         raise ProfileError(f"invalid JSON: {err.msg}", path=path, line=err.lineno, col=err.colno) from None
+    except RecursionError:
+        raise ProfileError("JSON nested too deeply", path=path) from None
     return parse_profile(doc, path)
 
 
