@@ -174,3 +174,25 @@ def test_record_and_eval_refuse_bad_paths_and_filters_before_any_work(
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "r.parquet").exists()
+
+
+def test_inspect_of_a_pid_the_recording_never_saw_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from agent.capture.recording import RecordingWriter
+    from agent.cli import main
+    from agent.events import SYSCALL_DTYPE
+    from agent.proc.info import ProcessInfo
+
+    path = tmp_path / "r.parquet"
+    writer = RecordingWriter(str(path))
+    writer.add_process(ProcessInfo(pid=100, ppid=1, comm="app", exe="/usr/bin/app"))
+    rows = np.zeros(3, dtype=SYSCALL_DTYPE)
+    rows["tgid"] = rows["tid"] = 100
+    writer.add_syscalls(rows)
+    writer.close({})
+    assert main(["inspect", str(path), "--pid", "100"]) == 0
+    assert "/usr/bin/app" in capsys.readouterr().out
+    for pid in ("999999", "-5"):  # was exit 0 with nothing, or only the summary
+        assert main(["inspect", str(path), "--pid", pid, "--events"]) == 2
+        assert f"--pid {pid}: no such process in the recording" in capsys.readouterr().err

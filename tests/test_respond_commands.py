@@ -80,3 +80,12 @@ def test_alerts_listen_refuses_a_port_out_of_range(port: str, capsys: pytest.Cap
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--port" in err and "1-65535" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["alerts", "listen", "--seconds", "nan"], ["alerts", "listen", "--seconds", "-1"],
+                                  ["alerts", "test", "--timeout", "-1"]])
+def test_alert_commands_refuse_durations_that_are_not_positive(argv: list[str],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "expected a number of seconds more than 0" in capsys.readouterr().err

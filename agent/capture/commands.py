@@ -182,10 +182,13 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     if args.program is not None:
         raise ConfigError("--program is for a model (.onnx); a recording's processes are chosen with --pid")
+    if args.events and args.pid is None:
+        raise ConfigError("--events needs --pid P")
     rec = read_recording(args.file)
+    if args.pid is not None and not any(
+            info.pid == args.pid for info in rec.processes) and not np.any(rec.syscalls["tgid"] == args.pid):
+        raise ConfigError(f"--pid {args.pid}: no such process in the recording", path=args.file)
     if args.events:
-        if args.pid is None:
-            raise ConfigError("--events needs --pid P")
         for obj in process_events(rec, args.pid):
             print(json.dumps(obj))
         return 0

@@ -291,7 +291,7 @@ def read_recording(path: str) -> Recording:
         raise RecordingError("no such recording", path=path) from None
     except (pa.ArrowException, OSError) as err:
         raise RecordingError(
-            f"not a sysgram recording (truncated or foreign file: {err})", path=path
+            f"not a sysgram recording (truncated or foreign file: {' '.join(str(err).split())})", path=path
         ) from None
     raw_meta = (pf.schema_arrow.metadata or {}).get(b"sysgram")
     if raw_meta is None:
@@ -314,7 +314,7 @@ def read_recording(path: str) -> Recording:
     try:
         table = pf.read()
     except (pa.ArrowException, OSError) as err:
-        raise RecordingError(f"truncated or corrupt recording: {err}", path=path) from None
+        raise RecordingError(f"truncated or corrupt recording: {' '.join(str(err).split())}", path=path) from None
     return _decode(path, meta, table)
 
 
