@@ -61,3 +61,10 @@ def test_eval_accepts_a_short_arch_name(capsys: pytest.CaptureFixture[str]) -> N
     short = capsys.readouterr().out
     assert main(["seccomp", "eval", DOCKER, "read", "--arch", "SCMP_ARCH_X86"]) == 0
     assert capsys.readouterr().out == short and "read" in short
+
+
+def test_eval_refuses_an_argument_wider_than_a_register(capsys: pytest.CaptureFixture[str]) -> None:
+    # 2**64 + 4 wrapped to 4 and matched `arg0 == 4`, though `seccomp check` refuses such values
+    assert main(["seccomp", "eval", DOCKER, "ptrace", str(2**64 + 4)]) == 2
+    assert "ARG 0: 18446744073709551620 does not fit in a 64-bit register" in capsys.readouterr().err
+    assert main(["seccomp", "eval", DOCKER, "ptrace", str(2**64 - 1)]) in (0, 1)

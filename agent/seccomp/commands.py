@@ -106,9 +106,12 @@ def _int_arg(text: str, position: int) -> int:
     if text.startswith(("AF_", "SOCK_", "PF_")) and isinstance(getattr(socket, text, None), int):
         return int(getattr(socket, text))
     try:
-        return int(text, 0)
+        value = int(text, 0)
     except ValueError:
         raise ConfigError(f"ARG {position}: {text!r} is not an integer") from None
+    if not -(2**63) <= value < 2**64:  # a register: beyond 64 bits it would wrap and match another value
+        raise ConfigError(f"ARG {position}: {text} does not fit in a 64-bit register")
+    return value
 
 
 def _arch(text: str | None) -> str | None:
