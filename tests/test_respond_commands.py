@@ -43,6 +43,25 @@ def test_alerts_spool_reports_and_re_enables(
     assert json.loads(capsys.readouterr().out)["disabled_endpoint"] is None
 
 
+def test_alerts_spool_shows_the_status_while_the_agent_holds_the_spool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the running agent's sink holds the spool's lock, delivering (here: failing to) as an outage goes on
+    sink = WebhookSink("http://127.0.0.1:1/", state_dir=tmp_path, close_timeout=0)
+    try:
+        for i in range(3):
+            sink.emit(Alert.new("r", "Notice", f"o{i}"))
+        assert main(["alerts", "spool", str(tmp_path), "--json"]) == 0  # was "in use by another process"
+        status = json.loads(capsys.readouterr().out)
+        assert status["pending"] == 3 and status["oldest_pending"] is not None
+        assert main(["alerts", "spool", str(tmp_path), "--requeue-dead"]) == 2  # a change still needs the lock
+        err = capsys.readouterr().err
+        assert "in use by another process" in err and "stop the agent to change it" in err
+        assert err.count("\n") == 1
+    finally:
+        sink.close(timeout=0)
+
+
 def test_alerts_spool_without_a_spool_names_the_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

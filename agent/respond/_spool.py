@@ -60,6 +60,35 @@ class DeadLetter:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolStatus:
+    """What a spool holds, read without its lock (the agent may be delivering from it)."""
+
+    pending: int
+    oldest_created_ns: int | None
+    dead_letters: int
+    overflowed: int
+    meta: dict[str, str]
+
+
+def peek(state_dir: str | os.PathLike[str]) -> SpoolStatus:
+    """Read a spool's status while its owner (the running agent) holds it: a read-only SQLite connection,
+    which WAL mode lets run beside the writer. Changing the spool still needs its lock."""
+    path = Path(state_dir) / SPOOL_NAME
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        try:
+            pending, oldest = db.execute("SELECT COUNT(*), MIN(created_ns) FROM pending").fetchone()
+            dead = db.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
+            meta = {str(k): str(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        finally:
+            db.close()
+    except sqlite3.Error as err:
+        raise DeliveryError(f"the webhook spool is unreadable: {err}", path=str(path)) from None
+    return SpoolStatus(int(pending), None if oldest is None else int(oldest), int(dead),
+                       int(meta.get("overflowed", 0) or 0), meta)
+
+
 class Spool:
     """A bounded FIFO of alert bodies that survives crashes. One process at a time (a lock file)."""
 

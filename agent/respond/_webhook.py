@@ -39,7 +39,7 @@ log = logging.getLogger("sysgram.respond")
 
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _OVERFLOW_REPORT_EVERY_S = 60.0
-_DISABLED_KEY = "disabled_url"
+DISABLED_KEY = "disabled_url"  # spool meta: the URL that answered 410 Gone
 
 
 def sign(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
@@ -100,9 +100,9 @@ class WebhookSink:
         self._client = httpx.Client(
             timeout=timeout, follow_redirects=False, headers={"user-agent": f"sysgram/{__version__}"}
         )
-        disabled_for = self.spool.get_meta(_DISABLED_KEY)
+        disabled_for = self.spool.get_meta(DISABLED_KEY)
         if disabled_for is not None and disabled_for != url:
-            self.spool.set_meta(_DISABLED_KEY, None)  # a new endpoint: the old one's 410 is not its
+            self.spool.set_meta(DISABLED_KEY, None)  # a new endpoint: the old one's 410 is not its
             disabled_for = None
         self._disabled = disabled_for is not None
         self._metrics.webhook_disabled.set(1 if self._disabled else 0)
@@ -291,7 +291,7 @@ class WebhookSink:
                         detail)
 
     def _disable(self) -> None:
-        self.spool.set_meta(_DISABLED_KEY, self.url)
+        self.spool.set_meta(DISABLED_KEY, self.url)
         self._disabled = True
         self._metrics.webhook_disabled.set(1)
         with self._cond:
@@ -320,13 +320,13 @@ class WebhookSink:
 
 def enable_endpoint(spool: Spool) -> bool:
     """Forget an earlier 410 Gone; True when the endpoint was disabled."""
-    was = spool.get_meta(_DISABLED_KEY) is not None
-    spool.set_meta(_DISABLED_KEY, None)
+    was = spool.get_meta(DISABLED_KEY) is not None
+    spool.set_meta(DISABLED_KEY, None)
     return was
 
 
 def disabled_endpoint(spool: Spool) -> str | None:
-    return spool.get_meta(_DISABLED_KEY)
+    return spool.get_meta(DISABLED_KEY)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -106,29 +106,34 @@ def _test(args: argparse.Namespace) -> int:
 
 def _spool(args: argparse.Namespace) -> int:
     from agent.respond import Spool
-    from agent.respond._spool import SPOOL_NAME
-    from agent.respond._webhook import disabled_endpoint, enable_endpoint
+    from agent.respond._spool import SPOOL_NAME, peek
+    from agent.respond._webhook import DISABLED_KEY, enable_endpoint
 
     path = os.path.join(args.state_dir, SPOOL_NAME)
     if not os.path.exists(path):
         raise DeliveryError("no webhook spool here (has a webhook been configured?)", path=path)
-    spool = Spool(args.state_dir)
-    try:
-        if args.enable:
-            print("endpoint re-enabled" if enable_endpoint(spool) else "endpoint was not disabled")
-        if args.requeue_dead:
-            print(f"{spool.requeue_dead()} dead letters put back in line")
-        head = spool.head()
-        status = {
-            "spool": path,
-            "pending": spool.depth,
-            "oldest_pending": _age(head.created_ns) if head else None,
-            "dead_letters": len(spool.dead_letters()),
-            "overflowed": spool.overflowed,
-            "disabled_endpoint": disabled_endpoint(spool),
-        }
-    finally:
-        spool.close()
+    if args.enable or args.requeue_dead:  # changes: only with the spool's lock (the agent stopped)
+        try:
+            spool = Spool(args.state_dir)
+        except DeliveryError as err:
+            raise DeliveryError(f"{err.message}; stop the agent to change it (its status can be read while it "
+                                "runs: `sysgram alerts spool` without options)", path=err.path) from None
+        try:
+            if args.enable:
+                print("endpoint re-enabled" if enable_endpoint(spool) else "endpoint was not disabled")
+            if args.requeue_dead:
+                print(f"{spool.requeue_dead()} dead letters put back in line")
+        finally:
+            spool.close()
+    seen = peek(args.state_dir)  # read-only: works while the agent runs and delivers
+    status = {
+        "spool": path,
+        "pending": seen.pending,
+        "oldest_pending": _age(seen.oldest_created_ns) if seen.oldest_created_ns is not None else None,
+        "dead_letters": seen.dead_letters,
+        "overflowed": seen.overflowed,
+        "disabled_endpoint": seen.meta.get(DISABLED_KEY),
+    }
     if args.json:
         print(json.dumps(status, indent=2))
     else:
