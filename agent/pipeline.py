@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # pyarrow (the recording format) is loaded only by the comman
 ANOMALY_RULE = "Sysgram anomalous syscall sequence"
 SECCOMP_RULE = "Sysgram seccomp policy violation"
 BLOCK_RULE = "Sysgram blocked a process"
+# a block a rule asked for and the enforcer refused (PID 1, an allow-listed program, a reused pid...): its own
+# name, so a count of blocks is a count of blocks
+BLOCK_REFUSED_RULE = "Sysgram did not block a process"
 OVERLOAD_RULE = "Sysgram internal: syscall event drop"  # named after Falco's "Falco internal: syscall event drop"
 OVERLOAD_PRIORITY: Final = "Critical"  # lost events are blind spots an attacker can make on purpose
 OVERLOAD_INTERVAL_NS = 30_000_000_000  # at most one overload alert per 30 s
@@ -308,7 +311,7 @@ class Pipeline:
         action = {"sysgram.action": f"{record.signal} sent" if record.done else record.reason}
         self.latencies_ns.append(time.monotonic_ns() - ts)
         self._send(
-            BLOCK_RULE,
+            BLOCK_RULE if record.done else BLOCK_REFUSED_RULE,
             "Critical",
             f"Sysgram {'blocked' if record.done else 'did not block'} pid {pid} ({record.signal}): "
             f"{rule}" + ("" if record.done else f"; {record.reason}"),

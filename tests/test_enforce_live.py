@@ -76,8 +76,8 @@ def test_sysgram_block_rule_kills_only_the_offender(tmp_path: Path, opener: Path
     records = [json.loads(line) for line in alerts.read_text().splitlines()]
     blocks = [r for r in records if r["rule"] == "Sysgram blocked a process"]
     assert any(r["output_fields"]["proc.pid"] == victim.pid for r in blocks)
-    assert all(
-        r["output_fields"]["proc.pid"] != allowed.pid or "allow" in r["output_fields"]["sysgram.action"]
-        for r in blocks
-    )
+    assert all(r["output_fields"]["proc.pid"] != allowed.pid for r in blocks)  # a refusal is not a block ...
+    refused = [r for r in records if r["rule"] == "Sysgram did not block a process"]
+    assert any(r["output_fields"]["proc.pid"] == allowed.pid and "allow" in r["output_fields"]["sysgram.action"]
+               for r in refused)  # ... but its own alert, saying why
     assert any(r["rule"] == "Test open of a forbidden file" for r in records)

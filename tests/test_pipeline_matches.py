@@ -9,7 +9,7 @@ from pathlib import Path
 from agent.config import EnforceConfig
 from agent.events import DetailEvent
 from agent.falco import Engine, load_rules_text
-from agent.pipeline import BLOCK_RULE, Pipeline
+from agent.pipeline import BLOCK_REFUSED_RULE, BLOCK_RULE, Pipeline
 from agent.proc import ProcessTable
 from agent.proc.info import ProcessInfo
 from agent.respond import JsonlConfig, OutputConfig, build_outputs
@@ -88,4 +88,5 @@ def test_a_process_is_blocked_once_even_when_several_rules_say_so(tmp_path: Path
     pipeline.outputs.close()
     rules = [a["rule"] for a in alerts_of(alerts)]
     assert enforcer.asked == [4242]
-    assert rules.count(BLOCK_RULE) == 1 and "Open of a watched secret" in rules
+    # the stand-in enforcer sends nothing (done: False): one refusal alert, and no block claimed
+    assert rules.count(BLOCK_REFUSED_RULE) == 1 and BLOCK_RULE not in rules and "Open of a watched secret" in rules
