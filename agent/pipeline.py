@@ -255,6 +255,8 @@ class Pipeline:
         info = self.table.get(anomaly.pid)
         fields["proc.ppid"] = info.ppid if info else None
         fields["proc.cmdline"] = info.cmdline if info else None
+        if info is not None and info.comm:  # Falco's proc.name is the comm, as in our rule alerts for the pid
+            fields["proc.name"] = info.comm
         fields.update(
             {
                 "sysgram.verdict.severity": verdict.severity,
@@ -263,7 +265,7 @@ class Pipeline:
             }
         )
         output = (
-            f"Anomalous syscall sequence by {anomaly.name} (pid={anomaly.pid} exe={anomaly.exe} "
+            f"Anomalous syscall sequence by {fields['proc.name']} (pid={anomaly.pid} exe={anomaly.exe} "
             f"score={anomaly.process_score:.2f} threshold={anomaly.process_threshold:.2f}): {anomaly.explanation}"
         )
         if anomaly.new_since_alert:
