@@ -71,6 +71,9 @@ def test_missing_model_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="no such model file") as err:
         load_model(tmp_path / "absent.onnx")
     assert str(tmp_path / "absent.onnx") in str(err.value)
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(ModelError, match="a directory, not a model file"):
+        load_model(tmp_path / "dir.onnx")
 
 
 def test_missing_sidecar_names_the_sidecar(model_path: Path, tmp_path: Path) -> None:

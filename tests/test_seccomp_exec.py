@@ -145,3 +145,8 @@ def test_kernel_enforcement_matches_the_evaluator(
 def test_exec_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["exec", "--seccomp", DOCKER, "--"]) == 2
     assert "no command given" in capsys.readouterr().err
+
+
+def test_exec_of_a_directory_is_one_line_not_a_silent_127(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["exec", "--seccomp", DOCKER, "--", str(tmp_path)]) == 2
+    assert f"exec: {tmp_path}: command not found or not executable" in capsys.readouterr().err

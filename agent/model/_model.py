@@ -243,6 +243,8 @@ def file_sha256(path: str | Path) -> str:
 def load_model(path: str | Path, *, threads: int = 1) -> Model:
     """Load ``path`` (.onnx) and its sidecar (same stem, .json), checking that they belong together."""
     onnx_path = str(path)
+    if Path(onnx_path).is_dir():
+        raise ModelError("a directory, not a model file", path=onnx_path)
     if not Path(onnx_path).is_file():
         raise ModelError("no such model file", path=onnx_path)
     sidecar = read_sidecar(onnx_path)

@@ -24,7 +24,7 @@ def run_under_profile(profile: Profile, argv: Sequence[str], caps: int | None = 
     if not argv:
         raise ConfigError("exec: no command given (sysgram exec --seccomp PROFILE -- CMD [ARG...])")
     program = argv[0] if "/" in argv[0] else shutil.which(argv[0])
-    if program is None or not os.access(program, os.X_OK):
+    if program is None or not os.access(program, os.X_OK) or os.path.isdir(program):  # a directory is "x" too
         raise ConfigError(f"exec: {argv[0]}: command not found or not executable")
     caps = _own_caps() if caps is None else caps
     execve = ProfileEvaluator(profile).decide("execve", (), caps)
