@@ -216,6 +216,8 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         details |= set(pipeline.policy.interesting_syscalls())
     from agent.respond import OutputConfig, build_outputs
 
+    if args.quiet and cfg.outputs.get("console") is not None:  # checked even when --quiet drops it
+        _located(cfg, lambda: OutputConfig.from_mapping({"console": cfg.outputs["console"]}, source=cfg.source))
     out_cfg = _located(cfg, lambda: OutputConfig.from_mapping(_outputs_section(cfg, args), source=cfg.source))
     if cfg.enforce.block_ingested and (out_cfg.listen is None or not out_cfg.listen.token):
         raise cfg.error("enforce.block_ingested", "needs outputs.listen with a bearer token")

@@ -255,3 +255,17 @@ def test_a_config_nested_too_deeply_is_one_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
     assert str(err.value) == f"{path}: YAML nested too deeply"
+
+
+def test_quiet_does_not_hide_a_bad_console_section(tmp_path: Path) -> None:
+    """--quiet drops the console sink; a mistake in its section still gets its line (it was accepted)."""
+    from agent.capture.recording import RecordingWriter
+
+    rec = tmp_path / "r.parquet"
+    RecordingWriter(str(rec)).close({})
+    config = tmp_path / "sysgram.yaml"
+    config.write_text("outputs:\n  console: {stream: stdnowhere}\n")
+    result = sysgram("replay", str(rec), "--config", str(config), "--quiet", "--no-model",
+                     "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2
+    assert f"{config}:2: outputs.console.stream: expected one of" in result.stderr
