@@ -108,3 +108,29 @@ def test_alert_commands_refuse_durations_that_are_not_positive(argv: list[str],
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "expected a number of seconds more than 0" in capsys.readouterr().err
+
+
+def test_alerts_test_says_where_a_rejected_alert_went(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Rejecting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(400)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Rejecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        assert main(["alerts", "test", "--webhook", url, "--state-dir", str(tmp_path), "--timeout", "5"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err  # it said "it stays in the spool", which a dead letter does not
+    assert "rejected it, so it went to the dead letters" in err and "stays in the spool" not in err

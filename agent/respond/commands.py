@@ -97,8 +97,11 @@ def _test(args: argparse.Namespace) -> int:
         delivered = webhook.wait_idle(args.timeout) and metrics.value("sysgram_webhook_deliveries_total") >= 1
         if not delivered:
             code = 1
-            print(f"sysgram: webhook {args.webhook}: not delivered within {args.timeout:g}s; "
-                  f"it stays in the spool under {args.state_dir}", file=sys.stderr)
+            rejected = metrics.value("sysgram_webhook_dead_letters_total") >= 1
+            where = ("the endpoint rejected it, so it went to the dead letters" if rejected
+                     else f"not delivered within {args.timeout:g}s; it stays in the spool")
+            print(f"sysgram: webhook {args.webhook}: {where} under {args.state_dir} (`sysgram alerts spool "
+                  f"{args.state_dir}`)", file=sys.stderr)
         webhook.close(timeout=0)
     fanout.close()
     return code
