@@ -117,7 +117,7 @@ def test_adfa_reader_maps_i386_numbers(tmp_path: Path) -> None:
     attack = adfa_traces(root, "attack")
     assert {t.label for t in attack} == {"Adduser", "Web_Shell"}
     (root / "Training_Data_Master" / "UTD-0000.txt").write_text("3 5 x9")
-    with pytest.raises(ConfigError, match=r"UTD-0000\.txt:3: ADFA trace holds 'x9'"):
+    with pytest.raises(ConfigError, match=r"UTD-0000\.txt:1:5: ADFA trace holds 'x9'"):  # line 1, column 5
         adfa_traces(root, "train")
     with pytest.raises(ConfigError, match="not an ADFA-LD directory"):
         adfa_traces(tmp_path, "train")
@@ -282,3 +282,15 @@ def test_learn_and_train_refuse_bad_options_before_any_work(capsys: pytest.Captu
     assert "must end in .onnx" in capsys.readouterr().err
     assert main(["learn", "--seconds", "5", "-o", "m.onnx", "--exe", "bash"]) == 2
     assert "absolute path" in capsys.readouterr().err
+
+
+def test_a_bad_word_in_an_adfa_trace_is_named_by_line_and_column(tmp_path: Path) -> None:
+    root = write_adfa_tree(tmp_path / "adfa", train=2, validation=1, attacks=1)
+    trace = sorted((root / "Training_Data_Master").glob("*.txt"))[0]
+    trace.write_text("3 -4 5 6\n")  # one line: was reported at ":2" (the word's index)
+    with pytest.raises(ConfigError) as err:
+        adfa_traces(root, "train")
+    assert str(err.value) == f"{trace}:1:3: ADFA trace holds '-4', not a syscall number"
+    trace.write_text("3 4\n5 x6\n")
+    with pytest.raises(ConfigError, match=":2:3: ADFA trace holds 'x6'"):
+        adfa_traces(root, "train")

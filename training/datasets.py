@@ -56,15 +56,18 @@ def traces_from_recordings(paths: Sequence[str], exes: Sequence[str] = ()) -> li
 
 def _read_adfa_file(path: Path) -> tuple[str, ...]:
     try:
-        words = path.read_text().split()
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read ADFA trace: {err}", path=str(path)) from None
-    names = []
-    for col, word in enumerate(words, 1):
-        if not word.isdigit():
-            raise ConfigError(f"ADFA trace holds {word[:20]!r}, not a syscall number", path=str(path), col=col)
-        names.append(syscall_name(int(word), compat=True))  # ADFA-LD numbers are i386
-    return tuple(names)
+    words = text.split()
+    if all(word.isdigit() for word in words):
+        return tuple(syscall_name(int(word), compat=True) for word in words)  # ADFA-LD numbers are i386
+    for line_no, line in enumerate(text.splitlines(), 1):  # the first bad word, by line and column
+        for match in re.finditer(r"\S+", line):
+            if not match.group().isdigit():
+                raise ConfigError(f"ADFA trace holds {match.group()[:20]!r}, not a syscall number", path=str(path),
+                                  line=line_no, col=match.start() + 1)
+    raise ConfigError("ADFA trace holds something that is not a syscall number", path=str(path))
 
 
 def adfa_traces(root: str | Path, split: str, *, limit: int | None = None) -> list[Trace]:
