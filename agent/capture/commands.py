@@ -49,8 +49,8 @@ def _record(args: argparse.Namespace) -> int:
 
     if not args.seconds >= 0:  # NaN too
         raise ConfigError(f"--seconds {args.seconds:g}: expected a positive duration (or 0: until SIGINT)")
-    if os.path.isdir(args.output) or not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise ConfigError("the recording must be a file path in an existing directory", path=args.output)
+    if os.path.isdir(args.output):  # (a missing or read-only directory: the recorder says so, before it starts)
+        raise ConfigError("the recording must be a file path, not a directory", path=args.output)
     relative = [exe for exe in args.exe if not os.path.isabs(exe)]
     if relative:  # it would match nothing: processes are named by /proc/PID/exe, an absolute path
         raise ConfigError(f"--exe takes the executable's absolute path, not {relative[0]!r}")
