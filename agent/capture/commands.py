@@ -54,9 +54,6 @@ def _record(args: argparse.Namespace) -> int:
     relative = [exe for exe in args.exe if not os.path.isabs(exe)]
     if relative:  # it would match nothing: processes are named by /proc/PID/exe, an absolute path
         raise ConfigError(f"--exe takes the executable's absolute path, not {relative[0]!r}")
-    long_comm = [comm for comm in args.comm if len(comm) > 15]
-    if long_comm:  # the kernel keeps 15 bytes of a comm: a longer one would match nothing
-        raise ConfigError(f"--comm {long_comm[0]!r}: a comm is at most 15 characters (the kernel cuts it)")
     missing = [pid for pid in args.pid if not os.path.exists(f"/proc/{pid}")]
     if missing:
         raise ConfigError(f"--pid {missing[0]}: no such process")
