@@ -71,6 +71,8 @@ def test_defaults_and_shorthands() -> None:
         ({"console": "yes"}, "outputs.console: expected a mapping"),
         ({"listen": {"address": "0.0.0.0"}}, "outputs.listen.token: required"),
         ({"listen": {"port": 70000}}, "outputs.listen.port: must be at most 65535"),
+        ({"listen": {"address": "999.1.1.1"}}, "outputs.listen.address: not an IP address or a host name"),
+        ({"listen": {"host": "my host", "token": "t"}}, "outputs.listen.host: not an IP address or a host name"),
         ({"fold_window": -1}, "outputs.fold_window: must be at least"),
         ({"fold_window": 1e300}, "outputs.fold_window: must be at most 86400"),
         ({"webhook": {"url": "http://x", "backoff_base": 1e300, "backoff_max": 1e300}},

@@ -101,6 +101,18 @@ class OutputConfig:
         return cls(console, jsonl, webhook, listen, falco_file, fold_window)
 
 
+def address_is_plausible(address: str) -> bool:
+    """An IP address, or something shaped like a host name (digits and dots alone must be a valid IPv4)."""
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        pass
+    labels = address.rstrip(".").split(".")
+    return (bool(address) and not all(label.isdigit() for label in labels)
+            and all(label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels))
+
+
 def is_loopback(address: str) -> bool:
     if address == "localhost":
         return True
@@ -276,6 +288,8 @@ class _Reader:
         port = self.integer(data.get("port", DEFAULT_PORT), f"{key}.port", minimum=0)
         if port > 65535:
             raise self.fail(f"{key}.port", f"must be at most 65535, got {port}")
+        if not address_is_plausible(address):
+            raise self.fail(f"{key}.{name}", f"not an IP address or a host name: {address!r}")
         token = self.optional_str(data, key, "token")
         config = ListenConfig(address, port, token)
         if token is None and not config.is_loopback:

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.errors import ConfigError, DeliveryError
 from agent.respond._alert import Alert, Priority, format_time, parse_priority, parse_time
-from agent.respond._config import ListenConfig, is_loopback
+from agent.respond._config import ListenConfig, address_is_plausible, is_loopback
 from agent.respond._metrics import METRICS_CONTENT_TYPE, Metrics
 
 log = logging.getLogger("sysgram.respond")
@@ -227,6 +227,8 @@ class IngestServer:
         self, callback: FalcoAlertCallback, metrics: Metrics, *, address: str = "127.0.0.1", port: int = 8765,
         token: str | None = None,
     ) -> None:
+        if not address_is_plausible(address):  # checked first: a typo is not a reason to ask for a token
+            raise ConfigError(f"listen: {address!r} is not an IP address or a host name")
         if token is None and not is_loopback(address):
             raise ConfigError(f"listen: a bearer token is required to listen on {address} (not loopback)")
         if token is not None and not token:
