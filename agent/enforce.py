@@ -227,16 +227,19 @@ class Enforcer:
             rec = BlockRecord(time.time_ns(), pid, sig_name, False, f"refused: {why_not}")
         else:
             entry = self._map("enforce")
+            key = ctypes.c_uint32(pid)
+            current = entry.get(key)  # type: ignore[attr-defined]
             value = entry.Leaf()  # type: ignore[attr-defined]
-            value.signal, value.policy_id = int(sig), 0
-            entry[ctypes.c_uint32(pid)] = value  # type: ignore[index]
+            # the program's deny_syscalls policy stays: a process stopped, then resumed, is still under it
+            value.signal, value.policy_id = int(sig), current.policy_id if current is not None else 0
+            entry[key] = value  # type: ignore[index]
             # A process asleep in a long syscall makes no next syscall: signal it from here too, through the
             # pidfd. When the kernel holds the pid as protected (it inherited protection at fork) the BPF
             # side will not signal it: do it at once.
             if self.kernel_protected(pid):
-                self._fallback(pidfd, sig)
+                self._fallback(pidfd, sig, pid)
             else:
-                threading.Timer(0.05, self._fallback, args=(pidfd, sig)).start()
+                threading.Timer(0.05, self._fallback, args=(pidfd, sig, pid)).start()
             rec = BlockRecord(time.time_ns(), pid, sig_name, True, reason)
         with self._lock:
             self.records.append(rec)
@@ -249,11 +252,25 @@ class Enforcer:
         except (KeyError, OSError):
             return False
 
-    @staticmethod
-    def _fallback(pidfd: int, sig: int) -> None:
+    def _fallback(self, pidfd: int, sig: int, pid: int) -> None:
         try:
             signal.pidfd_send_signal(pidfd, sig)
+            if sig == signal.SIGSTOP:  # sent once, here or by the BPF side: SIGCONT must resume it for good
+                self._clear_signal(pid, pidfd)
         except OSError:
             pass  # already gone
         finally:
             os.close(pidfd)
+
+    def _clear_signal(self, pid: int, pidfd: int) -> None:
+        """Leave ``pid``'s enforce entry with its policy but no pending signal (as the BPF side does after a
+        stop): a process asleep when it was stopped restarts its syscall after SIGCONT and must not be
+        stopped again."""
+        entry = self._map("enforce")
+        key = ctypes.c_uint32(pid)
+        current = entry.get(key)  # type: ignore[attr-defined]
+        if current is None or _pidfd_pid(pidfd) != pid:  # gone, or the pid is someone else's now
+            return
+        value = entry.Leaf()  # type: ignore[attr-defined]
+        value.signal, value.policy_id = 0, current.policy_id
+        entry[key] = value  # type: ignore[index]

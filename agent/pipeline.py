@@ -227,9 +227,18 @@ class Pipeline:
         if not matches and not others:
             return
         state = self.detector.state(event.tgid) if self.detector is not None else None
+        detail = "score"
+        if self.detector is not None and event.syscall in ("execve", "execveat") and not (
+                state is not None and state.is_anomalous):
+            # a program just exec'd has no state worth reading: what started it is the evidence (the process
+            # before its exec, else its parent), as the rules' sysgram.anomaly.spawner.* fields read it
+            info = self.table.get(event.tgid)
+            state = self.detector.exec_origin(event.tgid) or (
+                self.detector.state(info.ppid) if info is not None and info.ppid > 0 else None)
+            detail = f"its spawner (pid {state.pid}, {os.path.basename(state.exe)}) scored" if state else detail
         if state is not None and state.is_anomalous:
             others.append(
-                Evidence("anomaly", ANOMALY_RULE, score=state.score, detail=f"score {state.score:.2f}")
+                Evidence("anomaly", ANOMALY_RULE, score=state.score, detail=f"{detail} {state.score:.2f}")
             )
         # As Falco does, every rule the event matched is its own alert; each is cross-checked with the
         # same seccomp and anomaly evidence. A seccomp violation no rule matched is an alert of its own.
@@ -253,6 +262,8 @@ class Pipeline:
             return
         fields = dict(anomaly.output_fields())
         info = self.table.get(anomaly.pid)
+        if info is not None and ((info.exe and anomaly.exe and info.exe != anomaly.exe) or info.start_ns > anomaly.ts):
+            info = None  # the pid names another process now (a summary goes out a minute after its anomaly)
         fields["proc.ppid"] = info.ppid if info else None
         fields["proc.cmdline"] = info.cmdline if info else None
         if info is not None and info.comm:  # Falco's proc.name is the comm, as in our rule alerts for the pid

@@ -319,8 +319,11 @@ def _learn(args: argparse.Namespace) -> int:
     # everything that can be wrong with the options is said before the recording, not after it
     if not args.output.endswith(".onnx") or os.path.isdir(args.output):
         raise ConfigError("the model file must end in .onnx", path=args.output)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+    model_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(model_dir):
         raise ConfigError("no such directory for the model", path=args.output)
+    if not os.access(model_dir, os.W_OK | os.X_OK):
+        raise ConfigError("the model's directory is not writable", path=args.output)
     relative = [exe for exe in args.exe if not os.path.isabs(exe)]
     if relative:
         raise ConfigError(f"--exe takes the executable's absolute path (as /proc/PID/exe names it), not "

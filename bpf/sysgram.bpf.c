@@ -120,9 +120,9 @@ static __always_inline void enforce_check(__u32 tgid, __u32 tid, __u32 nr) {
     bpf_send_signal(sig);
     bump(S_SIGNALS, 1);
     /* A stop is sent once: the process stays frozen until someone sends SIGCONT, which must then resume it
-     * (left in the map, the entry stopped it again at its next syscall). */
+     * (left pending, the entry stopped it again at its next syscall). Its deny policy, if any, stays. */
     if (sig == 19 && e->signal == 19)
-        enforce.delete(&tgid);
+        e->signal = 0;
     struct detail_hdr *h = detail_rb.ringbuf_reserve(sizeof(struct detail_hdr));
     if (!h) {
         bump(S_DETAIL_LOST, 1);

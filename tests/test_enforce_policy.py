@@ -335,3 +335,25 @@ def test_an_alert_from_another_host_never_blocks_a_local_pid(
     assert "sysgram.action" not in alerts[0]["output_fields"]  # no block was even tried
     assert enforce_entry(bpf, sleeper.pid) is None
     assert wait_exit(sleeper, 0.3) is None
+
+
+def test_a_stop_keeps_the_programs_deny_policy_and_leaves_no_pending_signal(bpf: Any, tmp_path: Path) -> None:
+    """Stopped then resumed (SIGCONT), a deny_syscalls program must still be under its policy."""
+    real = tmp_path / "denied-sleep"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", real)
+    enforcer = Enforcer(bpf, replace(_deny_config(tmp_path, real, "getppid"), action="stop"),
+                        real_lookup)
+    proc = subprocess.Popen([str(real), "60"])
+    try:
+        policy_id = enforcer.on_exec(proc.pid, str(real))
+        assert policy_id
+        rec = enforcer.block(proc.pid, "test")
+        entry = enforce_entry(bpf, proc.pid)
+        assert rec.done and entry.signal == signal.SIGSTOP and entry.policy_id == policy_id  # was policy_id 0
+        deadline = time.monotonic() + 5  # asleep in clock_nanosleep: the agent's own signal stops it
+        while time.monotonic() < deadline and (entry := enforce_entry(bpf, proc.pid)).signal:
+            time.sleep(0.02)
+        assert (entry.signal, entry.policy_id) == (0, policy_id)  # sent once; the policy stays
+    finally:
+        proc.kill()
+        proc.wait()

@@ -62,3 +62,36 @@ def test_stop_action_freezes_the_offender_and_sigcont_resumes_it(tmp_path: Path)
         "stop sent"
     ]
     assert (resumed_state, victim.returncode) == ("exited", 0)  # it ran its loop to the end after SIGCONT
+
+
+def test_a_victim_asleep_in_a_syscall_is_stopped_once_and_sigcont_resumes_it(tmp_path: Path) -> None:
+    """Stopped by the agent's fallback signal (it made no syscall after the verdict): after SIGCONT its
+    interrupted read restarts and must not be stopped again."""
+    import sys
+
+    blocked = f"/tmp/sysgram-freeze-{uuid.uuid4().hex}"
+    rules = tmp_path / "block.yaml"
+    rules.write_text(
+        "- rule: Test open of a forbidden file\n  desc: test\n"
+        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
+        "  output: forbidden open by %proc.name (pid %proc.pid)\n  priority: CRITICAL\n  tags: [sysgram.block]\n"
+    )
+    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
+                      config="enforce:\n  enabled: true\n  action: stop\n")
+    # opens the file, then sleeps in read() on a pipe nobody writes: no syscall for the BPF side to stop it at
+    victim = subprocess.Popen([sys.executable, "-c", f"import os; open({blocked!r}, 'w').close(); os.read(0, 1)"],
+                              stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process_state(victim.pid) != "T":
+            time.sleep(0.02)
+        state = process_state(victim.pid)
+        victim.send_signal(signal.SIGCONT)
+        time.sleep(1.0)  # its read restarts at once; stopped again, it would be T here
+        resumed = process_state(victim.pid)
+    finally:
+        victim.kill()
+        victim.wait()
+        assert agent.stop() == 0, agent.stderr
+        Path(blocked).unlink(missing_ok=True)
+    assert (state, resumed) == ("T", "S")

@@ -279,6 +279,8 @@ def test_what_an_anomalous_process_was_outlives_its_exec_for_the_rules(model: Mo
     det.on_exec(41, (41,), ts=10**10)
     assert det.state(40) is None and det.exec_origin(40) == before  # the shell's own state starts afresh
     assert det.exec_origin(41) is None  # a normal process exec'ing leaves nothing
+    det.on_exec(40, (40,), ts=10**10 + 1)  # the new program (env, nice) execs the shell at once: no state between
+    assert det.exec_origin(40) == before
     det.on_fork(40, 40, ts=2 * 10**10)  # the pid now names another process
     assert det.exec_origin(40) is None
 
@@ -326,6 +328,87 @@ def test_the_agent_alerts_what_is_still_held_back_when_its_stream_ends(model: Mo
     assert summary["output_fields"]["sysgram.anomaly.held_back_pids"] == "41 42"
     assert summary["output"].startswith(f"2 anomalous processes of {ALPHA} were held back by the per-program "
                                         "alert limit (pids 41 42); the highest-scoring of them: Anomalous")
+
+
+@pytest.mark.parametrize("held_at_s", [1, 59])
+def test_a_held_back_process_is_one_process_in_its_summary_and_never_a_follow_up(model: Model,
+                                                                                 held_at_s: int) -> None:
+    det = started(AnomalyDetector(model, cache_size=4096, program_alerts=1, alert_every_ns=60 * 10**9), 40, 41)
+    rng = np.random.default_rng(5)
+    evil = [*habit_trace(HABITS["/usr/bin/beta"], 150, rng), *(ATTACK * 20)]
+    assert [a.pid for a in det.push(rows(evil, tgid=40), {40: ALPHA})] == [40]
+    assert det.push(rows(evil, tgid=41, ts0=held_at_s * 10**9), {41: ALPHA}) == []  # held: the quota is spent
+    # it then makes a syscall its program never made: it was never alerted, so no "follow-up" (and not twice)
+    later = det.push(rows([*evil, "swapon", *evil], tgid=41, ts0=(held_at_s + 3) * 10**9), {41: ALPHA})
+    assert [a for a in later if not a.held_back] == []
+    summaries = [a for a in later if a.held_back] + det.release_held(None)
+    assert [(a.held_back, a.held_back_pids) for a in summaries] == [(1, (41,))]
+
+
+def test_an_alert_about_a_pid_reused_since_its_anomaly_does_not_borrow_the_new_process(model: Model,
+                                                                                       tmp_path: Path) -> None:
+    from agent.config import EnforceConfig
+    from agent.pipeline import Pipeline
+    from agent.proc import ProcessTable
+    from agent.proc.info import ProcessInfo
+    from agent.respond import JsonlConfig, OutputConfig, build_outputs
+    from agent.verdict import DecisionTable
+
+    alerts = tmp_path / "alerts.jsonl"
+    outputs = build_outputs(OutputConfig(console=None, jsonl=JsonlConfig(str(alerts)), fold_window=0),
+                            state_dir=tmp_path)
+    table = ProcessTable()
+    table.add(ProcessInfo(pid=77, ppid=1, comm="alpha", exe=ALPHA, args=(ALPHA, "--job"), start_ns=10))
+    table.add(ProcessInfo(pid=78, ppid=1, comm="vim", exe="/usr/bin/vim", args=("vim",), start_ns=10))
+    table.add(ProcessInfo(pid=79, ppid=1, comm="alpha", exe=ALPHA, args=(ALPHA, "--new"), start_ns=5 * 10**9))
+    pipeline = Pipeline(table=table, outputs=outputs,
+                        decisions=DecisionTable.from_mapping({}, EnforceConfig(), source="test"))
+    rng = np.random.default_rng(9)
+    odd = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
+    det = AnomalyDetector(model, cache_size=4096)
+    for pid in (77, 78, 79):
+        (anomaly,) = det.push(rows(odd, tgid=pid, ts0=10**9), {pid: ALPHA})  # all judged as alpha at ~1 s
+        pipeline._anomaly(anomaly)
+    outputs.close()
+    fields = {r["output_fields"]["proc.pid"]: r["output_fields"] for r in map(json.loads, alerts.read_text().splitlines())}
+    assert fields[77]["proc.cmdline"] == "alpha --job"  # the same process: the table's facts (comm + args)
+    assert fields[78]["proc.cmdline"] is None and fields[78]["proc.name"] == "alpha"  # another program now
+    assert fields[79]["proc.cmdline"] is None  # started after the anomaly: not the process it was about
+
+
+def test_a_shell_exec_is_cross_checked_with_its_spawners_anomaly(model: Model, tmp_path: Path) -> None:
+    from agent.config import EnforceConfig
+    from agent.events import DetailEvent
+    from agent.falco import Engine, load_rules
+    from agent.pipeline import Pipeline
+    from agent.pipeline_commands import _anomaly_fields
+    from agent.proc import ProcessTable
+    from agent.proc.info import ProcessInfo
+    from agent.respond import JsonlConfig, OutputConfig, build_outputs
+    from agent.verdict import DecisionTable
+
+    alerts = tmp_path / "alerts.jsonl"
+    outputs = build_outputs(OutputConfig(console=None, jsonl=JsonlConfig(str(alerts)), fold_window=0),
+                            state_dir=tmp_path)
+    table = ProcessTable()
+    table.add(ProcessInfo(pid=400, ppid=1, comm="alpha", exe=ALPHA, args=(ALPHA,), start_ns=10))
+    table.add(ProcessInfo(pid=401, ppid=400, comm="sh", exe="/usr/bin/sh", args=("sh", "-c", "id"), start_ns=10))
+    pipeline = Pipeline(table=table, outputs=outputs,
+                        decisions=DecisionTable.from_mapping({}, EnforceConfig(), source="test"))
+    det = pipeline.detector = AnomalyDetector(model, cache_size=4096)
+    rules, _ = load_rules([str(Path(__file__).resolve().parents[1] / "rules" / "sysgram_rules.yaml")])
+    pipeline.engine = Engine(rules, table.get, _anomaly_fields(det.state),
+                             exec_origin_lookup=_anomaly_fields(det.exec_origin))
+    rng = np.random.default_rng(9)
+    det.push(rows([ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)], tgid=400), {400: ALPHA})
+    assert (parent := det.state(400)) is not None and parent.is_anomalous
+    pipeline.handle([DetailEvent(2 * 10**9, 401, 401, "execve", 59, 0, {"filename": "/usr/bin/sh",
+                                                                        "argv": ["sh", "-c", "id"]})])
+    outputs.close()
+    (alert,) = [json.loads(line) for line in alerts.read_text().splitlines()]
+    assert alert["rule"] == "Anomalous process spawned a shell"
+    reasons = alert["output_fields"]["sysgram.verdict.reasons"]
+    assert any(r.startswith("anomaly:") and "its spawner (pid 400, alpha)" in r for r in reasons), reasons
 
 
 def test_held_back_summaries_are_bounded_and_never_dropped(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -532,6 +615,14 @@ def test_a_sidecar_whose_values_would_switch_detection_off_is_refused(
     with pytest.raises(ModelError) as err:
         load_model(dst)
     assert named in str(err.value) and str(dst.with_suffix(".json")) in str(err.value)
+
+
+def test_a_sidecar_with_a_whole_number_written_as_a_float_still_loads(model_path: Path, tmp_path: Path) -> None:
+    dst = copy_model(model_path, tmp_path)
+    side = json.loads(dst.with_suffix(".json").read_text())
+    side["thresholds"]["min_windows"] = float(side["thresholds"]["min_windows"])  # 16.0: it loaded before
+    dst.with_suffix(".json").write_text(json.dumps(side))
+    assert load_model(dst).sidecar.thresholds.min_windows == int(side["thresholds"]["min_windows"])
 
 
 def test_a_sidecar_that_is_not_text_or_nested_too_deep_is_one_line(model_path: Path, tmp_path: Path) -> None:

@@ -40,6 +40,14 @@ def test_console_prints_one_line_whatever_the_alert_text_holds() -> None:
     assert "r\\nFAKE" in text and "cat x\\n2026 Critical FAKE: ok\\x1b[2J" in text
 
 
+def test_escaping_covers_reordering_characters_and_twice_is_once() -> None:
+    from agent._text import escape_controls
+
+    text = "evil\u202egpj.exe\u2028next\x85"  # a right-to-left override, a line separator, NEL
+    once = escape_controls(text)
+    assert once == "evil\\u202egpj.exe\\u2028next\\x85" and escape_controls(once) == once
+
+
 def test_console_colours_by_priority_when_asked() -> None:
     out = io.StringIO()
     sink = ConsoleSink(out, color=True)

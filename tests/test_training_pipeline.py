@@ -294,3 +294,22 @@ def test_a_bad_word_in_an_adfa_trace_is_named_by_line_and_column(tmp_path: Path)
     trace.write_text("3 4\n5 x6\n")
     with pytest.raises(ConfigError, match=":2:3: ADFA trace holds 'x6'"):
         adfa_traces(root, "train")
+    trace.write_text("3 \u00b2\n")  # a superscript two: str.isdigit() says yes, int() says no
+    with pytest.raises(ConfigError, match=":1:3: ADFA trace holds '\u00b2'"):
+        adfa_traces(root, "train")
+
+
+def test_a_model_path_that_cannot_be_written_is_one_error_before_training(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot write the model here"):  # was a traceback (mkdtemp)
+        train_model(synthetic_traces(4, seed=2), blocker / "m.onnx", tiny_cfg(), progress=False)
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        train_model(synthetic_traces(4, seed=2), tmp_path / "dir.onnx", tiny_cfg(), progress=False)
+    rec = tmp_path / "r.parquet"
+    write_recording(rec, seed=2)
+    assert main(["train", "-i", str(rec), "-o", str(tmp_path / "dir.onnx")]) == 2  # said before training
+    assert "a file, not a directory" in capsys.readouterr().err
+    assert list(tmp_path.glob(".*training-*")) == []  # no scratch directory left behind

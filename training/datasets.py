@@ -60,11 +60,11 @@ def _read_adfa_file(path: Path) -> tuple[str, ...]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read ADFA trace: {err}", path=str(path)) from None
     words = text.split()
-    if all(word.isdigit() for word in words):
+    if all(word.isascii() and word.isdigit() for word in words):  # not "²", which int() refuses
         return tuple(syscall_name(int(word), compat=True) for word in words)  # ADFA-LD numbers are i386
     for line_no, line in enumerate(text.splitlines(), 1):  # the first bad word, by line and column
         for match in re.finditer(r"\S+", line):
-            if not match.group().isdigit():
+            if not (match.group().isascii() and match.group().isdigit()):
                 raise ConfigError(f"ADFA trace holds {match.group()[:20]!r}, not a syscall number", path=str(path),
                                   line=line_no, col=match.start() + 1)
     raise ConfigError("ADFA trace holds something that is not a syscall number", path=str(path))

@@ -612,15 +612,23 @@ def train_model(traces: Sequence[Trace], out: str | Path, cfg: TrainConfig, *, p
     model is complete and loads: a training that fails, or is stopped, leaves a model already at ``out``
     as it was."""
     final = Path(out)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.stem}.training-", dir=final.parent))
+    if final.is_dir():
+        raise ConfigError("the model path is a directory", path=str(final))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{final.stem}.training-", dir=final.parent))
+    except OSError as err:
+        raise ConfigError(f"cannot write the model here: {err.strerror}", path=str(final)) from None
     try:
         report = _train_model(traces, work / final.name, cfg, progress=progress, how=how, holdout=holdout)
         made = [work / final.name, sidecar_path(work / final.name), known_path(work / final.name)]
-        known_path(final).unlink(missing_ok=True)  # an earlier model's, which this one must not seem to have
-        for path in made:
-            if path.exists():
-                os.replace(path, final.parent / path.name)
+        try:
+            known_path(final).unlink(missing_ok=True)  # an earlier model's, which this one must not seem to have
+            for path in made:
+                if path.exists():
+                    os.replace(path, final.parent / path.name)
+        except OSError as err:
+            raise ModelError(f"cannot put the model in place: {err.strerror}", path=str(err.filename or final)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return replace(report, onnx_path=str(final), sidecar_path=str(sidecar_path(final)))

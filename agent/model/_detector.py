@@ -187,11 +187,11 @@ class _Held:
 
     first_ts: int
     worst: Anomaly
-    count: int = 0
-    pids: list[int] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)  # every process held back (at most one per pid per period)
+    pids: list[int] = field(default_factory=list)  # the first HELD_PIDS_MAX of them, in order
 
     def summary(self) -> Anomaly:
-        return replace(self.worst, held_back=self.count, held_back_pids=tuple(self.pids))
+        return replace(self.worst, held_back=len(self.seen), held_back_pids=tuple(self.pids))
 
 
 @dataclass(slots=True)  # one per live process: no per-instance __dict__
@@ -205,7 +205,8 @@ class _Process:
     # the mean carried over from earlier spans, as a total over a number of windows (at most span_memory)
     carried_total: float = 0.0
     carried: int = 0
-    last_alert: int | None = None
+    last_alert: int | None = None  # the latest alert, or hold by the per-program limit
+    alerted: bool = False  # whether that was an alert (a follow-up may come) or a hold (the summary speaks)
     state: AnomalyState | None = None
     # the latest batch's verdict, made an AnomalyState only when asked for (most never are):
     # (ts, score, threshold, windows, window score, window threshold, window tokens as bytes, anomalous)
@@ -338,11 +339,12 @@ class AnomalyDetector:
             self.windows.exec(tid, ts)
         self._late.pop(tgid, None)  # an exit placeholder under this pid is an earlier process's
         before = self.state(tgid)
-        self._exec_origins.pop(tgid, None)
-        if before is not None and before.is_anomalous:  # what exec'd the new program, for the rules
-            self._exec_origins[tgid] = before
-            while len(self._exec_origins) > EXEC_ORIGINS_MAX:
-                self._exec_origins.popitem(last=False)
+        if before is not None:  # none: exec'd again before any state (env, nice, timeout): the origin holds
+            self._exec_origins.pop(tgid, None)
+            if before.is_anomalous:  # what exec'd the new program, for the rules
+                self._exec_origins[tgid] = before
+                while len(self._exec_origins) > EXEC_ORIGINS_MAX:
+                    self._exec_origins.popitem(last=False)
         self._procs.pop(tgid, None)
         self._announce(tgid)
 
@@ -629,13 +631,15 @@ class AnomalyDetector:
             return None
         new_since_alert: tuple[str, ...] = ()
         if proc.last_alert is not None and ts - proc.last_alert < self.alert_every_ns:
-            # one alert per process per period, unless it has since made syscalls its program never made: the
-            # SOC hears of the socket it opened after the first alert (bounded: NEW_SYSCALLS_MAX in a life)
-            if len(proc.new_syscalls) <= proc.reported_new:
+            # one alert per process per period, unless it was alerted (not held back: a held one is in its
+            # program's summary) and has since made syscalls its program never made: the SOC hears of the
+            # socket it opened after the first alert (bounded: NEW_SYSCALLS_MAX in a life)
+            if not proc.alerted or len(proc.new_syscalls) <= proc.reported_new:
                 return None
             new_since_alert = proc.new_syscalls[proc.reported_new:]
         held = not self._program_may_alert(exe, ts)
         proc.last_alert = ts  # when held: judged, state anomalous; not retried before alert_every_ns
+        proc.alerted = not held
         proc.reported_new = len(proc.new_syscalls)
         real = tokens != PAD
         window = self._window(tokens)
@@ -668,9 +672,10 @@ class AnomalyDetector:
             held = self._held[anomaly.exe] = _Held(anomaly.ts, anomaly)
             while len(self._held) > PROGRAMS_LIMITED_MAX:  # the oldest summary goes out early, not lost
                 self._released.append(self._held.popitem(last=False)[1].summary())
-        held.count += 1
-        if len(held.pids) < HELD_PIDS_MAX:
-            held.pids.append(anomaly.pid)
+        if anomaly.pid not in held.seen:  # a process judged again in the period is still one process
+            held.seen.add(anomaly.pid)
+            if len(held.pids) < HELD_PIDS_MAX:
+                held.pids.append(anomaly.pid)
         if anomaly.process_score > held.worst.process_score:
             held.worst = anomaly
 

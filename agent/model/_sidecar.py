@@ -118,6 +118,8 @@ MIN_WINDOWS_MAX = 1_000_000  # more and no process would ever be judged
 
 
 def _count(value: Any, where: str, path: str) -> int:
+    if isinstance(value, float) and value.is_integer():  # 16.0 from a JSON writer that writes floats
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MIN_WINDOWS_MAX:
         raise ModelError(f"sidecar {where} must be a whole number from 1 to {MIN_WINDOWS_MAX:,}, not {value!r}",
                          path=path)

@@ -80,8 +80,8 @@ def _train(args: argparse.Namespace) -> int:
     _need_training()
     from training.train import DEFAULT_N, train_from_recordings
 
-    if not args.output.endswith(".onnx"):
-        raise ConfigError("the model file must end in .onnx", path=args.output)
+    if not args.output.endswith(".onnx") or Path(args.output).is_dir():
+        raise ConfigError("the model file must end in .onnx (a file, not a directory)", path=args.output)
     report = train_from_recordings(args.input, args.output, exes=args.exe, epochs=args.epochs, seed=args.seed,
                                    progress=not args.no_progress, n=args.window or DEFAULT_N)
     print(f"wrote {report.summary()}")

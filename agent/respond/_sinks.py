@@ -82,7 +82,7 @@ class ConsoleSink:
             line.append(f" {escape_controls(alert.rule)}", style="bold")
             line.append(f": {escape_controls(alert.output)}")
             extras = [
-                f"{key.removeprefix('sysgram.')}={value}"
+                escape_controls(f"{key.removeprefix('sysgram.')}={value}")
                 for key, value in alert.output_fields.items()
                 if key in _CONSOLE_FIELDS
             ]
@@ -95,6 +95,17 @@ class ConsoleSink:
 
     def close(self) -> None:
         self.flush()
+
+
+def _ends_with_newline(path: str, size: int) -> bool:
+    """Whether the file's last byte is a newline; True when it cannot be read (a file we may append to but
+    not read: better a glued line than no alerts at all)."""
+    try:
+        with open(path, "rb") as existing:
+            existing.seek(size - 1)
+            return existing.read(1) == b"\n"
+    except OSError:
+        return True
 
 
 class JsonlSink:
@@ -123,11 +134,8 @@ class JsonlSink:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             # a file left ending mid-line (a crash, another writer) must not glue our first alert onto it
             size = os.fstat(fd).st_size
-            if size:
-                with open(self.path, "rb") as existing:
-                    existing.seek(size - 1)
-                    if existing.read(1) != b"\n":
-                        os.write(fd, b"\n")
+            if size and not _ends_with_newline(self.path, size):
+                os.write(fd, b"\n")
         except OSError as err:
             raise DeliveryError(f"cannot open the alert file: {err.strerror}", path=self.path) from None
         return os.fdopen(fd, "ab")
