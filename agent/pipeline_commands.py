@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ipaddress
-import math
 import os
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent._argtypes import epochs, positive_seconds
 from agent.config import AgentConfig, load_config, with_enforcement
 from agent.errors import ConfigError, NotYetAvailable
 from agent.pipeline import Pipeline, run_live, run_replay
@@ -32,22 +32,6 @@ SHIPPED_MODEL_NOTE = (
 DEFAULT_SECCOMP = {"host_default": str(ROOT / "rules" / "seccomp" / "host-default.json")}
 SECRET_ENV = "SYSGRAM_WEBHOOK_SECRET"  # the webhook secret without putting it on the command line (ps)
 T = TypeVar("T")
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds more than 0, got {text!r}")
-    return value
-
-
-def _epochs(text: str) -> int:
-    from agent.model.commands import _positive
-
-    return int(_positive(text))
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -87,10 +71,10 @@ def register(subparsers: Any) -> None:
     learn = subparsers.add_parser(
         "learn", help="record this host's normal behaviour, then train a model on it"
     )
-    learn.add_argument("--seconds", type=_positive_seconds, required=True, help="how long to record (> 0)")
+    learn.add_argument("--seconds", type=positive_seconds, required=True, help="how long to record (> 0)")
     learn.add_argument("-o", "--output", required=True, help="the model to write (.onnx; sidecar beside it)")
     learn.add_argument("--exe", action="append", default=[], help="only these executables")
-    learn.add_argument("--epochs", type=_epochs, default=0, help="training epochs (default: the trainer's)")
+    learn.add_argument("--epochs", type=epochs, default=0, help="training epochs (default: the trainer's)")
     learn.add_argument("--keep-recording", help="also keep the recording at this path")
     learn.set_defaults(handler=_learn)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent._argtypes import bounded_int, epochs, seed
 from agent.errors import ConfigError
 
 ADFA_EPOCHS = 20  # the configuration measured on ADFA-LD (docs/model.md), ~10 min end to end on 2 cores
@@ -21,7 +22,7 @@ def register(subparsers: Any) -> None:
                        help="model to write (the sidecar goes next to it, same stem + .json)")
     train.add_argument("--exe", action="append", default=[], metavar="PATH",
                        help="train only on these executables (repeatable; default: every program recorded)")
-    train.add_argument("--epochs", type=_positive, default=8)
+    train.add_argument("--epochs", type=epochs, default=8)
     train.add_argument("--seed", type=seed, default=0)
     train.add_argument("--window", type=window_length, default=None,
                        help=f"window length n, 2-{WINDOW_MAX} (default: measured)")
@@ -35,7 +36,7 @@ def register(subparsers: Any) -> None:
     adfa.add_argument("--json", action="store_true", help="print the results as JSON")
     adfa.add_argument("--plot", metavar="PNG", help="write both ROC curves to this PNG")
     adfa.add_argument("--quick", action="store_true", help="a subset of traces and few epochs (smoke test)")
-    adfa.add_argument("--epochs", type=_positive, default=ADFA_EPOCHS,
+    adfa.add_argument("--epochs", type=epochs, default=ADFA_EPOCHS,
                       help=f"training epochs (default {ADFA_EPOCHS}: measured in docs/model.md)")
     adfa.add_argument("--window", type=window_length, default=None, help=f"window length n, 2-{WINDOW_MAX}")
     adfa.add_argument("--seed", type=seed, default=0)
@@ -46,27 +47,10 @@ def register(subparsers: Any) -> None:
     adfa.set_defaults(handler=_eval_adfa)
 
 
-def _bounded(low: int, high: int) -> Any:
-    """An argparse type: an integer in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {value}")
-        return value
-
-    return parse
-
-
-_positive = _bounded(1, 100_000)  # epochs
 # n: 2 at least (a window predicts one syscall from the ones before it); at most 128 (the network's first
 # layer and the training windows grow with n: 100,000 took this host's 24 GB)
 WINDOW_MAX = 128
-window_length = _bounded(2, WINDOW_MAX)
-seed = _bounded(0, 2**32 - 1)  # numpy and torch seeds
+window_length = bounded_int(2, WINDOW_MAX)
 
 
 def _need_training() -> None:

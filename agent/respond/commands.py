@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -12,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from agent._argtypes import positive_seconds
 from agent.errors import ConfigError, DeliveryError
 
 DEFAULT_STATE_DIR = "/var/lib/sysgram"
@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
     test.add_argument("--secret", help="whsec_... or raw; or env SYSGRAM_WEBHOOK_SECRET")
     test.add_argument("--format", choices=("falco", "ocsf"), default="falco", help="JSON shape")
     test.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where the spool lives")
-    test.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for delivery (default 10)")
+    test.add_argument("--timeout", type=positive_seconds, default=10.0, help="seconds to wait for delivery (default 10)")
     test.set_defaults(handler=_test)
 
     spool = sub.add_parser("spool", help="the webhook spool: depth, dead letters, a disabled endpoint")
@@ -42,19 +42,8 @@ def register(subparsers: Any) -> None:
     listen.add_argument("--port", type=_port, default=8765, help="port 1-65535 (default 8765)")
     listen.add_argument("--token", help="bearer token (required off loopback); env SYSGRAM_LISTEN_TOKEN")
     listen.add_argument("--falco-file", metavar="PATH", help="also follow Falco's file_output")
-    listen.add_argument("--seconds", type=_seconds, help="stop after this long (default: until Ctrl-C)")
+    listen.add_argument("--seconds", type=positive_seconds, help="stop after this long (default: until Ctrl-C)")
     listen.set_defaults(handler=_listen)
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds more than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds more than 0, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
