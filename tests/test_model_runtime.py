@@ -301,9 +301,10 @@ def test_a_spent_quota_cannot_hide_a_later_process_the_worst_held_back_is_summar
     assert worst is not None and summary.process_score == pytest.approx(worst.score)
 
 
-def test_the_agent_alerts_what_is_still_held_back_when_its_stream_ends(model: Model, tmp_path: Path) -> None:
+def pipeline_writing_alerts(tmp_path: Path, table: Any = None) -> tuple[Any, Path]:
+    """A Pipeline (no enforcement) whose alerts go to ``tmp_path/alerts.jsonl``, as `sysgram run` writes them."""
     from agent.config import EnforceConfig
-    from agent.pipeline import ANOMALY_RULE, Pipeline
+    from agent.pipeline import Pipeline
     from agent.proc import ProcessTable
     from agent.respond import JsonlConfig, OutputConfig, build_outputs
     from agent.verdict import DecisionTable
@@ -311,8 +312,15 @@ def test_the_agent_alerts_what_is_still_held_back_when_its_stream_ends(model: Mo
     alerts = tmp_path / "alerts.jsonl"
     outputs = build_outputs(OutputConfig(console=None, jsonl=JsonlConfig(str(alerts)), fold_window=0),
                             state_dir=tmp_path)
-    pipeline = Pipeline(table=ProcessTable(), outputs=outputs,
+    pipeline = Pipeline(table=ProcessTable() if table is None else table, outputs=outputs,
                         decisions=DecisionTable.from_mapping({}, EnforceConfig(), source="test"))
+    return pipeline, alerts
+
+
+def test_the_agent_alerts_what_is_still_held_back_when_its_stream_ends(model: Model, tmp_path: Path) -> None:
+    from agent.pipeline import ANOMALY_RULE
+
+    pipeline, alerts = pipeline_writing_alerts(tmp_path)
     det = pipeline.detector = AnomalyDetector(model, cache_size=4096, program_alerts=1)
     rng = np.random.default_rng(9)
     odd = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
@@ -320,7 +328,7 @@ def test_the_agent_alerts_what_is_still_held_back_when_its_stream_ends(model: Mo
         for anomaly in det.push(rows(odd, tgid=pid, ts0=pid * 10**6), {pid: ALPHA}):
             pipeline._anomaly(anomaly)  # what handle() does with what push returns
     pipeline.finish()
-    outputs.close()
+    pipeline.outputs.close()
     records = [json.loads(line) for line in alerts.read_text().splitlines()]
     assert [r["rule"] for r in records] == [ANOMALY_RULE, ANOMALY_RULE]
     summary = records[1]
@@ -347,29 +355,21 @@ def test_a_held_back_process_is_one_process_in_its_summary_and_never_a_follow_up
 
 def test_an_alert_about_a_pid_reused_since_its_anomaly_does_not_borrow_the_new_process(model: Model,
                                                                                        tmp_path: Path) -> None:
-    from agent.config import EnforceConfig
-    from agent.pipeline import Pipeline
     from agent.proc import ProcessTable
     from agent.proc.info import ProcessInfo
-    from agent.respond import JsonlConfig, OutputConfig, build_outputs
-    from agent.verdict import DecisionTable
 
-    alerts = tmp_path / "alerts.jsonl"
-    outputs = build_outputs(OutputConfig(console=None, jsonl=JsonlConfig(str(alerts)), fold_window=0),
-                            state_dir=tmp_path)
     table = ProcessTable()
     table.add(ProcessInfo(pid=77, ppid=1, comm="alpha", exe=ALPHA, args=(ALPHA, "--job"), start_ns=10))
     table.add(ProcessInfo(pid=78, ppid=1, comm="vim", exe="/usr/bin/vim", args=("vim",), start_ns=10))
     table.add(ProcessInfo(pid=79, ppid=1, comm="alpha", exe=ALPHA, args=(ALPHA, "--new"), start_ns=5 * 10**9))
-    pipeline = Pipeline(table=table, outputs=outputs,
-                        decisions=DecisionTable.from_mapping({}, EnforceConfig(), source="test"))
+    pipeline, alerts = pipeline_writing_alerts(tmp_path, table)
     rng = np.random.default_rng(9)
     odd = [ATTACK[int(i)] for i in rng.integers(len(ATTACK), size=300)]
     det = AnomalyDetector(model, cache_size=4096)
     for pid in (77, 78, 79):
         (anomaly,) = det.push(rows(odd, tgid=pid, ts0=10**9), {pid: ALPHA})  # all judged as alpha at ~1 s
         pipeline._anomaly(anomaly)
-    outputs.close()
+    pipeline.outputs.close()
     fields = {r["output_fields"]["proc.pid"]: r["output_fields"] for r in map(json.loads, alerts.read_text().splitlines())}
     assert fields[77]["proc.cmdline"] == "alpha --job"  # the same process: the table's facts (comm + args)
     assert fields[78]["proc.cmdline"] is None and fields[78]["proc.name"] == "alpha"  # another program now
@@ -377,24 +377,16 @@ def test_an_alert_about_a_pid_reused_since_its_anomaly_does_not_borrow_the_new_p
 
 
 def test_a_shell_exec_is_cross_checked_with_its_spawners_anomaly(model: Model, tmp_path: Path) -> None:
-    from agent.config import EnforceConfig
     from agent.events import DetailEvent
     from agent.falco import Engine, load_rules
-    from agent.pipeline import Pipeline
     from agent.pipeline_commands import _anomaly_fields
     from agent.proc import ProcessTable
     from agent.proc.info import ProcessInfo
-    from agent.respond import JsonlConfig, OutputConfig, build_outputs
-    from agent.verdict import DecisionTable
 
-    alerts = tmp_path / "alerts.jsonl"
-    outputs = build_outputs(OutputConfig(console=None, jsonl=JsonlConfig(str(alerts)), fold_window=0),
-                            state_dir=tmp_path)
     table = ProcessTable()
     table.add(ProcessInfo(pid=400, ppid=1, comm="alpha", exe=ALPHA, args=(ALPHA,), start_ns=10))
     table.add(ProcessInfo(pid=401, ppid=400, comm="sh", exe="/usr/bin/sh", args=("sh", "-c", "id"), start_ns=10))
-    pipeline = Pipeline(table=table, outputs=outputs,
-                        decisions=DecisionTable.from_mapping({}, EnforceConfig(), source="test"))
+    pipeline, alerts = pipeline_writing_alerts(tmp_path, table)
     det = pipeline.detector = AnomalyDetector(model, cache_size=4096)
     rules, _ = load_rules([str(Path(__file__).resolve().parents[1] / "rules" / "sysgram_rules.yaml")])
     pipeline.engine = Engine(rules, table.get, _anomaly_fields(det.state),
@@ -404,7 +396,7 @@ def test_a_shell_exec_is_cross_checked_with_its_spawners_anomaly(model: Model, t
     assert (parent := det.state(400)) is not None and parent.is_anomalous
     pipeline.handle([DetailEvent(2 * 10**9, 401, 401, "execve", 59, 0, {"filename": "/usr/bin/sh",
                                                                         "argv": ["sh", "-c", "id"]})])
-    outputs.close()
+    pipeline.outputs.close()
     (alert,) = [json.loads(line) for line in alerts.read_text().splitlines()]
     assert alert["rule"] == "Anomalous process spawned a shell"
     reasons = alert["output_fields"]["sysgram.verdict.reasons"]
