@@ -226,13 +226,7 @@ class Enforcer:
                 os.close(pidfd)
             rec = BlockRecord(time.time_ns(), pid, sig_name, False, f"refused: {why_not}")
         else:
-            entry = self._map("enforce")
-            key = ctypes.c_uint32(pid)
-            current = entry.get(key)  # type: ignore[attr-defined]
-            value = entry.Leaf()  # type: ignore[attr-defined]
-            # the program's deny_syscalls policy stays: a process stopped, then resumed, is still under it
-            value.signal, value.policy_id = int(sig), current.policy_id if current is not None else 0
-            entry[key] = value  # type: ignore[index]
+            self._set_signal(pid, int(sig))
             # A process asleep in a long syscall makes no next syscall: signal it from here too, through the
             # pidfd. When the kernel holds the pid as protected (it inherited protection at fork) the BPF
             # side will not signal it: do it at once.
@@ -266,11 +260,17 @@ class Enforcer:
         """Leave ``pid``'s enforce entry with its policy but no pending signal (as the BPF side does after a
         stop): a process asleep when it was stopped restarts its syscall after SIGCONT and must not be
         stopped again."""
+        if _pidfd_pid(pidfd) == pid:  # else gone, or the pid is someone else's now
+            self._set_signal(pid, 0, only_if_present=True)
+
+    def _set_signal(self, pid: int, sig: int, *, only_if_present: bool = False) -> None:
+        """Set the signal ``pid``'s next syscall gets (0: none), keeping its program's deny_syscalls policy:
+        a process stopped, then resumed, is still under it."""
         entry = self._map("enforce")
         key = ctypes.c_uint32(pid)
         current = entry.get(key)  # type: ignore[attr-defined]
-        if current is None or _pidfd_pid(pidfd) != pid:  # gone, or the pid is someone else's now
+        if current is None and only_if_present:
             return
         value = entry.Leaf()  # type: ignore[attr-defined]
-        value.signal, value.policy_id = 0, current.policy_id
+        value.signal, value.policy_id = sig, current.policy_id if current is not None else 0
         entry[key] = value  # type: ignore[index]

@@ -161,9 +161,6 @@ class Pipeline:
             # bounded slices keep the detector's per-window temporaries small after a backlog
             for start in range(0, len(batch), DETECTOR_SLICE_ROWS):
                 for anomaly in self.detector.push(batch[start:start + DETECTOR_SLICE_ROWS], exe_of, program_of):
-                    self.counters["anomalies"] += 1
-                    if self.metrics is not None:
-                        self.metrics.anomalies.inc()
                     self._anomaly(anomaly)
 
     def _proc(self, event: ProcEvent) -> None:
@@ -255,6 +252,10 @@ class Pipeline:
             self._emit(decided, event.tgid, event.ts)
 
     def _anomaly(self, anomaly: Any) -> None:
+        """One anomaly from the detector (a summary of held-back ones too): counted, decided, alerted."""
+        self.counters["anomalies"] += 1
+        if self.metrics is not None:
+            self.metrics.anomalies.inc()
         verdict = self.decisions.decide(
             [Evidence("anomaly", ANOMALY_RULE, score=anomaly.process_score, detail=anomaly.explanation)]
         )
@@ -433,9 +434,6 @@ class Pipeline:
         if self.detector is None:
             return
         for anomaly in self.detector.release_held(now_ns):
-            self.counters["anomalies"] += 1
-            if self.metrics is not None:
-                self.metrics.anomalies.inc()
             self._anomaly(anomaly)
 
     def finish(self) -> None:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent._argtypes import epochs, positive_seconds
+from agent._argtypes import check_absolute_exes, check_model_file, epochs, positive_seconds
 from agent.config import AgentConfig, load_config, with_enforcement
 from agent.errors import ConfigError, NotYetAvailable
 from agent.pipeline import Pipeline, run_live, run_replay
@@ -301,17 +301,13 @@ def _learn(args: argparse.Namespace) -> int:
     from agent.pipeline import Filters, build_recorder_pipeline
 
     # everything that can be wrong with the options is said before the recording, not after it
-    if not args.output.endswith(".onnx") or os.path.isdir(args.output):
-        raise ConfigError("the model file must end in .onnx", path=args.output)
+    check_model_file(args.output)
     model_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(model_dir):
         raise ConfigError("no such directory for the model", path=args.output)
     if not os.access(model_dir, os.W_OK | os.X_OK):
         raise ConfigError("the model's directory is not writable", path=args.output)
-    relative = [exe for exe in args.exe if not os.path.isabs(exe)]
-    if relative:
-        raise ConfigError(f"--exe takes the executable's absolute path (as /proc/PID/exe names it), not "
-                          f"{relative[0]!r}")
+    check_absolute_exes(args.exe)
     if args.keep_recording and (os.path.isdir(args.keep_recording)
                                 or not os.path.isdir(os.path.dirname(os.path.abspath(args.keep_recording)))):
         raise ConfigError("--keep-recording must be a file path in an existing directory", path=args.keep_recording)

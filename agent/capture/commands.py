@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agent._argtypes import check_absolute_exes
 from agent.capture.names import name_table
 from agent.errors import ConfigError
 from agent.events import FLAG_COMPAT, DetailEvent, ProcEvent
@@ -51,9 +52,7 @@ def _record(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seconds {args.seconds:g}: expected a positive duration (or 0: until SIGINT)")
     if os.path.isdir(args.output):  # (a missing or read-only directory: the recorder says so, before it starts)
         raise ConfigError("the recording must be a file path, not a directory", path=args.output)
-    relative = [exe for exe in args.exe if not os.path.isabs(exe)]
-    if relative:  # it would match nothing: processes are named by /proc/PID/exe, an absolute path
-        raise ConfigError(f"--exe takes the executable's absolute path, not {relative[0]!r}")
+    check_absolute_exes(args.exe)
     missing = [pid for pid in args.pid if not os.path.exists(f"/proc/{pid}")]
     if missing:
         raise ConfigError(f"--pid {missing[0]}: no such process")

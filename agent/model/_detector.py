@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import OrderedDict, deque
@@ -187,11 +188,11 @@ class _Held:
 
     first_ts: int
     worst: Anomaly
-    seen: set[int] = field(default_factory=set)  # every process held back (at most one per pid per period)
-    pids: list[int] = field(default_factory=list)  # the first HELD_PIDS_MAX of them, in order
+    pids: dict[int, None] = field(default_factory=dict)  # every process held back, in order, each once
 
     def summary(self) -> Anomaly:
-        return replace(self.worst, held_back=len(self.seen), held_back_pids=tuple(self.pids))
+        return replace(self.worst, held_back=len(self.pids),
+                       held_back_pids=tuple(itertools.islice(self.pids, HELD_PIDS_MAX)))
 
 
 @dataclass(slots=True)  # one per live process: no per-instance __dict__
@@ -338,10 +339,15 @@ class AnomalyDetector:
             self._settle_exit(tid)
             self.windows.exec(tid, ts)
         self._late.pop(tgid, None)  # an exit placeholder under this pid is an earlier process's
-        before = self.state(tgid)
-        if before is not None:  # none: exec'd again before any state (env, nice, timeout): the origin holds
+        proc = self._procs.get(tgid)
+        # whether it was judged anomalous before this exec (None: not judged yet, as when it exec'd again at
+        # once: env, nice, timeout; the origin then holds); its state is made only when it was
+        judged = None if proc is None else proc.latest[-1] if proc.latest is not None else (
+            None if proc.state is None else proc.state.is_anomalous)
+        if judged is not None:
             self._exec_origins.pop(tgid, None)
-            if before.is_anomalous:  # what exec'd the new program, for the rules
+            before = self.state(tgid) if judged else None
+            if before is not None:  # what exec'd the new program, for the rules
                 self._exec_origins[tgid] = before
                 while len(self._exec_origins) > EXEC_ORIGINS_MAX:
                     self._exec_origins.popitem(last=False)
@@ -432,7 +438,7 @@ class AnomalyDetector:
         self._stats["unk_tokens"] += win.unknown
         now = int(batch["ts"].max()) if len(batch) else None
         if not len(win):
-            return self.release_held(now) if self._held and now is not None else []
+            return self.release_held(now) if (self._held or self._released) and now is not None else []
         self._stats["windows"] += len(win)
         # windows come grouped by process, then thread: per-process figures are reductions over contiguous
         # runs, found from the threads (a few hundred) rather than from every window
@@ -672,10 +678,7 @@ class AnomalyDetector:
             held = self._held[anomaly.exe] = _Held(anomaly.ts, anomaly)
             while len(self._held) > PROGRAMS_LIMITED_MAX:  # the oldest summary goes out early, not lost
                 self._released.append(self._held.popitem(last=False)[1].summary())
-        if anomaly.pid not in held.seen:  # a process judged again in the period is still one process
-            held.seen.add(anomaly.pid)
-            if len(held.pids) < HELD_PIDS_MAX:
-                held.pids.append(anomaly.pid)
+        held.pids[anomaly.pid] = None  # a process judged again in the period is still one process
         if anomaly.process_score > held.worst.process_score:
             held.worst = anomaly
 
@@ -685,8 +688,10 @@ class AnomalyDetector:
         program's quota spent on harmless runs cannot hide a later process unseen. Each is the worst
         held-back process's anomaly, with ``held_back`` = how many it stands for."""
         out, self._released = self._released, []
-        due = [exe for exe, held in self._held.items()
-               if now_ns is None or now_ns - held.first_ts >= self.alert_every_ns]
-        out.extend(self._held.pop(exe).summary() for exe in due)
+        # entries are made in the stream's order and never moved, so the due ones are the oldest: stop at the
+        # first not due (one made later but stamped a little earlier in the same batch waits that long)
+        while self._held and (now_ns is None or now_ns - next(iter(self._held.values())).first_ts
+                              >= self.alert_every_ns):
+            out.append(self._held.popitem(last=False)[1].summary())
         self._stats["held_back_alerts"] += len(out)
         return out

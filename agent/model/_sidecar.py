@@ -126,6 +126,12 @@ def _count(value: Any, where: str, path: str) -> int:
     return value
 
 
+def _positive(value: Any, where: str, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ModelError(f"sidecar {where} must be a finite positive number, not {value!r}", path=path)
+    return float(value)
+
+
 def _fraction(value: Any, where: str, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ModelError(f"sidecar {where} must be a rate between 0 and 1, not {value!r}", path=path)
@@ -158,12 +164,9 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
             raise ModelError(f"sidecar score_positions must be a non-empty list of positions 0..{n - 1}", path=path)
         score_positions = tuple(score_positions)
     nll_cap = raw.get("nll_cap")
-    if nll_cap is not None and (isinstance(nll_cap, bool) or not isinstance(nll_cap, (int, float))
-                                or not math.isfinite(nll_cap) or not nll_cap > 0):
-        raise ModelError(f"sidecar nll_cap must be a finite positive number, not {nll_cap!r}", path=path)
-    unk_cost = _need(raw, "unk_cost", (int, float), path)
-    if not math.isfinite(unk_cost) or unk_cost <= 0:
-        raise ModelError(f"sidecar unk_cost must be a finite positive number, not {unk_cost!r}", path=path)
+    if nll_cap is not None:
+        _positive(nll_cap, "nll_cap", path)
+    unk_cost = _positive(_need(raw, "unk_cost", (int, float), path), "unk_cost", path)
     aggregate = raw.get("aggregate", "mean")
     if aggregate not in AGGREGATES:
         raise ModelError(f"sidecar aggregate must be one of {list(AGGREGATES)}, not {aggregate!r}", path=path)
@@ -185,7 +188,7 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
         raise ModelError(f"sidecar thresholds malformed ({err})", path=path) from None
     return Sidecar(
         path=path, n=n, passes=passes, vocabulary=tuple(vocab), programs=tuple(programs),
-        unk_cost=float(unk_cost),
+        unk_cost=unk_cost,
         aggregate=str(aggregate), thresholds=thresholds, raw=raw,
         score_positions=score_positions, nll_cap=None if nll_cap is None else float(nll_cap),
     )

@@ -113,20 +113,16 @@ def raw_rate(model: Model, tokens: np.ndarray, programs: np.ndarray) -> float:
     the median of at least RAW_PASSES timed passes (and RAW_SECONDS in all). A fresh session speeds up
     over its first passes (measured on 6,577 distinct windows: 116-123k windows/s at first, 230-245k from
     about the sixth pass on), which a single cold pass reported as the rate."""
-    spent = 0.0
-    while spent < RAW_WARM_SECONDS:
-        started = time.perf_counter()
-        model.score(tokens, programs)
-        spent += time.perf_counter() - started
-    rates: list[float] = []
-    spent = 0.0
-    while len(rates) < RAW_PASSES or spent < RAW_SECONDS:
-        started = time.perf_counter()
-        model.score(tokens, programs)
-        took = time.perf_counter() - started
-        rates.append(len(tokens) / took)
-        spent += took
-    return float(np.median(rates))
+    def passes(passes: int, seconds: float) -> list[float]:  # the seconds each pass took
+        took: list[float] = []
+        while len(took) < passes or sum(took) < seconds:
+            started = time.perf_counter()
+            model.score(tokens, programs)
+            took.append(time.perf_counter() - started)
+        return took
+
+    passes(1, RAW_WARM_SECONDS)
+    return float(np.median([len(tokens) / t for t in passes(RAW_PASSES, RAW_SECONDS)]))
 
 
 def cached_rate(model: Model, rows: np.ndarray, exe_of: dict[int, str], execs: Execs = ()

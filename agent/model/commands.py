@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent._argtypes import bounded_int, epochs, seed
+from agent._argtypes import bounded_int, check_model_file, epochs, seed
 from agent.errors import ConfigError
 
 ADFA_EPOCHS = 20  # the configuration measured on ADFA-LD (docs/model.md), ~10 min end to end on 2 cores
@@ -64,8 +64,7 @@ def _train(args: argparse.Namespace) -> int:
     _need_training()
     from training.train import DEFAULT_N, train_from_recordings
 
-    if not args.output.endswith(".onnx") or Path(args.output).is_dir():
-        raise ConfigError("the model file must end in .onnx (a file, not a directory)", path=args.output)
+    check_model_file(args.output)
     report = train_from_recordings(args.input, args.output, exes=args.exe, epochs=args.epochs, seed=args.seed,
                                    progress=not args.no_progress, n=args.window or DEFAULT_N)
     print(f"wrote {report.summary()}")
@@ -86,8 +85,8 @@ def _eval_adfa(args: argparse.Namespace) -> int:
     if args.plot and (not args.plot.endswith(".png") or Path(args.plot).is_dir()
                       or not Path(args.plot).resolve().parent.is_dir()):  # said now, not after the evaluation
         raise ConfigError("--plot takes a .png file path in an existing directory", path=args.plot)
-    if args.save_model and (not args.save_model.endswith(".onnx") or Path(args.save_model).is_dir()):
-        raise ConfigError("--save-model takes a .onnx file path", path=args.save_model)
+    if args.save_model:
+        check_model_file(args.save_model)
     cfg = TrainConfig(n=args.window or (16 if args.masked else DEFAULT_N), seed=args.seed, newest=not args.masked,
                       **({"epochs": args.epochs} if args.epochs else {}))
     result = evaluate_adfa(args.directory, cfg, quick=args.quick, progress=not args.json,

@@ -325,8 +325,6 @@ def enable_endpoint(spool: Spool) -> bool:
     return was
 
 
-def disabled_endpoint(spool: Spool) -> str | None:
-    return spool.get_meta(DISABLED_KEY)
 
 
 def _retry_after(value: str | None) -> float | None:
