@@ -24,10 +24,8 @@ def process_state(pid: int) -> str:
         return fh.read().rsplit(")", 1)[1].split()[0]
 
 
-def test_stop_action_freezes_the_offender_and_sigcont_resumes_it(tmp_path: Path) -> None:
-    opener = tmp_path / "sysgram-opener"
-    subprocess.run([shutil.which("cc") or "cc", "-O1", "-o", str(opener), str(ROOT / "tests" / "open_and_wait.c")],
-                   check=True)
+def stopping_agent(tmp_path: Path) -> tuple[LiveAgent, str]:
+    """An agent with enforcement on, action stop, and one blocking rule: an open of the returned path."""
     blocked = f"/tmp/sysgram-freeze-{uuid.uuid4().hex}"
     rules = tmp_path / "block.yaml"
     rules.write_text(
@@ -37,12 +35,25 @@ def test_stop_action_freezes_the_offender_and_sigcont_resumes_it(tmp_path: Path)
     )
     agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
                       config="enforce:\n  enabled: true\n  action: stop\n")
+    return agent, blocked
+
+
+def state_once_stopped(pid: int, timeout: float = 10.0) -> str:
+    """The process's state once it is stopped (T), or whatever it is when ``timeout`` runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process_state(pid) != "T":
+        time.sleep(0.02)
+    return process_state(pid)
+
+
+def test_stop_action_freezes_the_offender_and_sigcont_resumes_it(tmp_path: Path) -> None:
+    opener = tmp_path / "sysgram-opener"
+    subprocess.run([shutil.which("cc") or "cc", "-O1", "-o", str(opener), str(ROOT / "tests" / "open_and_wait.c")],
+                   check=True)
+    agent, blocked = stopping_agent(tmp_path)
     victim = subprocess.Popen([str(opener), blocked, "3"])  # after its open, syscalls for 3 s, then exit 0
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and process_state(victim.pid) != "T":
-            time.sleep(0.02)
-        state = process_state(victim.pid)
+        state = state_once_stopped(victim.pid)
         assert victim.poll() is None  # alive: frozen, not killed
         time.sleep(0.5)  # the agent's own fallback signal (50 ms after the verdict) has gone out too
         frozen = process_state(victim.pid)
@@ -69,23 +80,12 @@ def test_a_victim_asleep_in_a_syscall_is_stopped_once_and_sigcont_resumes_it(tmp
     interrupted read restarts and must not be stopped again."""
     import sys
 
-    blocked = f"/tmp/sysgram-freeze-{uuid.uuid4().hex}"
-    rules = tmp_path / "block.yaml"
-    rules.write_text(
-        "- rule: Test open of a forbidden file\n  desc: test\n"
-        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
-        "  output: forbidden open by %proc.name (pid %proc.pid)\n  priority: CRITICAL\n  tags: [sysgram.block]\n"
-    )
-    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
-                      config="enforce:\n  enabled: true\n  action: stop\n")
+    agent, blocked = stopping_agent(tmp_path)
     # opens the file, then sleeps in read() on a pipe nobody writes: no syscall for the BPF side to stop it at
     victim = subprocess.Popen([sys.executable, "-c", f"import os; open({blocked!r}, 'w').close(); os.read(0, 1)"],
                               stdin=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and process_state(victim.pid) != "T":
-            time.sleep(0.02)
-        state = process_state(victim.pid)
+        state = state_once_stopped(victim.pid)
         victim.send_signal(signal.SIGCONT)
         time.sleep(1.0)  # its read restarts at once; stopped again, it would be T here
         resumed = process_state(victim.pid)
