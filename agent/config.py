@@ -19,6 +19,8 @@ import yaml
 from agent.errors import ConfigError
 
 # Falco's priorities, most severe first (``Info`` is accepted for ``Informational``).
+# deny_syscalls policies are ids 1..63 in the kernel's deny_bitmaps (bpf/sysgram.h COMPAT_POLICY_BASE)
+MAX_DENY_PROGRAMS = 63
 PRIORITIES = ("Emergency", "Alert", "Critical", "Error", "Warning", "Notice", "Informational", "Debug")
 
 
@@ -360,6 +362,8 @@ def _enforce(raw: Mapping[str, Any], outputs: Mapping[str, Any], at: _Located) -
         # Policies apply by the program a process really runs (/proc/PID/exe): links and ``..`` resolved.
         real = os.path.realpath(exe)
         deny[real] = tuple(dict.fromkeys((*deny.get(real, ()), *syscalls)))  # two links to one program
+    if len(deny) > MAX_DENY_PROGRAMS:
+        raise at.fail("enforce.deny_syscalls", f"at most {MAX_DENY_PROGRAMS} programs (got {len(deny)})")
     block_ingested = raw.get("block_ingested", False)
     if block_ingested:
         listen = outputs.get("listen") if isinstance(outputs, Mapping) else None

@@ -18,7 +18,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from agent.capture.names import syscall_number
+from agent.capture._layout import COMPAT_POLICY_BASE
+from agent.capture.names import name_table
 from agent.config import EnforceConfig
 from agent.proc import ProcReader
 from agent.proc.info import ProcessInfo
@@ -29,6 +30,30 @@ PROTECTED_FLAG = 1
 INHERITED, PINNED = 1, 2
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 MAX_RECORDS = 10_000  # the newest blocks kept in memory (each one is also an alert)
+# i386 reaches these through one multiplexing syscall as well as by their own numbers (socketcall(2), ipc(2)):
+# a 32-bit deny list without the multiplexer would be passed by calling it instead.
+_I386_MULTIPLEXED = {
+    "socketcall": frozenset({
+        "socket", "bind", "connect", "listen", "accept", "accept4", "getsockname", "getpeername",
+        "socketpair", "send", "recv", "sendto", "recvfrom", "shutdown", "setsockopt", "getsockopt",
+        "sendmsg", "recvmsg", "sendmmsg", "recvmmsg",
+    }),
+    "ipc": frozenset({
+        "semop", "semget", "semctl", "semtimedop", "msgsnd", "msgrcv", "msgget", "msgctl", "shmat", "shmdt",
+        "shmget", "shmctl",
+    }),
+}
+
+
+def deny_numbers(names: Iterable[str], compat: bool) -> list[int]:
+    """The syscall numbers a deny list stands for: native, or i386 (a 32-bit program's, or a 64-bit one's
+    ``int 0x80``) with the multiplexers that reach the same calls. Looked up number -> name: libseccomp
+    resolves an i386 socket call's name to socketcall, not to its own number (connect: 102, not 362)."""
+    wanted = set(names)
+    if compat:
+        wanted |= {mux for mux, calls in _I386_MULTIPLEXED.items() if wanted & calls}
+    table = name_table(compat)
+    return [nr for nr in range(min(len(table), 512)) if table[nr] in wanted]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +140,12 @@ class Enforcer:
             self._set_exe_policy(exe_policy, exe, PROTECTED_FLAG, 0)
         bitmaps = self._map("deny_bitmaps")
         for exe, policy_id in self.policy_ids.items():
-            bm = bitmaps.Leaf()  # type: ignore[attr-defined]
-            for name in self.config.deny_syscalls[exe]:
-                nr = syscall_number(name)  # names were checked against libseccomp at config load
-                if 0 <= nr < 512:
+            # names were checked against libseccomp at config load; 32-bit syscalls are looked up apart
+            for index, compat in ((policy_id, False), (policy_id + COMPAT_POLICY_BASE, True)):
+                bm = bitmaps.Leaf()  # type: ignore[attr-defined]
+                for nr in deny_numbers(self.config.deny_syscalls[exe], compat):
                     bm.bits[nr >> 6] |= 1 << (nr & 63)
-            bitmaps[ctypes.c_int(policy_id)] = bm  # type: ignore[index]
+                bitmaps[ctypes.c_int(index)] = bm  # type: ignore[index]
             self._set_exe_policy(exe_policy, exe, 0, policy_id)
 
     @staticmethod

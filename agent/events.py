@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-# One row per syscall. ``flags`` bit 0 (FLAG_COMPAT): a 32-bit (i386) process, ``nr`` is an i386 number.
+# One row per syscall. ``flags`` bit 0 (FLAG_COMPAT): a 32-bit syscall, ``nr`` is an i386 number. Live, the
+# kernel says so per syscall (a 64-bit program's ``int 0x80`` too); where it cannot (no BTF), the agent marks
+# every syscall of a 32-bit executable.
 SYSCALL_DTYPE = np.dtype([("ts", "<u8"), ("tgid", "<u4"), ("tid", "<u4"), ("nr", "<u2"), ("flags", "<u2")])
 FLAG_COMPAT = 1
 
@@ -58,6 +60,7 @@ class KernelSignal:
     tid: int
     nr: int
     signal: int
+    compat: bool = False  # nr is an i386 number (the process made a 32-bit syscall)
 
 
 ProcKind = Literal["fork", "exec", "exit"]

@@ -33,6 +33,13 @@ BLOCK_RULE = "Sysgram blocked a process"
 # a block a rule asked for and the enforcer refused (PID 1, an allow-listed program, a reused pid...): its own
 # name, so a count of blocks is a count of blocks
 BLOCK_REFUSED_RULE = "Sysgram did not block a process"
+# A syscall through the other ABI's gate than the process's executable: a 64-bit program's `int 0x80` (i386
+# numbers, which native per-syscall hooks and native deny lists do not see) or a 32-bit program switching to
+# 64-bit code. Rare in legitimate software; a known way round syscall monitoring.
+ABI_RULE_32_IN_64 = "Sysgram 32-bit syscalls from a 64-bit program"
+ABI_RULE_64_IN_32 = "Sysgram 64-bit syscalls from a 32-bit program"
+ABI_PRIORITY: Final = "Warning"
+ABI_MAX_NAMES = 16
 OVERLOAD_RULE = "Sysgram internal: syscall event drop"  # named after Falco's "Falco internal: syscall event drop"
 OVERLOAD_PRIORITY: Final = "Critical"  # lost events are blind spots an attacker can make on purpose
 OVERLOAD_INTERVAL_NS = 30_000_000_000  # at most one overload alert per 30 s
@@ -71,6 +78,8 @@ class Pipeline:
     outputs: Any = None  # agent.respond.Outputs
     enforcer: Any = None  # agent.enforce.Enforcer
     on_tracer: Callable[[Any], None] | None = None  # called with the live tracer once it is attached
+    # the kernel flags each 32-bit syscall (agent/capture/_btf.py); else a 32-bit executable's are marked
+    kernel_compat: bool = False
     counters: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -83,6 +92,8 @@ class Pipeline:
         self._events_reported = 0
         self._last_overload_ns: int | None = None
         self._model_seen: dict[str, int] = {}
+        self._exec_ns: dict[int, int] = {}  # pid -> its last exec: syscalls before it were another program's
+        self._abi_alerted: set[int] = set()
 
     @property
     def metrics(self) -> Any:
@@ -147,11 +158,11 @@ class Pipeline:
         np.not_equal(tgid[1:], tgid[:-1], out=heads[1:])
         pids = set(tgid[heads].tolist())
         exe_of, program_of = self.table.exe_and_program_of(pids)  # also reads processes not seen yet
-        if self.table.has_compat:
-            compat = self.table.compat_mask(tgid)
-            if compat.any():
-                batch = batch.copy()
-                batch["flags"][compat] |= FLAG_COMPAT
+        exe_compat = self.table.compat_mask(tgid) if self.table.has_compat else None
+        if exe_compat is not None and not self.kernel_compat and exe_compat.any():
+            batch = batch.copy()
+            batch["flags"][exe_compat] |= FLAG_COMPAT
+        self._check_abi(batch, exe_compat)
         if self.recorder is not None:
             if self.filters.active:
                 keep = np.array([t for t in sorted(pids) if self._matches(t)], dtype=np.uint32)
@@ -163,8 +174,44 @@ class Pipeline:
                 for anomaly in self.detector.push(batch[start:start + DETECTOR_SLICE_ROWS], exe_of, program_of):
                     self._anomaly(anomaly)
 
+    def _check_abi(self, batch: np.ndarray, exe_compat: np.ndarray | None) -> None:
+        """Alert once per process whose syscalls went through the other ABI's gate than its executable's."""
+        flagged = (batch["flags"] & FLAG_COMPAT) != 0
+        odd = flagged if exe_compat is None else flagged != exe_compat
+        if not odd.any():
+            return
+        for pid in np.unique(batch["tgid"][odd]).tolist():
+            info = self.table.get(pid)
+            if pid in self._abi_alerted or info is None:
+                continue  # an unknown process's executable is unknown: nothing to compare with
+            rows = batch[odd & (batch["tgid"] == pid) & (batch["ts"] >= self._exec_ns.get(pid, 0))]
+            if not len(rows):
+                continue  # only rows from before its exec: the old program's, whose class is not kept
+            self._abi_alerted.add(pid)
+            compat = not info.compat  # the odd syscalls' ABI
+            names = list(dict.fromkeys(syscall_name(int(nr), compat=compat) for nr in rows["nr"]))[:ABI_MAX_NAMES]
+            self.counters["abi_mismatches"] += 1
+            rule = ABI_RULE_32_IN_64 if compat else ABI_RULE_64_IN_32
+            output = (
+                f"{'64' if compat else '32'}-bit program {info.exe or info.comm} (pid={pid} comm={info.comm}) made "
+                f"{'32' if compat else '64'}-bit syscalls: {' '.join(names)}"
+                + (" (through int 0x80; Sysgram's rules do not see their arguments)" if compat else "")
+            )
+            fields = {
+                "proc.pid": pid, "proc.ppid": info.ppid, "proc.exe": info.exe, "proc.name": info.comm,
+                "proc.cmdline": info.cmdline, "evt.type": names[0], "sysgram.abi.syscalls": names,
+                "sysgram.abi.syscall_abi": "i386" if compat else "x86_64",
+            }
+            self._send(rule, ABI_PRIORITY, output, fields, ("sysgram", "evasion"), int(rows["ts"][0]))
+
     def _proc(self, event: ProcEvent) -> None:
         self.counters["proc_events"] += 1
+        if event.kind == "exec":  # kept past the exit (the rows come after the events): reap() forgets it
+            self._exec_ns[event.pid] = event.ts
+            self._abi_alerted.discard(event.pid)  # a new program: judged afresh
+        elif event.kind == "fork" and not event.is_thread:  # a new process (maybe a reused pid)
+            self._exec_ns.pop(event.pid, None)
+            self._abi_alerted.discard(event.pid)
         if (
             event.kind == "fork"
             and not event.is_thread
@@ -345,13 +392,13 @@ class Pipeline:
         info = self.table.get(event.pid)
         exe = info.exe if info is not None else ""
         action, signal_name = {9: ("kill", "SIGKILL"), 19: ("stop", "SIGSTOP")}.get(event.signal, ("kill", "signal"))
-        denied = syscall_name(event.nr)
+        denied = syscall_name(event.nr, compat=event.compat)
         self.counters["blocks"] += 1
         if self.metrics is not None:
             self.metrics.block(action)  # labelled as the agent's own blocks are: kill | stop | refused
         output = (
             f"Sysgram blocked pid {event.pid} ({signal_name}): the in-kernel policy for {exe or 'its program'} "
-            f"denies {denied}"
+            f"denies {denied}" + (" (a 32-bit syscall)" if event.compat else "")
         )
         fields = {
             "proc.pid": event.pid,
@@ -424,6 +471,9 @@ class Pipeline:
         moves the detector's own clock)."""
         with self._lock:
             self.table.reap(now_ns)
+            for pid in [p for p in (*self._exec_ns, *self._abi_alerted) if p not in self.table]:
+                self._exec_ns.pop(pid, None)
+                self._abi_alerted.discard(pid)
             if self.detector is not None:
                 self.detector.settle(now_ns)
                 self._held_back(now_ns)
@@ -598,6 +648,10 @@ def run_live(
             boosted = boost_priority(nice)  # before the capture threads start: they inherit it
         pipeline.seed()
         source.start()
+        pipeline.kernel_compat = source.tracer is not None and source.tracer.compat.status_offset is not None
+        if not pipeline.kernel_compat and source.tracer is not None:
+            print(f"sysgram: note: 32-bit syscalls are told apart by executable only ({source.tracer.compat.reason}):"
+                  " a 64-bit program's int 0x80 passes for native syscalls", file=sys.stderr, flush=True)
         pipeline.seed_new()
         if nice is not None:
             boosted = {**boost_priority(nice), **boosted}  # threads started since (the first value wins)

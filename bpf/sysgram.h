@@ -27,13 +27,14 @@
 #ifndef STAMP_EVERY
 #define STAMP_EVERY 64 /* a power of two */
 #endif
+#define REC_COMPAT 0x1  /* the syscall came in through a 32-bit gate: nr is an i386 number */
 #define REC_STAMPED 0x2
 
 struct sc_rec {
     __u32 tgid;
     __u32 tid;
     __u16 nr;
-    __u16 flags;    /* REC_STAMPED: ts_delta is valid */
+    __u16 flags;    /* REC_STAMPED: ts_delta is valid; REC_COMPAT */
     __u32 ts_delta; /* ns since the batch's base_ts (saturates at 2^32-1) */
 };
 
@@ -56,6 +57,8 @@ enum detail_kind {
     K_EXIT = 5,
     K_ENFORCED = 6, /* the kernel side sent a signal to a process */
 };
+
+#define DETAIL_COMPAT 0x1 /* detail_hdr.flags (K_ENFORCED): nr is an i386 number */
 
 struct detail_hdr {
     __u8 kind;
@@ -106,6 +109,8 @@ struct proc_event {
 };
 
 /* Enforcement: per process, what the kernel side does at its next syscall. */
+#define COMPAT_POLICY_BASE 64 /* deny_bitmaps: policies 1..63, their i386 bitmaps at +64 */
+
 struct enforce_entry {
     __u32 signal;    /* 0: none; 9 SIGKILL; 19 SIGSTOP */
     __u32 policy_id; /* index into deny_bitmaps, 0: none */

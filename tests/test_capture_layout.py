@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.capture import _layout as L
+from agent.config import MAX_DENY_PROGRAMS
+from agent.events import FLAG_COMPAT
 from tests.conftest import ROOT
 
 PROGRAM = r"""
@@ -20,6 +22,7 @@ int main(void) {
     printf("%zu %zu %zu %zu %zu %zu %zu\n", sizeof(struct sc_rec), offsetof(struct sc_batch, recs),
            sizeof(struct sc_detail), sizeof(struct exec_args), sizeof(struct proc_event),
            sizeof(struct arg_spec), offsetof(struct sc_detail, str));
+    printf("%d %d %d %d\n", REC_COMPAT, REC_STAMPED, DETAIL_COMPAT, COMPAT_POLICY_BASE);
     return 0;
 }
 """
@@ -33,9 +36,11 @@ def test_dtypes_match_the_c_structs(tmp_path: Path) -> None:
     src.write_text(PROGRAM)
     exe = tmp_path / "sizes"
     subprocess.run([cc, "-I", str(ROOT / "bpf"), "-o", str(exe), str(src)], check=True)
-    sizes = [
-        int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
-    ]
+    sizes_line, flags_line = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    sizes = [int(x) for x in sizes_line.split()]
+    assert [int(x) for x in flags_line.split()] == [L.REC_COMPAT, L.REC_STAMPED, L.DETAIL_COMPAT, L.COMPAT_POLICY_BASE]
+    assert L.REC_COMPAT == FLAG_COMPAT  # the decoder copies the kernel's bit into the rows as is
+    assert MAX_DENY_PROGRAMS == L.COMPAT_POLICY_BASE - 1  # policy ids 1..63, their i386 bitmaps above
     assert sizes == [
         L.SC_REC.itemsize,
         L.BATCH_HEADER.itemsize,

@@ -78,6 +78,24 @@ def test_a_runs_tail_is_not_spread_over_the_time_its_cpu_went_on_without_it() ->
     assert mixed["tid"].tolist()[:11] == [7] * 11 and mixed["ts"][10] <= 1_000 + 10 * TAIL_NS_PER_ROW
 
 
+def test_32_bit_syscalls_keep_their_flag_and_their_execve_stamp() -> None:
+    """The kernel flags a syscall made through a 32-bit gate (REC_COMPAT): the row carries FLAG_COMPAT, and
+    an i386 execve (11) is a stamp the thread went straight on to, while a native 11 (munmap) is not."""
+    from agent.capture._batches import TAIL_NS_PER_ROW
+    from agent.events import FLAG_COMPAT
+
+    execve32 = syscall_number("execve", compat=True)
+    raw = batch(1, 0, 10**9, [(5, 1, 0), (5, 2, None), (5, execve32, 300_000), (5, 4, None)])
+    recs = np.frombuffer(raw, L.SC_REC, offset=L.BATCH_HEADER.itemsize).copy()
+    plain = decode([raw])[0]
+    assert not (plain["flags"] & FLAG_COMPAT).any()
+    assert plain["ts"][:3].tolist() == [0, TAIL_NS_PER_ROW, 300_000]  # munmap: not a stamp it went on to
+    recs["flags"] |= L.REC_COMPAT
+    flagged = decode([raw[: L.BATCH_HEADER.itemsize] + recs.tobytes()])[0]
+    assert (flagged["flags"] & FLAG_COMPAT).all()
+    assert flagged["ts"][:3].tolist() == [0, 150_000, 300_000]
+
+
 def test_full_batches_decode_vectorised_like_partial_ones() -> None:
     base = 1_000
     recs = [(5, i % 300, base + 10 * i if i % 64 == 0 else None) for i in range(L.BATCH_SIZE)]

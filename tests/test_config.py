@@ -91,6 +91,8 @@ def _load_error(tmp_path: Path, text: str | bytes) -> ConfigError:
         ("enforce:\n  deny_syscalls:\n    /bin/true: [read, nosuchcall]\n", 3, "unknown syscall 'nosuchcall'"),
         ("enforce:\n  deny_syscalls:\n    bin/true: [read]\n", 3, "absolute executable path"),
         ("enforce:\n  deny_syscalls:\n    /bin/true: []\n", 3, "at least one syscall"),
+        ("enforce:\n  deny_syscalls:\n" + "".join(f"    /opt/p{i}: [ptrace]\n" for i in range(64)), 2,
+         "enforce.deny_syscalls: at most 63 programs (got 64)"),
         ("enforce:\n  block_min_priority: Critcal\n", 2, "unknown priority 'Critcal'"),
         ("enforce:\n  block_anomaly_score: .nan\n", 2, "enforce.block_anomaly_score: expected a finite"),
         ("enforce:\n  block_anomaly_score: -1\n", 2, "enforce.block_anomaly_score"),

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from agent.capture._layout import COMPAT_POLICY_BASE
 from agent.capture.names import syscall_number
 from agent.config import EnforceConfig, load_config
-from agent.enforce import INHERITED, MAX_RECORDS, PINNED, SIGNALS, Enforcer, is_kernel_thread
+from agent.enforce import INHERITED, MAX_RECORDS, PINNED, SIGNALS, Enforcer, deny_numbers, is_kernel_thread
 from agent.proc import read_process
 from agent.proc.info import ProcessInfo
 from tests.conftest import requires_bpf
@@ -32,7 +33,7 @@ struct deny_bitmap { u64 bits[8]; };
 struct exe_key { char path[256]; };
 BPF_HASH(enforce, u32, struct enforce_entry, 1024);
 BPF_HASH(protected_tgids, u32, u32, 1024);
-BPF_ARRAY(deny_bitmaps, struct deny_bitmap, 64);
+BPF_ARRAY(deny_bitmaps, struct deny_bitmap, 128);
 BPF_HASH(exe_policy, struct exe_key, struct enforce_entry, 1024);
 """
 
@@ -215,6 +216,29 @@ def test_deny_policies_are_installed_by_resolved_path(bpf: Any, tmp_path: Path) 
         assert bits[nr >> 6] >> (nr & 63) & 1
     nr = syscall_number("read")
     assert not bits[nr >> 6] >> (nr & 63) & 1
+
+
+def _bits(bitmap: Any) -> set[int]:
+    return {word * 64 + bit for word in range(8) for bit in range(64) if bitmap.bits[word] >> bit & 1}
+
+
+def test_deny_policies_cover_the_same_syscalls_made_through_the_32_bit_gate(bpf: Any, tmp_path: Path) -> None:
+    """A 64-bit program's int 0x80 uses i386 numbers: the policy's i386 bitmap holds the same names, and for a
+    socket call also socketcall(2), which reaches connect without connect's own number."""
+    real = tmp_path / "tool"
+    real.write_bytes(b"")
+    Enforcer(bpf, _deny_config(tmp_path, real, "ptrace, connect, getppid"), lambda _: None)
+    policy_id = next(v.policy_id for v in bpf["exe_policy"].values())
+    native = _bits(bpf["deny_bitmaps"][ctypes.c_int(policy_id)])
+    i386 = _bits(bpf["deny_bitmaps"][ctypes.c_int(policy_id + COMPAT_POLICY_BASE)])
+    assert native == {syscall_number(n) for n in ("ptrace", "connect", "getppid")}
+    assert i386 == {26, 362, 64, 102}  # ptrace, connect, getppid, socketcall (arch/x86/entry/syscalls/syscall_32.tbl)
+
+
+def test_deny_numbers_leave_out_names_the_abi_lacks() -> None:
+    assert deny_numbers(["newfstatat", "ptrace"], compat=True) == [26]  # i386 has fstatat64, not newfstatat
+    assert deny_numbers(["semop"], compat=True) == [117]  # ipc(2) only: i386 has no semop of its own
+    assert deny_numbers(["socketcall"], compat=False) == []
 
 
 @pytest.mark.parametrize("how", ["symlink", "relative", "dotdot"])

@@ -26,6 +26,7 @@ _FULL = np.dtype([("h", L.BATCH_HEADER), ("recs", L.SC_REC, (L.BATCH_SIZE,))])
 # the thread out, which ends the run) rarely take longer.
 TAIL_NS_PER_ROW = 1_000
 _EXEC_NRS = np.array([syscall_number("execve"), syscall_number("execveat")])  # stamped by the kernel
+_COMPAT_EXEC_NRS = np.array([syscall_number("execve", compat=True), syscall_number("execveat", compat=True)])
 
 
 # numpy moves structured rows field by field (~30-75 ns a row); as opaque bytes it is 5-10x faster.
@@ -58,6 +59,12 @@ def _parse(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     hdr = np.concatenate(headers)
     hdr["count"] = [len(r) for r in records]
     return hdr, _concat(records) if records else np.zeros(0, L.SC_REC)
+
+
+def _is_exec(recs: np.ndarray) -> np.ndarray:
+    """Which records are an execve/execveat, native or i386 (the kernel stamps both)."""
+    compat = (recs["flags"] & L.REC_COMPAT) != 0
+    return np.where(compat, np.isin(recs["nr"], _COMPAT_EXEC_NRS), np.isin(recs["nr"], _EXEC_NRS))
 
 
 def decode(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,7 +104,7 @@ def decode(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     went_on = (
         ~last_of_batch
         & (np.r_[run_tid[1:], -1] == run_tid)
-        & (((nxt - first[batch]) % L.STAMP_EVERY == 0) | np.isin(recs["nr"][nxt], _EXEC_NRS))
+        & (((nxt - first[batch]) % L.STAMP_EVERY == 0) | _is_exec(recs[nxt]))
     )
     slope = np.where(went_on, slope, np.minimum(slope, TAIL_NS_PER_ROW))
     order = np.argsort(keys, kind="stable")
@@ -112,7 +119,7 @@ def decode(raw_batches: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     rows["tgid"] = recs["tgid"]
     rows["tid"] = recs["tid"]
     rows["nr"] = recs["nr"]
-    rows["flags"] = 0
+    rows["flags"] = recs["flags"] & L.REC_COMPAT  # FLAG_COMPAT is the same bit
     return rows, row_keys, headers
 
 

@@ -242,8 +242,8 @@ def decode_detail(raw: bytes) -> DetailEvent:
 
 def decode_kernel_signal(raw: bytes) -> KernelSignal:
     """A K_ENFORCED record (a bare detail header: aux is the signal sent)."""
-    _, _, nr, tgid, tid, sig, ts = struct.unpack_from(_HDR, raw)
-    return KernelSignal(ts=ts, pid=tgid, tid=tid, nr=nr, signal=sig)
+    _, flags, nr, tgid, tid, sig, ts = struct.unpack_from(_HDR, raw)
+    return KernelSignal(ts=ts, pid=tgid, tid=tid, nr=nr, signal=sig, compat=bool(flags & L.DETAIL_COMPAT))
 
 
 def decode_exec_args(raw: bytes) -> tuple[int, str, tuple[str, ...]]:

@@ -16,7 +16,10 @@ SC_REC = np.dtype([("tgid", "<u4"), ("tid", "<u4"), ("nr", "<u2"), ("flags", "<u
 BATCH_HEADER = np.dtype(
     [("base_ts", "<u8"), ("end_ts", "<u8"), ("count", "<u4"), ("cpu", "<u4"), ("last_tid", "<u4"), ("pad", "<u4")]
 )
+REC_COMPAT = 0x1  # sc_rec.flags: a 32-bit syscall (nr is an i386 number); the same bit as FLAG_COMPAT
 REC_STAMPED = 0x2  # sc_rec.flags: ts_delta is valid (the first record of a run)
+DETAIL_COMPAT = 0x1  # detail_hdr.flags of K_ENFORCED: nr is an i386 number
+COMPAT_POLICY_BASE = 64  # deny_bitmaps: a policy's i386 bitmap sits at policy_id + this
 STAMP_EVERY = 64
 
 DETAIL_HDR = np.dtype(

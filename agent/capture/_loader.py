@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.capture import _layout as L
+from agent.capture._btf import CompatProbe, compat_probe
 from agent.capture._decode import spec_table
 from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
 from agent.capture.names import syscall_number
@@ -51,6 +52,7 @@ class Tracer:
         ensure_tracefs()
         ensure_kernel_headers()
         bcc = _import_bcc()
+        self.compat: CompatProbe = compat_probe()
         cflags = [
             f"-DSELF_TGID={self_tgid}",
             f"-DCOMPACT_RB_PAGES={compact_rb_pages}",
@@ -61,6 +63,9 @@ class Tracer:
             f"-DFLUSH_NR={syscall_number(FLUSH_SYSCALL)}",
             f"-DEXECVE_NR={syscall_number('execve')}",
             f"-DEXECVEAT_NR={syscall_number('execveat')}",
+            f"-DCOMPAT_EXECVE_NR={syscall_number('execve', compat=True)}",
+            f"-DCOMPAT_EXECVEAT_NR={syscall_number('execveat', compat=True)}",
+            *self.compat.cflags,
             f"-I{BPF_DIR}",
             "-Wno-unused-function",
         ]

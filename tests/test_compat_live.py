@@ -1,0 +1,174 @@
+"""32-bit syscalls on the real kernel: a 64-bit program's `int 0x80` (tests/int80.c).
+
+Each of its syscalls must come flagged as i386 (the tracer reads the kernel's TS_COMPAT), so it is named as
+what it is, a deny list catches it, and the agent raises its ABI alert. Read as native numbers, i386 getppid
+(64) would pass for semget and get past a deny list of getppid.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.capture.names import syscall_name, syscall_number
+from agent.config import load_config
+from agent.enforce import Enforcer
+from agent.events import FLAG_COMPAT, KernelSignal
+from agent.pipeline import ABI_RULE_32_IN_64, ABI_RULE_64_IN_32
+from agent.proc import read_process
+from tests.conftest import ROOT, requires_bpf, start_sysgram
+
+pytestmark = [requires_bpf, pytest.mark.bpf]
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bin/denied (deny_syscalls: getppid) and bin/free (no policy): both tests/int80.c."""
+    root = tmp_path_factory.mktemp("int80")
+    (root / "bin").mkdir()
+    denied = root / "bin" / "denied"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    # non-PIE: int 0x80 passes 32-bit pointers, so the path it opens must sit below 4 GiB
+    subprocess.run([cc, "-O1", "-no-pie", "-o", str(denied), str(ROOT / "tests" / "int80.c")], check=True)
+    shutil.copy(denied, root / "bin" / "free")
+    (root / "config.yaml").write_text(f"enforce:\n  enabled: true\n  deny_syscalls:\n    {denied}: [getppid]\n")
+    return root
+
+
+class Seen:
+    """What the capture delivered for the pids a test watches."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self.rows: list[np.ndarray] = []
+        self.signals: list[KernelSignal] = []
+        self.lock = threading.Lock()
+
+    def add(self, chunk: Any) -> None:
+        with self.lock:
+            if isinstance(chunk, np.ndarray) and self.pids:
+                mine = chunk[np.isin(chunk["tgid"], list(self.pids))]
+                if len(mine):
+                    self.rows.append(mine)
+            elif isinstance(chunk, KernelSignal):
+                self.signals.append(chunk)
+
+    def rows_of(self, pid: int) -> np.ndarray:
+        with self.lock:
+            rows = np.concatenate(self.rows) if self.rows else np.zeros(0, dtype=[("tgid", "<u4")])
+        return rows[rows["tgid"] == pid]
+
+
+@pytest.fixture(scope="module")
+def live(programs: Path) -> Iterator[tuple[Enforcer, Seen]]:
+    from agent.capture.source import LiveSource
+
+    source = LiveSource(detail_syscalls=set(), enforce=True, queue_max_events=500_000)
+    source.start()
+    stop = threading.Event()
+    seen = Seen()
+
+    def drain() -> None:
+        while not stop.is_set():
+            for chunk in source.get(0.1) or ():
+                seen.add(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert source.tracer is not None
+        if source.tracer.compat.status_offset is None:
+            pytest.skip(f"no per-syscall 32-bit flag here: {source.tracer.compat.reason}")
+        config = load_config(str(programs / "config.yaml")).enforce
+        yield Enforcer(source.tracer.bpf, config, read_process), seen
+    finally:
+        stop.set()
+        reader.join(5)
+        source.stop()
+        source.close()
+
+
+def _run(seen: Seen, *argv: str) -> tuple[int, int]:
+    proc = subprocess.Popen(list(argv))
+    with seen.lock:
+        seen.pids.add(proc.pid)
+    code = proc.wait(timeout=60)
+    time.sleep(0.5)  # the rows wait for every CPU's next batch (the capture's ordering watermark)
+    return proc.pid, code
+
+
+def test_int80_syscalls_come_flagged_and_named_as_i386(programs: Path, live: tuple[Enforcer, Seen]) -> None:
+    _, seen = live
+    pid, code = _run(seen, str(programs / "bin" / "free"), "/etc/hostname", "0.2")
+    assert code == 0
+    rows = seen.rows_of(pid)
+    compat = rows[(rows["flags"] & FLAG_COMPAT) != 0]
+    native = rows[(rows["flags"] & FLAG_COMPAT) == 0]
+    assert {"getpid", "open", "getppid"} <= {syscall_name(int(nr), compat=True) for nr in compat["nr"]}
+    assert len(compat) >= 100  # one getppid a millisecond for 0.2 s
+    assert len(native) > 0  # its libc start-up and usleep are native syscalls
+    # i386 getppid read as a native number would be semget: no such native row
+    assert syscall_number("semget") not in set(native["nr"].tolist())
+
+
+def test_native_calls_are_not_flagged(programs: Path, live: tuple[Enforcer, Seen]) -> None:
+    _, seen = live
+    pid, code = _run(seen, str(programs / "bin" / "free"), "native", "/etc/hostname", "0.2")
+    assert code == 0
+    rows = seen.rows_of(pid)
+    assert len(rows) >= 100
+    assert not (rows["flags"] & FLAG_COMPAT).any()
+    assert syscall_number("getppid") in set(rows["nr"].tolist())
+
+
+def test_a_deny_list_catches_its_syscall_made_through_int80(programs: Path, live: tuple[Enforcer, Seen]) -> None:
+    _, seen = live
+    pid, code = _run(seen, str(programs / "bin" / "denied"), "/etc/hostname", "3")
+    assert code == -signal.SIGKILL, "int 0x80 getppid got past a deny list of getppid"
+    mine = [s for s in seen.signals if s.pid == pid]
+    assert mine and mine[0].compat and syscall_name(mine[0].nr, compat=True) == "getppid"
+
+
+def test_the_agent_alerts_a_64_bit_program_making_32_bit_syscalls(programs: Path, tmp_path: Path) -> None:
+    alerts = tmp_path / "alerts.jsonl"
+    agent = start_sysgram(
+        "run", "--no-model", "--alerts-jsonl", str(alerts), "--state-dir", str(tmp_path / "state"), "--quiet",
+    )
+    # a real 32-bit program: its syscalls are 32-bit too, which its executable explains (no alert)
+    exe32 = tmp_path / "workload32"
+    cc = shutil.which("gcc") or shutil.which("cc") or "cc"
+    built = subprocess.run([cc, "-m32", "-O1", "-o", str(exe32), str(ROOT / "tests" / "workload.c")],
+                           capture_output=True)
+    try:
+        gate = subprocess.Popen([str(programs / "bin" / "free"), "/etc/hostname", "0.3"])
+        plain = subprocess.Popen([str(programs / "bin" / "free"), "native", "/etc/hostname", "0.3"])
+        if built.returncode == 0:
+            assert subprocess.run([str(exe32), "500", str(tmp_path / "marker")], timeout=60).returncode == 0
+        assert gate.wait(timeout=60) == 0 and plain.wait(timeout=60) == 0
+        time.sleep(1.0)
+    finally:
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0, err
+    records = [json.loads(line) for line in alerts.read_text().splitlines()] if alerts.exists() else []
+    abi = [r for r in records if r["rule"] in (ABI_RULE_32_IN_64, ABI_RULE_64_IN_32)]
+    assert [r["output_fields"]["proc.pid"] for r in abi] == [gate.pid], [r["output"] for r in abi]
+    alert = abi[0]
+    assert alert["rule"] == ABI_RULE_32_IN_64 and alert["priority"] == "Warning"
+    assert alert["output_fields"]["sysgram.abi.syscalls"][:3] == ["getpid", "open", "getppid"]
+    assert alert["output_fields"]["proc.exe"] == str(programs / "bin" / "free")
+    assert "int 0x80" in alert["output"]
+    stats = json.loads(err.rsplit("sysgram: stats ", 1)[1].splitlines()[0])
+    assert stats["abi_mismatches"] == 1

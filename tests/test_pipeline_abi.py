@@ -1,0 +1,102 @@
+"""Syscalls through the other ABI's gate than the process's executable: one alert per process, none for
+what its executable explains, none for the syscalls its previous program made before an exec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.capture.names import syscall_number
+from agent.events import FLAG_COMPAT, SYSCALL_DTYPE, ProcEvent
+from agent.pipeline import ABI_RULE_32_IN_64, ABI_RULE_64_IN_32, Pipeline
+from agent.proc import ProcessTable
+from agent.proc.info import ProcessInfo
+from agent.respond import JsonlConfig, OutputConfig, build_outputs
+
+# above any pid_max (2^22): no live process answers for them in /proc
+SIXTY_FOUR, THIRTY_TWO, EXECS = 5_000_001, 5_000_002, 5_000_003
+
+
+def build(tmp_path: Path, *, kernel_compat: bool) -> tuple[Pipeline, Path]:
+    table = ProcessTable()
+    table.add(ProcessInfo(pid=SIXTY_FOUR, ppid=1, comm="tool64", exe="/usr/bin/tool64", args=("tool64", "-x")))
+    table.add(ProcessInfo(pid=THIRTY_TWO, ppid=1, comm="tool32", exe="/opt/tool32", compat=True))
+    table.add(ProcessInfo(pid=EXECS, ppid=1, comm="old32", exe="/opt/old32", compat=True))
+    alerts = tmp_path / "alerts.jsonl"
+    outputs = build_outputs(OutputConfig(console=None, jsonl=JsonlConfig(str(alerts)), fold_window=0), state_dir=tmp_path)
+    return Pipeline(table=table, outputs=outputs, kernel_compat=kernel_compat), alerts
+
+
+def rows(pid: int, names: list[str], *, compat: bool, start_ts: int = 1_000) -> np.ndarray:
+    out = np.zeros(len(names), SYSCALL_DTYPE)
+    out["tgid"] = out["tid"] = pid
+    out["ts"] = start_ts + np.arange(len(names))
+    out["nr"] = [syscall_number(n, compat=compat) for n in names]
+    out["flags"] = FLAG_COMPAT if compat else 0
+    return out
+
+
+def abi_alerts(path: Path) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in records if r["rule"] in (ABI_RULE_32_IN_64, ABI_RULE_64_IN_32)]
+
+
+def test_int80_from_a_64_bit_program_is_one_alert_naming_its_syscalls(tmp_path: Path) -> None:
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    pipeline.handle([rows(SIXTY_FOUR, ["read", "getpid", "open", "getpid", "execve"], compat=True)])
+    pipeline.handle([rows(SIXTY_FOUR, ["open", "write"], compat=True, start_ts=2_000)])  # once per process
+    pipeline.handle([rows(SIXTY_FOUR, ["read", "openat"], compat=False, start_ts=3_000)])
+    pipeline.outputs.close()
+    found = abi_alerts(alerts)
+    assert len(found) == 1
+    fields = found[0]["output_fields"]
+    assert found[0]["rule"] == ABI_RULE_32_IN_64 and found[0]["priority"] == "Warning"
+    assert fields["sysgram.abi.syscalls"] == ["read", "getpid", "open", "execve"]  # i386 names, each once
+    assert fields["proc.pid"] == SIXTY_FOUR and fields["proc.exe"] == "/usr/bin/tool64"
+    assert fields["proc.cmdline"] == "tool64 -x" and fields["evt.type"] == "read"
+    assert pipeline.counters["abi_mismatches"] == 1
+
+
+def test_a_32_bit_program_is_judged_by_the_kernels_flag(tmp_path: Path) -> None:
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    pipeline.handle([rows(THIRTY_TWO, ["read", "open", "mmap2"], compat=True)])  # what a 32-bit program does
+    assert not abi_alerts(alerts)
+    pipeline.handle([rows(THIRTY_TWO, ["mmap", "mprotect"], compat=False, start_ts=2_000)])  # 64-bit code
+    pipeline.outputs.close()
+    found = abi_alerts(alerts)
+    assert [f["rule"] for f in found] == [ABI_RULE_64_IN_32]
+    assert found[0]["output_fields"]["sysgram.abi.syscalls"] == ["mmap", "mprotect"]
+
+
+def test_without_the_kernels_flag_a_32_bit_executable_marks_its_syscalls(tmp_path: Path) -> None:
+    """No BTF (or a recording made so): every syscall of a 32-bit executable is taken as i386, as before."""
+    pipeline, alerts = build(tmp_path, kernel_compat=False)
+    seen: list[np.ndarray] = []
+
+    class Spy:  # what the detector is handed
+        def push(self, batch: np.ndarray, *_: object) -> list[object]:
+            seen.append(batch.copy())
+            return []
+
+    pipeline.detector = Spy()
+    pipeline.handle([rows(THIRTY_TWO, ["read", "open"], compat=False)])
+    pipeline.outputs.close()
+    assert not abi_alerts(alerts)
+    assert (seen[0]["flags"] & FLAG_COMPAT).all()
+
+
+def test_syscalls_before_an_exec_belong_to_the_previous_program(tmp_path: Path) -> None:
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    # a 32-bit program execs a 64-bit one at t=5,000; the batch holding both sides comes after the event
+    pipeline.handle([ProcEvent("exec", 5_000, EXECS, EXECS, comm="new64", filename="/usr/bin/new64")])
+    info = pipeline.table.get(EXECS)
+    assert info is not None and not info.compat
+    pipeline.handle([rows(EXECS, ["read", "execve"], compat=True, start_ts=4_000)])
+    assert not abi_alerts(alerts)
+    pipeline.handle([rows(EXECS, ["getpid"], compat=True, start_ts=6_000)])  # the new program's int 0x80
+    pipeline.outputs.close()
+    found = abi_alerts(alerts)
+    assert [f["output_fields"]["sysgram.abi.syscalls"] for f in found] == [["getpid"]]
