@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from agent._abi import AbiWatch
 from agent._text import escape_controls
 from agent.capture.names import syscall_name
 from agent.capture.source import Chunk, LiveSource, ReplaySource
@@ -92,8 +93,7 @@ class Pipeline:
         self._events_reported = 0
         self._last_overload_ns: int | None = None
         self._model_seen: dict[str, int] = {}
-        self._exec_ns: dict[int, int] = {}  # pid -> its last exec: syscalls before it were another program's
-        self._abi_alerted: set[int] = set()
+        self._abi = AbiWatch()
 
     @property
     def metrics(self) -> Any:
@@ -162,7 +162,7 @@ class Pipeline:
         if exe_compat is not None and not self.kernel_compat and exe_compat.any():
             batch = batch.copy()
             batch["flags"][exe_compat] |= FLAG_COMPAT
-        self._check_abi(batch, exe_compat)
+        self._check_abi(batch, pids)
         if self.recorder is not None:
             if self.filters.active:
                 keep = np.array([t for t in sorted(pids) if self._matches(t)], dtype=np.uint32)
@@ -174,51 +174,39 @@ class Pipeline:
                 for anomaly in self.detector.push(batch[start:start + DETECTOR_SLICE_ROWS], exe_of, program_of):
                     self._anomaly(anomaly)
 
-    def _check_abi(self, batch: np.ndarray, exe_compat: np.ndarray | None) -> None:
-        """Alert once per process whose syscalls went through the other ABI's gate than its executable's."""
-        flagged = (batch["flags"] & FLAG_COMPAT) != 0
-        odd = flagged if exe_compat is None else flagged != exe_compat
-        if not odd.any():
-            return
-        for pid in np.unique(batch["tgid"][odd]).tolist():
+    def _check_abi(self, batch: np.ndarray, pids: set[int]) -> None:
+        """Alert once per process whose syscalls went through the other ABI's gate than its program's."""
+        def elf_compat(pid: int) -> bool | None:
             info = self.table.get(pid)
-            if pid in self._abi_alerted or info is None:
-                continue  # an unknown process's executable is unknown: nothing to compare with
-            rows = batch[odd & (batch["tgid"] == pid) & (batch["ts"] >= self._exec_ns.get(pid, 0))]
-            if not len(rows):
-                continue  # only rows from before its exec: the old program's, whose class is not kept
-            self._abi_alerted.add(pid)
-            compat = not info.compat  # the odd syscalls' ABI
-            names = list(dict.fromkeys(syscall_name(int(nr), compat=compat) for nr in rows["nr"]))[:ABI_MAX_NAMES]
+            return info.compat if info is not None else None
+
+        for found in self._abi.check(batch, pids, elf_compat, self.table.has_compat):
+            info = self.table.get(found.pid)
+            compat = not found.program_compat  # the odd syscalls' ABI
+            names = list(dict.fromkeys(syscall_name(int(nr), compat=compat) for nr in found.rows["nr"]))
+            names = names[:ABI_MAX_NAMES]
             self.counters["abi_mismatches"] += 1
             rule = ABI_RULE_32_IN_64 if compat else ABI_RULE_64_IN_32
+            exe = info.exe if info is not None else ""
+            comm = info.comm if info is not None else ""
             output = (
-                f"{'64' if compat else '32'}-bit program {info.exe or info.comm} (pid={pid} comm={info.comm}) made "
+                f"{'64' if compat else '32'}-bit program {exe or comm or '?'} (pid={found.pid} comm={comm}) made "
                 f"{'32' if compat else '64'}-bit syscalls: {' '.join(names)}"
                 + (" (through int 0x80; Sysgram's rules do not see their arguments)" if compat else "")
             )
             fields = {
-                "proc.pid": pid, "proc.ppid": info.ppid, "proc.exe": info.exe, "proc.name": info.comm,
-                "proc.cmdline": info.cmdline, "evt.type": names[0], "sysgram.abi.syscalls": names,
-                "sysgram.abi.syscall_abi": "i386" if compat else "x86_64",
+                "proc.pid": found.pid, "proc.ppid": info.ppid if info else None, "proc.exe": exe or None,
+                "proc.name": comm or None, "proc.cmdline": info.cmdline if info else None, "evt.type": names[0],
+                "sysgram.abi.syscalls": names, "sysgram.abi.syscall_abi": "i386" if compat else "x86_64",
             }
-            self._send(rule, ABI_PRIORITY, output, fields, ("sysgram", "evasion"), int(rows["ts"][0]))
+            self._send(rule, ABI_PRIORITY, output, fields, ("sysgram", "evasion"), int(found.rows["ts"][0]))
 
     def _proc(self, event: ProcEvent) -> None:
         self.counters["proc_events"] += 1
-        if event.kind == "exec":  # kept past the exit (the rows come after the events): reap() forgets it
-            self._exec_ns[event.pid] = event.ts
-            self._abi_alerted.discard(event.pid)  # a new program: judged afresh
-        elif event.kind == "fork" and not event.is_thread:  # a new process (maybe a reused pid)
-            self._exec_ns.pop(event.pid, None)
-            self._abi_alerted.discard(event.pid)
-        if (
-            event.kind == "fork"
-            and not event.is_thread
-            and self.filters.active
-            and event.ppid in self._matched
-        ):
-            self._matched.add(event.pid)
+        if event.kind == "exec":
+            self._abi.on_exec(event.pid, event.ts)
+        elif event.kind == "fork" and not event.is_thread:
+            self._abi.on_fork(event.pid, event.ppid, event.ts)
         self.table.apply(event)
         if event.kind == "exec" and self.enforcer is not None:
             # The kernel matched the path string given to exec (./x, symlinks and a/../x get past it):
@@ -471,9 +459,7 @@ class Pipeline:
         moves the detector's own clock)."""
         with self._lock:
             self.table.reap(now_ns)
-            for pid in [p for p in (*self._exec_ns, *self._abi_alerted) if p not in self.table]:
-                self._exec_ns.pop(pid, None)
-                self._abi_alerted.discard(pid)
+            self._abi.forget(lambda pid: pid not in self.table)
             if self.detector is not None:
                 self.detector.settle(now_ns)
                 self._held_back(now_ns)

@@ -280,10 +280,9 @@ static __always_inline __u64 arg_at(__u64 *args, __u8 index) {
     return 0;
 }
 
-/* Exit of a syscall that needs details: one record with its arguments, strings and return value. */
-int on_detail_exit(struct sys_exit_ctx *ctx) {
-    __u64 id = bpf_get_current_pid_tgid();
-    __u32 tid = (__u32)id;
+/* Exit of a syscall that needs details: one record with its arguments, strings and return value. ``tid``
+ * is the thread its entry was kept under; ``read_strings`` 0 when the caller's memory is gone (an exec). */
+static __always_inline int detail_exit(__u64 id, __u32 tid, __s64 ret, int read_strings) {
     struct pending *p = pending.lookup(&tid);
     if (!p)
         return 0;
@@ -303,14 +302,14 @@ int on_detail_exit(struct sys_exit_ctx *ctx) {
         return 0;
     }
     fill_hdr(&d->h, K_SYSCALL, nr, id, 0, p->ts);
-    d->ret = ctx->ret;
+    d->ret = ret;
     #pragma unroll
     for (int k = 0; k < 6; k++)
         d->args[k] = p->args[k];
     d->deref = p->deref;
     d->len[0] = d->len[1] = d->len[2] = 0;
     d->str[0][0] = d->str[1][0] = 0;
-    if (spec) {
+    if (spec && read_strings) {
         if (spec->str0 < 6) {
             int n = bpf_probe_read_user_str(d->str[0], STR_LEN, (void *)arg_at(d->args, spec->str0));
             d->len[0] = n > 0 ? n : 0;
@@ -356,6 +355,11 @@ int on_detail_exit(struct sys_exit_ctx *ctx) {
         bump(S_DETAIL_LOST, 1);
     pending.delete(&tid);
     return 0;
+}
+
+int on_detail_exit(struct sys_exit_ctx *ctx) {
+    __u64 id = bpf_get_current_pid_tgid();
+    return detail_exit(id, (__u32)id, ctx->ret, 1);
 }
 
 /* execve/execveat entry: read argv now, while the old memory still exists. */
@@ -508,11 +512,16 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     enforce_exec(id >> 32, filename);
 #endif
     struct proc_event *e = proc_reserve(K_EXEC);
-    if (!e)
-        return 0;
-    e->h.aux = args->old_pid;
-    bpf_probe_read_kernel_str(e->filename, STR_LEN, filename);
-    detail_rb.ringbuf_submit(e, 0);
+    if (e) {
+        e->h.aux = args->old_pid;
+        bpf_probe_read_kernel_str(e->filename, STR_LEN, filename);
+        detail_rb.ringbuf_submit(e, 0);
+    }
+    /* A 32-bit program was loaded: the kernel now takes the execve for a 32-bit syscall, and its exit
+     * tracepoint will not fire. The exec succeeded (this tracepoint says so): its record goes out now,
+     * without strings (the old memory is gone; the entry's argv record has them). */
+    if (compat_flag())
+        detail_exit(id, args->old_pid, 0, 0);
     return 0;
 }
 

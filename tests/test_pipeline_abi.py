@@ -92,11 +92,29 @@ def test_syscalls_before_an_exec_belong_to_the_previous_program(tmp_path: Path) 
     pipeline, alerts = build(tmp_path, kernel_compat=True)
     # a 32-bit program execs a 64-bit one at t=5,000; the batch holding both sides comes after the event
     pipeline.handle([ProcEvent("exec", 5_000, EXECS, EXECS, comm="new64", filename="/usr/bin/new64")])
-    info = pipeline.table.get(EXECS)
-    assert info is not None and not info.compat
-    pipeline.handle([rows(EXECS, ["read", "execve"], compat=True, start_ts=4_000)])
+    pipeline.handle([np.concatenate([rows(EXECS, ["read", "execve"], compat=True, start_ts=4_000),
+                                     rows(EXECS, ["brk", "mmap"], compat=False, start_ts=5_500)])])
     assert not abi_alerts(alerts)
     pipeline.handle([rows(EXECS, ["getpid"], compat=True, start_ts=6_000)])  # the new program's int 0x80
     pipeline.outputs.close()
     found = abi_alerts(alerts)
-    assert [f["output_fields"]["sysgram.abi.syscalls"] for f in found] == [["getpid"]]
+    assert [(f["rule"], f["output_fields"]["sysgram.abi.syscalls"]) for f in found] == [
+        (ABI_RULE_32_IN_64, ["getpid"])]
+
+
+def test_a_32_bit_program_gone_before_proc_was_read_is_judged_by_its_first_syscall(tmp_path: Path) -> None:
+    """The table could not read its executable (it had exited), so the table does not know it is 32-bit;
+    its first syscall after the exec does, and all of its syscalls are 32-bit: nothing odd."""
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    pipeline.handle([ProcEvent("exec", 5_000, EXECS, EXECS, comm="short32", filename="/tmp/short32")])
+    info = pipeline.table.get(EXECS)
+    assert info is not None and not info.compat  # what the table could tell
+    pipeline.handle([rows(EXECS, ["brk", "mmap2", "open", "exit_group"], compat=True, start_ts=6_000)])
+    # its fork child runs the same 32-bit program: its 32-bit syscalls are not odd either, its 64-bit ones are
+    child = EXECS + 10
+    pipeline.handle([ProcEvent("fork", 7_000, child, child, ppid=EXECS)])
+    pipeline.handle([rows(child, ["read"], compat=True, start_ts=7_100)])
+    assert not abi_alerts(alerts)
+    pipeline.handle([rows(child, ["read"], compat=False, start_ts=7_200)])
+    pipeline.outputs.close()
+    assert [f["rule"] for f in abi_alerts(alerts)] == [ABI_RULE_64_IN_32]
