@@ -53,45 +53,57 @@ class AbiWatch:
                 self._compat.add(child)
 
     def check(
-        self, batch: np.ndarray, pids: set[int], elf_compat: Callable[[int], bool | None], elf_any: bool
+        self,
+        batch: np.ndarray,
+        heads: np.ndarray,
+        pids: set[int],
+        elf_compat: Callable[[int], bool | None],
+        elf_compat_pids: set[int],
     ) -> list[AbiMismatch]:
-        """This batch's new mismatches. ``elf_compat(pid)``: the executable's ELF class (None: unknown);
-        ``elf_any``: whether any known executable is 32-bit (else every process not exec'd since the agent
-        started is 64-bit, and a batch without 32-bit rows needs no look)."""
-        compat_rows = (batch["flags"] & FLAG_COMPAT) != 0
-        has_compat = bool(compat_rows.any())
-        pending = pids & self._pending
-        if not has_compat and not pending and not (pids & self._compat) and not elf_any:
+        """This batch's new mismatches. ``heads``: where each run of one process's rows starts (a bool per
+        row); ``pids``: the batch's processes; ``elf_compat(pid)``: the executable's ELF class (None:
+        unknown); ``elf_compat_pids``: the batch's processes whose executable is 32-bit."""
+        flags = batch["flags"]
+        has_compat = bool(flags.any()) and bool((flags & FLAG_COMPAT).any())  # the first test is the cheap one
+        relevant = (pids & self._pending) | (pids & self._compat) | (elf_compat_pids - self._exec_ns.keys())
+        if not has_compat and not relevant:
             return []  # the common case: 64-bit programs making 64-bit syscalls
         tgid, ts = batch["tgid"], batch["ts"]
-        relevant = pending | (pids & self._compat)
+        compat_rows = (flags & FLAG_COMPAT) != 0 if has_compat else np.zeros(len(batch), dtype=bool)
         if has_compat:
             relevant |= set(np.unique(tgid[compat_rows]).tolist())
-        if elf_any:
-            relevant |= {p for p in pids - self._exec_ns.keys() if elf_compat(p)}
         found = []
-        for pid in sorted(relevant):
-            mine = tgid == pid
+        for pid, rows in self._rows_of(tgid, heads, relevant):
             if pid in self._exec_ns:
-                mine &= ts >= self._exec_ns[pid]
-            if not mine.any():
+                rows = rows[ts[rows] >= self._exec_ns[pid]]
+            if not len(rows):
                 continue  # only rows from before its exec: the previous program's
-            abi = compat_rows[mine]
+            abi = compat_rows[rows]
             if pid in self._pending:
                 self._pending.discard(pid)
                 if abi[0]:
                     self._compat.add(pid)
-            if pid in self._exec_ns:
-                program_compat: bool | None = pid in self._compat
-            else:
-                program_compat = elf_compat(pid)
+            program_compat = (pid in self._compat) if pid in self._exec_ns else elf_compat(pid)
             if program_compat is None or pid in self._alerted:
                 continue
             odd = abi != program_compat
             if odd.any():
                 self._alerted.add(pid)
-                found.append(AbiMismatch(pid, program_compat, batch[mine][odd]))
+                found.append(AbiMismatch(pid, program_compat, batch[rows[odd]]))
         return found
+
+    @staticmethod
+    def _rows_of(tgid: np.ndarray, heads: np.ndarray, pids: set[int]) -> list[tuple[int, np.ndarray]]:
+        """Each of ``pids``' row indices, in order. Rows come in runs of one process, so this walks the
+        runs of these processes, not one mask over the batch per process (a batch after many execs)."""
+        starts = np.flatnonzero(heads)
+        ends = np.empty_like(starts)
+        ends[:-1], ends[-1:] = starts[1:], len(tgid)
+        runs: dict[int, list[np.ndarray]] = {}
+        for r, pid in enumerate(tgid[starts].tolist()):
+            if pid in pids:
+                runs.setdefault(pid, []).append(np.arange(starts[r], ends[r]))
+        return [(pid, np.concatenate(parts)) for pid, parts in sorted(runs.items())]
 
     def forget(self, gone: Callable[[int], bool]) -> None:
         """Drop the state of processes ``gone`` says are no longer known."""

@@ -162,7 +162,9 @@ class Pipeline:
         if exe_compat is not None and not self.kernel_compat and exe_compat.any():
             batch = batch.copy()
             batch["flags"][exe_compat] |= FLAG_COMPAT
-        self._check_abi(batch, pids)
+        elf_compat_pids = set(np.unique(tgid[exe_compat]).tolist()) if exe_compat is not None and exe_compat.any() \
+            else set()
+        self._check_abi(batch, heads, pids, elf_compat_pids)
         if self.recorder is not None:
             if self.filters.active:
                 keep = np.array([t for t in sorted(pids) if self._matches(t)], dtype=np.uint32)
@@ -174,13 +176,13 @@ class Pipeline:
                 for anomaly in self.detector.push(batch[start:start + DETECTOR_SLICE_ROWS], exe_of, program_of):
                     self._anomaly(anomaly)
 
-    def _check_abi(self, batch: np.ndarray, pids: set[int]) -> None:
+    def _check_abi(self, batch: np.ndarray, heads: np.ndarray, pids: set[int], elf_compat_pids: set[int]) -> None:
         """Alert once per process whose syscalls went through the other ABI's gate than its program's."""
         def elf_compat(pid: int) -> bool | None:
             info = self.table.get(pid)
             return info.compat if info is not None else None
 
-        for found in self._abi.check(batch, pids, elf_compat, self.table.has_compat):
+        for found in self._abi.check(batch, heads, pids, elf_compat, elf_compat_pids):
             info = self.table.get(found.pid)
             compat = not found.program_compat  # the odd syscalls' ABI
             names = list(dict.fromkeys(syscall_name(int(nr), compat=compat) for nr in found.rows["nr"]))
