@@ -30,15 +30,6 @@ from tests.conftest import ROOT, requires_bpf, start_sysgram
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
-EXEC_RULE = """
-- rule: Test exec of a 32-bit program
-  desc: an exec the rules see through its execve detail event
-  condition: evt.type = execve and evt.res = SUCCESS and proc.exe endswith /workload32
-  output: exec of %proc.exe (%proc.cmdline)
-  priority: NOTICE
-"""
-
-
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bin/denied (deny_syscalls: getppid) and bin/free (no policy): both tests/int80.c."""
@@ -151,11 +142,8 @@ def test_a_deny_list_catches_its_syscall_made_through_int80(programs: Path, live
 
 def test_the_agent_alerts_a_64_bit_program_making_32_bit_syscalls(programs: Path, tmp_path: Path) -> None:
     alerts = tmp_path / "alerts.jsonl"
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(EXEC_RULE)
-    agent = start_sysgram(
-        "run", "--no-model", "--no-default-rules", "--rules", str(rules), "--alerts-jsonl", str(alerts),
-        "--state-dir", str(tmp_path / "state"), "--quiet",
+    agent = start_sysgram(  # our default rules: "32-bit program started" among them
+        "run", "--no-model", "--alerts-jsonl", str(alerts), "--state-dir", str(tmp_path / "state"), "--quiet",
     )
     # a real 32-bit program: its syscalls are 32-bit too, which its executable explains (no ABI alert)
     exe32 = tmp_path / "workload32"
@@ -189,5 +177,6 @@ def test_the_agent_alerts_a_64_bit_program_making_32_bit_syscalls(programs: Path
         pytest.skip(f"no 32-bit toolchain (gcc-multilib) for the 32-bit exec: {built.stderr.decode()[:200]}")
     # loading a 32-bit program makes the kernel take the execve for a 32-bit syscall, whose exit tracepoint
     # does not fire: the tracer sends the exec's record from sched_process_exec, so rules still see it
-    execs = [r for r in records if r["rule"] == "Test exec of a 32-bit program"]
-    assert [r["output_fields"]["proc.cmdline"] for r in execs] == [f"workload32 500 {tmp_path / 'marker'}"]
+    started = [r for r in records if r["rule"] == "32-bit program started"]
+    assert [r["output_fields"]["proc.cmdline"] for r in started] == [f"workload32 500 {tmp_path / 'marker'}"]
+    assert started[0]["priority"] == "Notice" and started[0]["output_fields"]["proc.exepath"] == str(exe32)

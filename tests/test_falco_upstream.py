@@ -226,6 +226,17 @@ def test_a_shell_is_judged_by_what_spawned_it_not_by_its_own_fresh_state() -> No
     assert w.names(402, "execve", 0, filename="/bin/sh", argv=["sh"]) == []  # its parent, systemd, has no state
 
 
+def test_a_32_bit_programs_exec_is_announced_and_a_64_bit_ones_is_not() -> None:
+    rs, _ = load_rules([OURS])
+    procs = [*HOST, proc(500, 100, "tool32", "/opt/tool32", compat=True), proc(501, 100, "tool64", "/opt/tool64")]
+    w = World(rs, procs)
+    hits = w.ev(500, "execve", 0, filename="/opt/tool32", argv=["/opt/tool32"])
+    assert [m.rule for m in hits] == ["32-bit program started"]
+    assert hits[0].priority == "Notice" and hits[0].output_fields["proc.exepath"] == "/opt/tool32"
+    assert w.names(501, "execve", 0, filename="/opt/tool64", argv=["/opt/tool64"]) == []
+    assert w.names(500, "execve", -2, filename="/opt/tool32", argv=["/opt/tool32"]) == []  # a failed exec
+
+
 def test_exec_through_a_memfd_is_fileless_even_before_proc_says_so(world: World) -> None:
     from agent.events import ProcEvent
 

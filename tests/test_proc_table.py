@@ -71,6 +71,29 @@ def test_exec_of_a_gone_process_is_filled_from_events(seeded: tuple[ProcessTable
     assert table.stats["exec_from_event"] == 1
 
 
+def _elf(path: Path, elf_class: int, machine: int) -> Path:
+    header = bytearray(20)
+    header[:6] = b"\x7fELF" + bytes([elf_class, 1])  # class, little-endian
+    header[18:20] = machine.to_bytes(2, "little")
+    path.write_bytes(bytes(header) + b"\0" * 44)
+    return path
+
+
+def test_a_gone_process_takes_its_class_from_the_file_it_execd(seeded: tuple[ProcessTable, Path],
+                                                               tmp_path: Path) -> None:
+    table, _ = seeded
+    i386 = _elf(tmp_path / "tool32", 1, 3)  # ELFCLASS32, EM_386
+    amd64 = _elf(tmp_path / "tool64", 2, 62)  # ELFCLASS64, EM_X86_64
+    table.apply(fork(50 * SEC, 200, 100))
+    table.apply(execev(50 * SEC + 10, 200, "tool32", str(i386)))
+    table.apply(fork(50 * SEC, 201, 100))
+    table.apply(execev(50 * SEC + 10, 201, "tool64", str(amd64)))
+    table.apply(execev(50 * SEC + 20, 202, "tool32", str(i386)))  # not even its fork was seen
+    classes = {pid: info.compat for pid in (200, 201, 202) if (info := table.get(pid)) is not None}
+    assert classes == {200: True, 201: False, 202: True}
+    assert table.stats["exec_from_event"] == 3
+
+
 def test_failed_execve_changes_nothing(seeded: tuple[ProcessTable, Path]) -> None:
     table, _ = seeded
     before = table.get(100)

@@ -461,6 +461,26 @@ class ProcReader:
         upper = self._in_upper_layer(dir_fd, exe)
         return compat, writable, upper
 
+    def path_is_i386(self, path: str) -> bool:
+        """Whether the file at ``path`` (in the agent's own mount namespace) is a 32-bit x86 ELF: the class of
+        a program whose process was gone before /proc could be read."""
+        if not path.startswith("/"):
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        compat = self._elf.get(key)
+        if compat is None:
+            try:
+                with open(path, "rb") as f:
+                    compat = elf_is_i386(f.read(20))
+            except OSError:
+                compat = False
+            self._elf.put(key, compat)
+        return compat
+
     def _writable(self, st: os.stat_result, pid: int, uid: int, groups: set[int], cap_eff: int) -> bool:
         # What the kernel's permission check would say for this process's credentials.
         readonly = self._readonly_dev.get(st.st_dev)

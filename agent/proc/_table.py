@@ -206,9 +206,11 @@ class ProcessTable:
             info = self._lazy(pid)
             entry = self._live.get(pid)
             if info is None or entry is None:
+                exe = self._absolute(filename, "")
+                container = self._container_at_exec(cgroup_id, HOST_CONTAINER_ID)
                 info = ProcessInfo(
-                    pid=pid, ppid=-1, comm=comm, exe=self._absolute(filename, ""), start_ns=0,
-                    container_id=self._container_at_exec(cgroup_id, HOST_CONTAINER_ID), exec_path=filename,
+                    pid=pid, ppid=-1, comm=comm, exe=exe, start_ns=0, container_id=container, exec_path=filename,
+                    compat=self._path_is_i386(exe, container),
                 )
                 self._counts["exec_from_event"] += 1
                 entry = _Entry(info)
@@ -235,15 +237,20 @@ class ProcessTable:
                 exe_from_memfd=exe.startswith("/memfd:"),
                 exe_writable=False,
                 exe_upper_layer=False,
-                compat=False,
                 # a runtime moves its child into the container's cgroup, then execs: the child's, not the
                 # parent's, even when it is gone before /proc could be read
                 container_id=self._container_at_exec(cgroup_id, old.container_id),
             )
+            info = replace(info, compat=self._path_is_i386(exe, info.container_id))
         # exec kills the other threads (their exits come first), so the process is single-threaded.
         entry.threads = 0
         entry.exec_pending = True
         self._set_info(entry, info)
+
+    def _path_is_i386(self, exe: str, container_id: str) -> bool:
+        """A gone process's class, from the file it exec'd: only on the host (a container's path names a
+        file in its own root, which is gone with it)."""
+        return container_id == HOST_CONTAINER_ID and self._reader.path_is_i386(exe)
 
     def _container_at_exec(self, cgroup_id: int, otherwise: str) -> str:
         container = self._reader.container_of_cgroup(cgroup_id)
