@@ -76,6 +76,8 @@ class AgentConfig:
     # fair share starved the agent on a busy host and it dropped events (docs/performance.md).
     priority_nice: int = -10
     detail_syscalls: tuple[str, ...] = ()  # in addition to those the rules and policies need
+    # details of 32-bit syscalls too (a raw sys_exit program: ~11 ns on every syscall; docs/architecture.md)
+    compat_details: bool = True
     enforce: EnforceConfig = field(default_factory=EnforceConfig)
     container_runtime: ContainerRuntimeConfig = field(default_factory=ContainerRuntimeConfig)
     outputs: Mapping[str, Any] = field(default_factory=dict)
@@ -111,6 +113,7 @@ _TOP = {
     "queue_max_events": int,
     "priority_nice": int,
     "detail_syscalls": list,
+    "compat_details": bool,
     "enforce": dict,
     "container_runtime": dict,
     "outputs": dict,
@@ -169,11 +172,11 @@ class _Located:
                 raise self.fail(f"{key}[{i}]", f"expected a non-empty string, got {_kind(item)}")
         return tuple(value)
 
-    def syscall_names(self, value: Any, key: str) -> tuple[str, ...]:
+    def syscall_names(self, value: Any, key: str, *, i386_too: bool = False) -> tuple[str, ...]:
         from agent.capture.names import known_names  # libseccomp: loaded only when names are given
 
         names = self.strings(value, key)
-        known = known_names()
+        known = known_names() | (known_names(compat=True) if i386_too else frozenset())
         for i, name in enumerate(names):
             if name not in known:
                 raise self.fail(f"{key}[{i}]", f"unknown syscall {name!r} (not known to libseccomp)")
@@ -321,6 +324,7 @@ def load_config(path: str) -> AgentConfig:
         queue_max_events=int(data.get("queue_max_events", 2_000_000)),
         priority_nice=int(data.get("priority_nice", -10)),
         detail_syscalls=detail_syscalls,
+        compat_details=data.get("compat_details", True),
         enforce=enforce,
         container_runtime=container_runtime,
         outputs=data.get("outputs", {}),
@@ -356,7 +360,7 @@ def _enforce(raw: Mapping[str, Any], outputs: Mapping[str, Any], at: _Located) -
         key = f"enforce.deny_syscalls.{exe}"
         if not isinstance(exe, str) or not exe.startswith("/"):
             raise at.fail(key, f"expected an absolute executable path, got {exe!r}")
-        syscalls = at.syscall_names(names, key)
+        syscalls = at.syscall_names(names, key, i386_too=True)  # an i386-only name (fstatat64) too
         if not syscalls:
             raise at.fail(key, "expected at least one syscall name")
         # Policies apply by the program a process really runs (/proc/PID/exe): links and ``..`` resolved.

@@ -45,12 +45,24 @@ _I386_MULTIPLEXED = {
 }
 
 
+# i386 variants of a call under another name that the name patterns below do not give.
+_I386_RENAMED = {"mmap": "mmap2", "newfstatat": "fstatat64", "lseek": "_llseek", "select": "_newselect",
+                 "getrlimit": "ugetrlimit"}
+
+
+def _i386_variants(name: str) -> set[str]:
+    """The names i386 gives the same call: setuid32, stat64, futex_time64, fadvise64_64, mmap2..."""
+    return {name, f"{name}32", f"{name}64", f"{name}_64", f"{name}_time64", _I386_RENAMED.get(name, name)}
+
+
 def deny_numbers(names: Iterable[str], compat: bool) -> list[int]:
     """The syscall numbers a deny list stands for: native, or i386 (a 32-bit program's, or a 64-bit one's
-    ``int 0x80``) with the multiplexers that reach the same calls. Looked up number -> name: libseccomp
-    resolves an i386 socket call's name to socketcall, not to its own number (connect: 102, not 362)."""
+    ``int 0x80``) with each call's i386 variants (setuid32, mmap2, the *_time64 calls) and the multiplexers
+    that reach the same calls. Looked up number -> name: libseccomp resolves an i386 socket call's name to
+    socketcall, not to its own number (connect: 102, not 362)."""
     wanted = set(names)
     if compat:
+        wanted |= {variant for name in list(wanted) for variant in _i386_variants(name)}
         wanted |= {mux for mux, calls in _I386_MULTIPLEXED.items() if wanted & calls}
     table = name_table(compat)
     return [nr for nr in range(min(len(table), 512)) if table[nr] in wanted]

@@ -178,11 +178,7 @@ class Pipeline:
 
     def _check_abi(self, batch: np.ndarray, heads: np.ndarray, pids: set[int], elf_compat_pids: set[int]) -> None:
         """Alert once per process whose syscalls went through the other ABI's gate than its program's."""
-        def elf_compat(pid: int) -> bool | None:
-            info = self.table.get(pid)
-            return info.compat if info is not None else None
-
-        for found in self._abi.check(batch, heads, pids, elf_compat, elf_compat_pids):
+        for found in self._abi.check(batch, heads, pids, self.table.compat_of, elf_compat_pids):
             info = self.table.get(found.pid)
             compat = not found.program_compat  # the odd syscalls' ABI
             names = list(dict.fromkeys(syscall_name(int(nr), compat=compat) for nr in found.rows["nr"]))
@@ -194,7 +190,7 @@ class Pipeline:
             output = (
                 f"{'64' if compat else '32'}-bit program {exe or comm or '?'} (pid={found.pid} comm={comm}) made "
                 f"{'32' if compat else '64'}-bit syscalls: {' '.join(names)}"
-                + (" (through int 0x80; Sysgram's rules do not see their arguments)" if compat else "")
+                + (" (through int 0x80)" if compat else "")
             )
             fields = {
                 "proc.pid": found.pid, "proc.ppid": info.ppid if info else None, "proc.exe": exe or None,
@@ -205,6 +201,13 @@ class Pipeline:
 
     def _proc(self, event: ProcEvent) -> None:
         self.counters["proc_events"] += 1
+        if (
+            event.kind == "fork"
+            and not event.is_thread
+            and self.filters.active
+            and event.ppid in self._matched
+        ):
+            self._matched.add(event.pid)
         if event.kind == "exec":
             self._abi.on_exec(event.pid, event.ts)
         elif event.kind == "fork" and not event.is_thread:
@@ -557,11 +560,14 @@ class Pipeline:
 
 
 def build_recorder_pipeline(output: str, filters: Filters) -> Pipeline:
+    from agent.capture._btf import compat_probe
     from agent.capture.recording import RecordingWriter
 
     recorder = RecordingWriter(
         output,
         filters={"pids": sorted(filters.pids), "comms": sorted(filters.comms), "exes": sorted(filters.exes)},
+        # whether each row's 32-bit flag is the kernel's (the tracer will find what this finds)
+        compat_from_kernel=compat_probe().status_offset is not None,
     )
     return Pipeline(table=ProcessTable(), recorder=recorder, filters=filters)
 
@@ -611,6 +617,7 @@ def run_live(
     *,
     seconds: float = 0.0,
     detail_syscalls: set[str] | None = None,
+    compat_details: bool = True,
     enforce: bool = False,
     flush_interval: float = 0.02,
     queue_max_events: int = 2_000_000,
@@ -626,7 +633,8 @@ def run_live(
 
     details = set(SPECS) if detail_syscalls is None else detail_syscalls
     source = LiveSource(
-        detail_syscalls=details, enforce=enforce, flush_interval=flush_interval, queue_max_events=queue_max_events
+        detail_syscalls=details, enforce=enforce, flush_interval=flush_interval, queue_max_events=queue_max_events,
+        compat_details=compat_details,
     )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -690,6 +698,8 @@ def _finish(pipeline: Pipeline, drops: dict[str, int]) -> int:
 def run_replay(pipeline: Pipeline, path: str) -> int:
     source = ReplaySource(path)
     source.start()
+    # rows flagged by the kernel are taken as they are; older recordings' were flagged by executable already
+    pipeline.kernel_compat = bool(source.recording.meta.get("compat_from_kernel", False))
     for info in source.recording.processes:
         pipeline.table.add(info)  # everything the recorder knew: exe, cmdline, user, container
     print("sysgram: ready (replay)", file=sys.stderr, flush=True)

@@ -278,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
         pipeline,
         seconds=args.seconds,
         detail_syscalls=details,
+        compat_details=cfg.compat_details,
         enforce=enforce_cfg.enabled,
         flush_interval=cfg.flush_interval,
         queue_max_events=cfg.queue_max_events,

@@ -7,7 +7,10 @@
  *   TI_STATUS_OFFSET, TS_COMPAT  where the running kernel keeps a thread's status word (from its BTF) and
  *                 the bit set while a 32-bit syscall runs; unset: no 32-bit detection (see compat_flag)
  *   TASK_BTF      1 when the kernel has bpf_get_current_task_btf (5.11+)
+ *   COMPAT_DETAILS  1: details of 32-bit syscalls too (entry in sys_enter, exit in a raw sys_exit program
+ *                 that every syscall pays for; needs TI_STATUS_OFFSET)
  *   COMPAT_EXECVE_NR, COMPAT_EXECVEAT_NR  i386 numbers of execve/execveat (stamped like the native ones)
+ *   COMPAT_SOCKETCALL_NR  i386 socketcall, which 32-bit libcs use for connect and the other socket calls
  * Reads only tracepoint fields and BPF helpers, and one word whose place comes from the running kernel's
  * BTF: no kernel struct is walked through headers, so headers of another kernel version are good enough. */
 #include <uapi/linux/ptrace.h>
@@ -24,6 +27,13 @@
 #endif
 #ifndef ENFORCE
 #define ENFORCE 0
+#endif
+#if !defined(TI_STATUS_OFFSET) || !defined(COMPAT_DETAILS)
+#undef COMPAT_DETAILS
+#define COMPAT_DETAILS 0
+#endif
+#ifndef COMPAT_SOCKETCALL_NR
+#define COMPAT_SOCKETCALL_NR 0xffff
 #endif
 #if !defined(COMPAT_EXECVE_NR) || !defined(COMPAT_EXECVEAT_NR)
 #define COMPAT_EXECVE_NR 0xffff
@@ -52,11 +62,13 @@ struct pending {
     __u64 args[6];
     __u64 deref;
     __u32 nr;
-    __u32 pad;
+    __u32 compat; /* 1: entered through the 32-bit gate (nr is an i386 number, specs at nr + 512) */
 };
 BPF_HASH(pending, __u32, struct pending, 16384);
 BPF_PERCPU_ARRAY(detail_scratch, struct sc_detail, 1);
-BPF_ARRAY(arg_spec, struct arg_spec, 512);
+BPF_ARRAY(arg_spec, struct arg_spec, 1024); /* [nr]: native syscalls, [512 + nr]: i386 ones */
+#define SOCKETCALL_CALLS 21 /* socketcall's call numbers, SYS_SOCKET (1) .. SYS_SENDMMSG (20): linux/net.h */
+BPF_ARRAY(socketcall_nrs, __u32, SOCKETCALL_CALLS);
 
 BPF_HASH(enforce, __u32, struct enforce_entry, 65536);
 BPF_HASH(protected_tgids, __u32, __u32, 65536);
@@ -162,6 +174,10 @@ static __always_inline __u16 compat_flag(void) {
 #endif
 }
 
+#if COMPAT_DETAILS
+static __always_inline void compat_detail_enter(struct bpf_raw_tracepoint_args *ctx, __u64 id, __u32 nr);
+#endif
+
 /* Every syscall: append (tgid, tid, nr) to this CPU's batch; send the batch when it is full. A raw
  * tracepoint (args: pt_regs *, syscall number): the plain raw_syscalls:sys_enter tracepoint first copies
  * the six arguments into a perf record for every syscall, which measured ~30 ns we do not need. */
@@ -206,6 +222,10 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
         flush(b);
 #if ENFORCE
     enforce_check(tgid, tid, (__u32)nr, compat);
+#endif
+#if COMPAT_DETAILS
+    if (compat)
+        compat_detail_enter(ctx, id, (__u32)nr);
 #endif
     return 0;
 }
@@ -287,7 +307,8 @@ static __always_inline int detail_exit(__u64 id, __u32 tid, __s64 ret, int read_
     if (!p)
         return 0;
     __u32 nr = p->nr;
-    struct arg_spec *spec = arg_spec.lookup(&nr);
+    __u32 spec_index = p->compat ? nr + 512 : nr;
+    struct arg_spec *spec = arg_spec.lookup(&spec_index);
     if (spec && !spec->enabled) {
         /* entry kept only for the fork handler (clone flags) */
         pending.delete(&tid);
@@ -302,6 +323,7 @@ static __always_inline int detail_exit(__u64 id, __u32 tid, __s64 ret, int read_
         return 0;
     }
     fill_hdr(&d->h, K_SYSCALL, nr, id, 0, p->ts);
+    d->h.flags = p->compat ? DETAIL_COMPAT : 0;
     d->ret = ret;
     #pragma unroll
     for (int k = 0; k < 6; k++)
@@ -362,8 +384,9 @@ int on_detail_exit(struct sys_exit_ctx *ctx) {
     return detail_exit(id, (__u32)id, ctx->ret, 1);
 }
 
-/* execve/execveat entry: read argv now, while the old memory still exists. */
-static __always_inline int read_exec(struct sys_enter_ctx *ctx, __u64 filename, __u64 argv) {
+/* execve/execveat entry: read argv now, while the old memory still exists. ``ptr32``: a 32-bit caller's
+ * argv, an array of 4-byte pointers. */
+static __always_inline int read_exec(__u32 nr, __u64 filename, __u64 argv, int ptr32) {
     __u64 id = bpf_get_current_pid_tgid();
     if ((id >> 32) == SELF_TGID)
         return 0;
@@ -372,7 +395,7 @@ static __always_inline int read_exec(struct sys_enter_ctx *ctx, __u64 filename, 
         bump(S_EXEC_ARGS_LOST, 1);
         return 0;
     }
-    fill_hdr(&e->h, K_EXEC_ARGS, ctx->nr, id, 0, bpf_ktime_get_ns());
+    fill_hdr(&e->h, K_EXEC_ARGS, nr, id, 0, bpf_ktime_get_ns());
     e->filename[0] = 0;
     bpf_probe_read_user_str(e->filename, STR_LEN, (void *)filename);
     __u32 off = 0;
@@ -380,7 +403,9 @@ static __always_inline int read_exec(struct sys_enter_ctx *ctx, __u64 filename, 
     #pragma unroll
     for (int k = 0; k < ARGV_MAX; k++) {
         __u64 ptr = 0;
-        if (bpf_probe_read_user(&ptr, sizeof(ptr), (void *)(argv + k * sizeof(__u64))) != 0 || !ptr)
+        long err = ptr32 ? bpf_probe_read_user(&ptr, 4, (void *)(argv + k * 4))
+                         : bpf_probe_read_user(&ptr, sizeof(ptr), (void *)(argv + k * sizeof(__u64)));
+        if (err != 0 || !ptr)
             break;
         if (off > ARGV_LEN - 1)
             break;
@@ -402,16 +427,100 @@ static __always_inline int read_exec(struct sys_enter_ctx *ctx, __u64 filename, 
 int on_execve_enter(struct sys_enter_ctx *ctx) {
     __u64 a[2] = {};
     bpf_probe_read_kernel(a, sizeof(a), ctx->args);
-    read_exec(ctx, a[0], a[1]);
+    read_exec(ctx->nr, a[0], a[1], 0);
     return detail_enter(ctx);
 }
 
 int on_execveat_enter(struct sys_enter_ctx *ctx) {
     __u64 a[3] = {};
     bpf_probe_read_kernel(a, sizeof(a), ctx->args);
-    read_exec(ctx, a[1], a[2]);
+    read_exec(ctx->nr, a[1], a[2], 0);
     return detail_enter(ctx);
 }
+
+#if COMPAT_DETAILS
+static __always_inline void keep_compat_entry(__u64 id, struct pending *p) {
+    __u32 tid = (__u32)id;
+    if (pending.update(&tid, p) != 0)
+        bump(S_PENDING_FULL, 1);
+}
+
+/* i386 socketcall(call, args): kept as the socket call it stands for (connect...), its arguments unpacked,
+ * so the rules see the same event as from a direct call. socketcall_nrs[call]: that call's i386 number |
+ * its argument count << 16 (0: not kept); accept, send and recv get 0 for their direct calls' extra ones. */
+static __always_inline void compat_socketcall_enter(struct pt_regs *regs, __u64 id) {
+    __u32 call = (__u32)regs->bx;
+    if (call >= SOCKETCALL_CALLS)
+        return;
+    __u32 *entry = socketcall_nrs.lookup(&call);
+    if (!entry || !*entry)
+        return;
+    __u32 nr = *entry & 0xffff, nargs = *entry >> 16;
+    __u32 index = nr + 512;
+    struct arg_spec *spec = arg_spec.lookup(&index);
+    if (!spec || !spec->enabled)
+        return;
+    __u32 packed[6] = {};
+    void *at = (void *)(__u64)(__u32)regs->cx;
+    if (bpf_probe_read_user(packed, sizeof(packed), at) != 0 && bpf_probe_read_user(packed, 12, at) != 0)
+        return; /* the shorter read: an array of three at the very end of a mapping */
+    struct pending p = {};
+    p.ts = bpf_ktime_get_ns();
+    p.nr = nr;
+    p.compat = 1;
+    #pragma unroll
+    for (int k = 0; k < 6; k++)
+        p.args[k] = (__u32)k < nargs ? packed[k] : 0;
+    keep_compat_entry(id, &p);
+}
+
+/* Entry of a 32-bit syscall that needs details (the per-syscall tracepoints skip these): the arguments
+ * from the registers of the i386 convention, zero-extended. pt_regs is the ptrace ABI's layout. */
+static __always_inline void compat_detail_enter(struct bpf_raw_tracepoint_args *ctx, __u64 id, __u32 nr) {
+    if (nr >= 512)
+        return;
+    struct pt_regs regs = {};
+    if (nr == COMPAT_SOCKETCALL_NR) {
+        bpf_probe_read_kernel(&regs, sizeof(regs), (void *)ctx->args[0]);
+        compat_socketcall_enter(&regs, id);
+        return;
+    }
+    __u32 index = nr + 512;
+    struct arg_spec *spec = arg_spec.lookup(&index);
+    if (!spec || !spec->enabled)
+        return;
+    bpf_probe_read_kernel(&regs, sizeof(regs), (void *)ctx->args[0]);
+    struct pending p = {};
+    p.ts = bpf_ktime_get_ns();
+    p.nr = nr;
+    p.compat = 1;
+    p.args[0] = (__u32)regs.bx;
+    p.args[1] = (__u32)regs.cx;
+    p.args[2] = (__u32)regs.dx;
+    p.args[3] = (__u32)regs.si;
+    p.args[4] = (__u32)regs.di;
+    p.args[5] = (__u32)regs.bp;
+    if (spec->deref_u64 < 6) {
+        __u64 ptr = spec->deref_u64 == 0 ? p.args[0] : spec->deref_u64 == 1 ? p.args[1]
+                  : spec->deref_u64 == 2 ? p.args[2] : p.args[3];
+        bpf_probe_read_user(&p.deref, sizeof(p.deref), (void *)ptr);
+    }
+    if (nr == COMPAT_EXECVE_NR)
+        read_exec(nr, p.args[0], p.args[1], 1);
+    else if (nr == COMPAT_EXECVEAT_NR)
+        read_exec(nr, p.args[1], p.args[2], 1);
+    keep_compat_entry(id, &p);
+}
+
+/* Exit of every syscall (the per-syscall exit tracepoints skip 32-bit ones): only a 32-bit syscall with a
+ * kept entry goes further. The one cost of 32-bit details that every process pays. */
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    if (!compat_flag())
+        return 0;
+    __u64 id = bpf_get_current_pid_tgid();
+    return detail_exit(id, (__u32)id, (__s64)ctx->args[1], 1);
+}
+#endif
 
 static __always_inline struct proc_event *proc_reserve(__u8 kind) {
     struct proc_event *e = detail_rb.ringbuf_reserve(sizeof(struct proc_event));

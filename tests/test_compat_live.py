@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -140,43 +141,82 @@ def test_a_deny_list_catches_its_syscall_made_through_int80(programs: Path, live
     assert mine and mine[0].compat and syscall_name(mine[0].nr, compat=True) == "getppid"
 
 
-def test_the_agent_alerts_a_64_bit_program_making_32_bit_syscalls(programs: Path, tmp_path: Path) -> None:
-    alerts = tmp_path / "alerts.jsonl"
-    agent = start_sysgram(  # our default rules: "32-bit program started" among them
-        "run", "--no-model", "--alerts-jsonl", str(alerts), "--state-dir", str(tmp_path / "state"), "--quiet",
-    )
-    # a real 32-bit program: its syscalls are 32-bit too, which its executable explains (no ABI alert)
-    exe32 = tmp_path / "workload32"
+RULES = """
+- rule: Test open by a 32-bit program
+  desc: a 32-bit program's open reaches the rules (its details come from the raw sys_enter/sys_exit pair)
+  condition: evt.type in (open, openat) and evt.is_open_read = true and fd.num >= 0 and sysgram.proc.is_32bit = true
+    and fd.name startswith %(work)s
+  output: 32-bit open of %%fd.name by %%proc.exepath
+  priority: NOTICE
+- rule: Test connect by a 32-bit program
+  desc: a 32-bit program's connect (through socketcall) reaches the rules with its address
+  condition: evt.type = connect and sysgram.proc.is_32bit = true and fd.rport = %(port)d
+  output: 32-bit connect to %%fd.name (port %%fd.rport) by %%proc.exepath
+  priority: NOTICE
+- rule: Test open through int 0x80
+  desc: a 64-bit program's i386 open reaches the rules too
+  condition: evt.type = open and fd.name startswith %(work)s and sysgram.proc.is_32bit = false
+  output: int 0x80 open of %%fd.name by %%proc.exepath
+  priority: NOTICE
+"""
+
+
+def test_the_agent_sees_32_bit_syscalls_and_alerts_a_64_bit_program_making_them(
+    programs: Path, tmp_path: Path
+) -> None:
     cc = shutil.which("gcc") or shutil.which("cc") or "cc"
-    built = subprocess.run([cc, "-m32", "-O1", "-o", str(exe32), str(ROOT / "tests" / "workload.c")],
+    exe32 = tmp_path / "connect32"
+    built = subprocess.run([cc, "-m32", "-O1", "-o", str(exe32), str(ROOT / "tests" / "connect.c")],
                            capture_output=True)
+    if built.returncode != 0:
+        pytest.skip(f"no 32-bit toolchain (gcc-multilib): {built.stderr.decode()[:200]}")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "read-by-32").write_text("x")
+    (work / "read-by-int80").write_text("x")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES % {"work": work, "port": port})
+    alerts = tmp_path / "alerts.jsonl"
+    agent = start_sysgram(
+        "run", "--no-model", "--rules", str(rules), "--alerts-jsonl", str(alerts),
+        "--state-dir", str(tmp_path / "state"), "--quiet",
+    )
     try:
-        gate = subprocess.Popen([str(programs / "bin" / "free"), "/etc/hostname", "0.3"])
-        plain = subprocess.Popen([str(programs / "bin" / "free"), "native", "/etc/hostname", "0.3"])
-        run32 = None
-        if built.returncode == 0:
-            run32 = subprocess.run([str(exe32), "500", str(tmp_path / "marker")], timeout=60)
-            assert run32.returncode == 0
+        gate = subprocess.Popen([str(programs / "bin" / "free"), str(work / "read-by-int80"), "0.3"])
+        plain = subprocess.Popen([str(programs / "bin" / "free"), "native", str(work / "read-by-int80"), "0.3"])
+        run32 = subprocess.Popen([str(exe32), "127.0.0.1", str(port), str(work / "read-by-32")])
+        assert run32.wait(timeout=60) == 0  # it connected
         assert gate.wait(timeout=60) == 0 and plain.wait(timeout=60) == 0
         time.sleep(1.0)
     finally:
+        server.close()
         agent.send_signal(signal.SIGINT)
         _, err = agent.communicate(timeout=120)
     assert agent.returncode == 0, err
     records = [json.loads(line) for line in alerts.read_text().splitlines()] if alerts.exists() else []
-    abi = [r for r in records if r["rule"] in (ABI_RULE_32_IN_64, ABI_RULE_64_IN_32)]
-    assert [r["output_fields"]["proc.pid"] for r in abi] == [gate.pid], [r["output"] for r in abi]
-    alert = abi[0]
-    assert alert["rule"] == ABI_RULE_32_IN_64 and alert["priority"] == "Warning"
-    assert alert["output_fields"]["sysgram.abi.syscalls"][:3] == ["getpid", "open", "getppid"]
-    assert alert["output_fields"]["proc.exe"] == str(programs / "bin" / "free")
-    assert "int 0x80" in alert["output"]
+    ours = {gate.pid, plain.pid, run32.pid}
+    by_rule: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r["output_fields"].get("proc.pid") in ours:
+            by_rule.setdefault(r["rule"], []).append(r["output_fields"])
+
+    # the 64-bit program's int 0x80: one ABI alert, naming its i386 calls; none for the others
+    abi = by_rule.get(ABI_RULE_32_IN_64, [])
+    assert [f["proc.pid"] for f in abi] == [gate.pid] and ABI_RULE_64_IN_32 not in by_rule
+    assert abi[0]["sysgram.abi.syscalls"][:3] == ["getpid", "open", "getppid"]
+    assert abi[0]["proc.exe"] == str(programs / "bin" / "free")
+    # 32-bit syscalls reach the rules with their arguments: the 32-bit program's openat and its connect
+    # (made through socketcall), and the 64-bit program's i386 open
+    assert [(f["proc.pid"], f["fd.name"]) for f in by_rule.get("Test open by a 32-bit program", [])] == [
+        (run32.pid, str(work / "read-by-32"))]
+    connects = by_rule.get("Test connect by a 32-bit program", [])
+    assert [(f["proc.pid"], f["fd.rport"]) for f in connects] == [(run32.pid, port)]
+    assert connects[0]["fd.name"].endswith(f"->127.0.0.1:{port}")
+    assert [(f["proc.pid"], f["fd.name"]) for f in by_rule.get("Test open through int 0x80", [])] == [
+        (gate.pid, str(work / "read-by-int80"))]
     stats = json.loads(err.rsplit("sysgram: stats ", 1)[1].splitlines()[0])
-    assert stats["abi_mismatches"] == 1
-    if built.returncode != 0:
-        pytest.skip(f"no 32-bit toolchain (gcc-multilib) for the 32-bit exec: {built.stderr.decode()[:200]}")
-    # loading a 32-bit program makes the kernel take the execve for a 32-bit syscall, whose exit tracepoint
-    # does not fire: the tracer sends the exec's record from sched_process_exec, so rules still see it
-    started = [r for r in records if r["rule"] == "32-bit program started"]
-    assert [r["output_fields"]["proc.cmdline"] for r in started] == [f"workload32 500 {tmp_path / 'marker'}"]
-    assert started[0]["priority"] == "Notice" and started[0]["output_fields"]["proc.exepath"] == str(exe32)
+    assert stats["abi_mismatches"] >= 1

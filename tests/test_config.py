@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,7 @@ def _load_error(tmp_path: Path, text: str | bytes) -> ConfigError:
         ("enforce:\n  allow_exes: [sshd]\n", 2, "absolute executable path"),
         ("enforce:\n  block_tags: sysgram.block\n", 2, "enforce.block_tags: expected list, got str"),
         ("detail_syscalls: [bogus_call]\n", 1, "unknown syscall 'bogus_call'"),
+        ("compat_details: maybe\n", 1, "compat_details: expected bool, got str"),
         ("flush_interval: -5\n", 1, "flush_interval: expected a finite number more than 0"),
         ("flush_interval: .inf\n", 1, "flush_interval"),
         ("state_dir: /tmp/a\nmodel: x\nstate_dir: /tmp/b\n", 3, "duplicate key 'state_dir' (first on line 1)"),
@@ -117,6 +119,15 @@ def test_bad_values_name_file_and_line(tmp_path: Path, text: str, line: int, wor
 def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
     err = _load_error(tmp_path, b"state_dir: /tmp/x\n\xff\xfe bad\n")
     assert err.line == 2 and "UTF-8" in err.message
+
+
+def test_deny_lists_accept_i386_only_names(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("enforce:\n  deny_syscalls:\n    /bin/true: [fstatat64, setuid32]\n")
+    assert load_config(str(p)).enforce.deny_syscalls == {os.path.realpath("/bin/true"): ("fstatat64", "setuid32")}
+    p.write_text("detail_syscalls: [fstatat64]\n")  # details are by native name
+    with pytest.raises(ConfigError, match="unknown syscall 'fstatat64'"):
+        load_config(str(p))
 
 
 def test_enforcement_values_are_read(tmp_path: Path) -> None:

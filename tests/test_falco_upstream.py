@@ -226,15 +226,28 @@ def test_a_shell_is_judged_by_what_spawned_it_not_by_its_own_fresh_state() -> No
     assert w.names(402, "execve", 0, filename="/bin/sh", argv=["sh"]) == []  # its parent, systemd, has no state
 
 
-def test_a_32_bit_programs_exec_is_announced_and_a_64_bit_ones_is_not() -> None:
+def test_a_connect_on_an_fd_number_last_seen_as_a_file_is_a_socket() -> None:
+    """Our rules need no close, so fd 3 stayed the file opened through it long after: the connect on the new
+    fd 3 read as a file (fd.typechar f, no fd.rport) and *Anomalous process connected out* could not fire."""
     rs, _ = load_rules([OURS])
-    procs = [*HOST, proc(500, 100, "tool32", "/opt/tool32", compat=True), proc(501, 100, "tool64", "/opt/tool64")]
-    w = World(rs, procs)
-    hits = w.ev(500, "execve", 0, filename="/opt/tool32", argv=["/opt/tool32"])
-    assert [m.rule for m in hits] == ["32-bit program started"]
-    assert hits[0].priority == "Notice" and hits[0].output_fields["proc.exepath"] == "/opt/tool32"
-    assert w.names(501, "execve", 0, filename="/opt/tool64", argv=["/opt/tool64"]) == []
-    assert w.names(500, "execve", -2, filename="/opt/tool32", argv=["/opt/tool32"]) == []  # a failed exec
+    w = World(rs, HOST, anomalies={111: AnomalyFields(0.97, 0.8, "socket connect", True)})
+    w.names(111, "openat", 3, dirfd=-100, name="/etc/hosts", flags=O_RDONLY)
+    hits = w.ev(111, "connect", 0, fd=3, family=socket.AF_INET, addr="198.51.100.7", port=443)
+    assert [m.rule for m in hits] == ["Anomalous process connected out"]
+    assert hits[0].output_fields["fd.rport"] == 443
+
+
+def test_sysgram_proc_is_32bit_tells_a_32_bit_program() -> None:
+    rs = ruleset_from("""
+- rule: 32-bit reader
+  desc: test
+  condition: evt.type in (open, openat) and sysgram.proc.is_32bit = true
+  output: 32-bit %proc.exepath read %fd.name
+  priority: NOTICE
+""")
+    w = World(rs, [*HOST, proc(500, 100, "tool32", "/opt/tool32", compat=True), proc(501, 100, "tool64", "/opt/tool64")])
+    assert w.names(500, "open", 3, name="/etc/shadow", flags=O_RDONLY, mode=0) == ["32-bit reader"]
+    assert w.names(501, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY, mode=0) == []
 
 
 def test_exec_through_a_memfd_is_fileless_even_before_proc_says_so(world: World) -> None:

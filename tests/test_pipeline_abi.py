@@ -118,3 +118,80 @@ def test_a_32_bit_program_gone_before_proc_was_read_is_judged_by_its_first_sysca
     pipeline.handle([rows(child, ["read"], compat=False, start_ts=7_200)])
     pipeline.outputs.close()
     assert [f["rule"] for f in abi_alerts(alerts)] == [ABI_RULE_64_IN_32]
+
+
+def _elf(path: Path, elf_class: int, machine: int) -> str:
+    header = bytearray(64)
+    header[:6] = b"\x7fELF" + bytes([elf_class, 1])
+    header[18:20] = machine.to_bytes(2, "little")
+    path.write_bytes(bytes(header))
+    return str(path)
+
+
+def test_a_64_bit_program_whose_every_syscall_is_int80_is_judged_by_its_executable(tmp_path: Path) -> None:
+    """Its first syscall is already a 32-bit one: the first-syscall rule alone would call it a 32-bit program."""
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    only80 = _elf(tmp_path / "only80", 2, 62)  # ELFCLASS64, x86-64; the process is gone before /proc is read
+    pipeline.handle([ProcEvent("exec", 5_000, EXECS, EXECS, comm="only80", filename=only80)])
+    assert pipeline.table.compat_of(EXECS) is False
+    pipeline.handle([rows(EXECS, ["getpid", "write", "exit"], compat=True, start_ts=6_000)])
+    pipeline.outputs.close()
+    found = abi_alerts(alerts)
+    assert [(f["rule"], f["output_fields"]["sysgram.abi.syscalls"]) for f in found] == [
+        (ABI_RULE_32_IN_64, ["getpid", "write", "exit"])]
+
+
+def test_int80_just_before_an_exec_is_judged_by_the_program_that_made_it(tmp_path: Path) -> None:
+    """A 64-bit child makes int 0x80 calls, then execs a 32-bit program; its rows come after the exec event."""
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    child = SIXTY_FOUR + 100
+    tool32 = _elf(tmp_path / "tool32", 1, 3)
+    pipeline.handle([ProcEvent("fork", 4_000, child, child, ppid=SIXTY_FOUR),
+                     ProcEvent("exec", 5_000, child, child, comm="tool32", filename=tool32)])
+    pipeline.handle([np.concatenate([rows(child, ["read"], compat=False, start_ts=4_100),
+                                     rows(child, ["getpid", "open"], compat=True, start_ts=4_200),
+                                     rows(child, ["execve"], compat=False, start_ts=4_900),
+                                     rows(child, ["brk", "mmap2"], compat=True, start_ts=5_100)])])
+    pipeline.outputs.close()
+    found = abi_alerts(alerts)
+    assert [(f["rule"], f["output_fields"]["sysgram.abi.syscalls"]) for f in found] == [
+        (ABI_RULE_32_IN_64, ["getpid", "open"])]
+
+
+def _recording(path: Path, *, compat_from_kernel: bool) -> str:
+    from agent.capture.recording import RecordingWriter
+
+    writer = RecordingWriter(str(path), compat_from_kernel=compat_from_kernel)
+    writer.add_process(ProcessInfo(pid=THIRTY_TWO, ppid=1, comm="tool32", exe="/opt/tool32", compat=True))
+    writer.add_syscalls(np.concatenate([rows(THIRTY_TWO, ["brk", "read"], compat=True),
+                                        rows(THIRTY_TWO, ["mmap"], compat=False, start_ts=2_000)]))
+    writer.close({})
+    return str(path)
+
+
+def test_replay_takes_the_kernels_flags_as_recorded(tmp_path: Path) -> None:
+    """A recording whose flags are the kernel's keeps a 32-bit program's 64-bit syscall as one; an older one
+    (flags from the executable) is judged as it was recorded: every row of a 32-bit executable is i386."""
+    from tests.conftest import sysgram
+
+    for kernel, expected in ((True, [ABI_RULE_64_IN_32]), (False, [])):
+        alerts = tmp_path / f"alerts-{kernel}.jsonl"
+        done = sysgram("replay", _recording(tmp_path / f"r-{kernel}.parquet", compat_from_kernel=kernel),
+                       "--no-model", "--no-default-rules", "--alerts-jsonl", str(alerts), "--quiet",
+                       "--state-dir", str(tmp_path / "state"))
+        assert done.returncode == 0, done.stderr
+        assert [a["rule"] for a in abi_alerts(alerts)] == expected
+
+
+def test_a_shells_child_that_execs_a_32_bit_program_is_not_odd_even_when_the_table_knew_the_new_class(
+    tmp_path: Path,
+) -> None:
+    """A replayed recording's table holds each process as the recorder last saw it: here already the 32-bit
+    program, while the rows before its exec are the 64-bit shell child's (session 10: a false alarm)."""
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    pipeline.handle([ProcEvent("exec", 5_000, THIRTY_TWO, THIRTY_TWO, comm="tool32", filename="/opt/tool32")])
+    pipeline.handle([np.concatenate([rows(THIRTY_TWO, ["set_robust_list", "rt_sigaction", "execve"], compat=False,
+                                          start_ts=4_000),
+                                     rows(THIRTY_TWO, ["brk", "mmap2", "openat"], compat=True, start_ts=5_100)])])
+    pipeline.outputs.close()
+    assert not abi_alerts(alerts)

@@ -10,7 +10,6 @@ process's executable instead (agent/proc), which a 64-bit program's ``int 0x80``
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 from dataclasses import dataclass
 
@@ -45,23 +44,22 @@ class _BtfMember(ctypes.Structure):  # struct btf_member
 
 
 def _libbpf() -> ctypes.CDLL | None:
-    for name in ("libbpf.so.1", ctypes.util.find_library("bpf")):
-        if not name:
-            continue
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        lib.btf__load_vmlinux_btf.restype = ctypes.c_void_p
-        lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
-        lib.btf__find_by_name_kind.restype = ctypes.c_int32
-        lib.btf__type_by_id.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-        lib.btf__type_by_id.restype = ctypes.POINTER(_BtfType)
-        lib.btf__name_by_offset.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-        lib.btf__name_by_offset.restype = ctypes.c_char_p
-        lib.btf__free.argtypes = [ctypes.c_void_p]
-        return lib
-    return None
+    """libbpf 1.x only: 0.x returned error pointers (not NULL) from btf__load_vmlinux_btf, and before 0.5
+    did not have it."""
+    try:
+        lib = ctypes.CDLL("libbpf.so.1")
+        lib.btf__load_vmlinux_btf  # noqa: B018 (the lookup raises AttributeError when it is missing)
+    except (OSError, AttributeError):
+        return None
+    lib.btf__load_vmlinux_btf.restype = ctypes.c_void_p
+    lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
+    lib.btf__find_by_name_kind.restype = ctypes.c_int32
+    lib.btf__type_by_id.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.btf__type_by_id.restype = ctypes.POINTER(_BtfType)
+    lib.btf__name_by_offset.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.btf__name_by_offset.restype = ctypes.c_char_p
+    lib.btf__free.argtypes = [ctypes.c_void_p]
+    return lib
 
 
 def _member_offset(lib: ctypes.CDLL, btf: int, struct: bytes, member: bytes) -> int | None:

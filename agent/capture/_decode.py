@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.capture import _layout as L
-from agent.capture.names import syscall_name, syscall_number
+from agent.capture.names import name_table, syscall_name, syscall_number
 from agent.events import DetailEvent, KernelSignal, ProcEvent
 
 NONE = 0xFF
+COMPAT_SPEC_BASE = 512  # arg_spec rows of i386 numbers start here (bpf/sysgram.bpf.c)
 LEN_PTR = 0xFE  # accept: the address length is written through a pointer
 CLONE_THREAD = 0x00010000
 
@@ -137,22 +138,50 @@ SIGNED_ARGS = frozenset(
 )
 
 
+# i386 socketcall(call, args): each call number (linux/net.h: SYS_SOCKET = 1 ...) -> the direct syscall it
+# stands for and how many arguments it passes (net/socket.c: nargs). accept, send and recv have no direct
+# i386 syscall of their own: they are accept4, sendto and recvfrom with the extra arguments 0.
+SOCKETCALL_CALLS: dict[int, tuple[str, int]] = {
+    1: ("socket", 3), 2: ("bind", 3), 3: ("connect", 3), 4: ("listen", 2), 5: ("accept4", 3),
+    6: ("getsockname", 3), 7: ("getpeername", 3), 8: ("socketpair", 4), 9: ("sendto", 4), 10: ("recvfrom", 4),
+    11: ("sendto", 6), 12: ("recvfrom", 6), 13: ("shutdown", 2), 14: ("setsockopt", 5), 15: ("getsockopt", 5),
+    16: ("sendmsg", 3), 17: ("recvmsg", 3), 18: ("accept4", 4), 19: ("recvmmsg", 5), 20: ("sendmmsg", 4),
+}
+
+
+def socketcall_table() -> dict[int, int]:
+    """The socketcall_nrs map: call number -> its direct i386 syscall's number | argument count << 16."""
+    i386 = name_table(compat=True)
+    numbers = {str(name): nr for nr, name in enumerate(i386[:COMPAT_SPEC_BASE]) if not str(name).startswith("sys_")}
+    return {call: numbers[name] | nargs << 16 for call, (name, nargs) in SOCKETCALL_CALLS.items() if name in numbers}
+
+
 def spec_table(detail_syscalls: set[str]) -> tuple[np.ndarray, dict[int, str]]:
-    """The arg_spec map's contents and the (number -> name) of every syscall whose tracepoints we attach."""
-    table = np.zeros(512, dtype=L.ARG_SPEC)
+    """The arg_spec map's contents and the (number -> name) of every syscall whose tracepoints we attach.
+
+    Rows 0-511 are native numbers; rows 512 + nr the i386 numbers of the same names (the BPF side keeps
+    32-bit syscalls' details itself: no tracepoint is attached for them). An i386 syscall is found by its
+    number's name, not by resolving the name: libseccomp resolves an i386 socket call's name to socketcall.
+    """
+    table = np.zeros(2 * COMPAT_SPEC_BASE, dtype=L.ARG_SPEC)
     for field in ("str0", "str1", "sockaddr", "sockaddr_len", "deref_u64"):
         table[field] = NONE
     attached: dict[int, str] = {}
+    i386 = name_table(compat=True)
     for name, spec in [*((n, SPECS[n]) for n in sorted(detail_syscalls) if n in SPECS), *CLONE_SPECS.items()]:
-        nr = syscall_number(name)
-        if nr < 0 or nr >= 512:
-            continue
-        row = table[nr]
-        row["str0"], row["str1"] = spec.str0, spec.str1
-        row["sockaddr"], row["sockaddr_len"], row["deref_u64"] = spec.sockaddr, spec.sockaddr_len, spec.deref
-        row["enabled"] = 1 if name in detail_syscalls else 0
-        table[nr] = row
-        attached[nr] = name
+        enabled = name in detail_syscalls
+        native = syscall_number(name)
+        rows = [native] if 0 <= native < COMPAT_SPEC_BASE else []
+        if enabled:  # clone's entry is kept natively only (the fork handler reads its flags)
+            rows += [COMPAT_SPEC_BASE + nr for nr in range(min(len(i386), COMPAT_SPEC_BASE)) if i386[nr] == name]
+        for index in rows:
+            row = table[index]
+            row["str0"], row["str1"] = spec.str0, spec.str1
+            row["sockaddr"], row["sockaddr_len"], row["deref_u64"] = spec.sockaddr, spec.sockaddr_len, spec.deref
+            row["enabled"] = 1 if enabled else 0
+            table[index] = row
+            if index < COMPAT_SPEC_BASE:
+                attached[index] = name
     return table, attached
 
 
@@ -213,9 +242,10 @@ def _str_at(raw: bytes, offset: int, size: int) -> str:
 
 def decode_detail(raw: bytes) -> DetailEvent:
     """A K_SYSCALL record (struct sc_detail) -> the decoded syscall at its exit."""
-    _, _, nr, tgid, tid, _, ts, ret, *rest = _SC_FIXED.unpack_from(raw)
+    _, flags, nr, tgid, tid, _, ts, ret, *rest = _SC_FIXED.unpack_from(raw)
     raw_args, deref, sockaddr_len = rest[:6], rest[6], rest[9]
-    name = syscall_name(nr)
+    compat = bool(flags & L.DETAIL_COMPAT)
+    name = syscall_name(nr, compat=compat)
     spec = SPECS.get(name)
     args: dict[str, object] = {}
     if spec is not None:
@@ -236,7 +266,7 @@ def decode_detail(raw: bytes) -> DetailEvent:
             start = _SC_STR + 2 * L.STR_LEN
             args.update(decode_sockaddr(raw[start : start + min(sockaddr_len, L.STR_LEN)]))
     return DetailEvent(
-        ts=ts, tgid=tgid, tid=tid, syscall=name, nr=nr, res=ret, args=args, raw_args=tuple(raw_args)
+        ts=ts, tgid=tgid, tid=tid, syscall=name, nr=nr, res=ret, args=args, compat=compat, raw_args=tuple(raw_args)
     )
 
 

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent.capture import _layout as L
 from agent.capture._btf import CompatProbe, compat_probe
-from agent.capture._decode import spec_table
+from agent.capture._decode import socketcall_table, spec_table
 from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
 from agent.capture.names import syscall_number
 from agent.errors import CaptureError
@@ -46,6 +48,7 @@ class Tracer:
         enforce: bool = False,
         compact_rb_pages: int = 4096,
         detail_rb_pages: int = 2048,
+        compat_details: bool = True,
     ) -> None:
         if os.geteuid() != 0:
             raise CaptureError("the tracer needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN)")
@@ -65,7 +68,10 @@ class Tracer:
             f"-DEXECVEAT_NR={syscall_number('execveat')}",
             f"-DCOMPAT_EXECVE_NR={syscall_number('execve', compat=True)}",
             f"-DCOMPAT_EXECVEAT_NR={syscall_number('execveat', compat=True)}",
+            f"-DCOMPAT_SOCKETCALL_NR={syscall_number('socketcall', compat=True)}",
             *self.compat.cflags,
+            # 32-bit syscalls' details: a raw sys_exit program that every syscall pays for (~11 ns here)
+            f"-DCOMPAT_DETAILS={int(compat_details and self.compat.status_offset is not None)}",
             f"-I{BPF_DIR}",
             "-Wno-unused-function",
         ]
@@ -77,8 +83,11 @@ class Tracer:
             ) from None
         table, self.attached = spec_table(detail_syscalls)
         spec_map = self.bpf["arg_spec"]
-        for nr in self.attached:
-            spec_map[ctypes.c_int(nr)] = spec_map.Leaf.from_buffer_copy(table[nr].tobytes())
+        for index in np.flatnonzero(table["enabled"] | np.isin(np.arange(len(table)), list(self.attached))):
+            spec_map[ctypes.c_int(int(index))] = spec_map.Leaf.from_buffer_copy(table[index].tobytes())
+        socketcalls = self.bpf["socketcall_nrs"]
+        for call, value in socketcall_table().items():
+            socketcalls[ctypes.c_int(call)] = ctypes.c_uint32(value)
         self._attach_details()
         # compiled once: the compiler's ~110 MB of resident code and freed heap are not needed again
         self.compiler_kb_released = release_compiler_memory()

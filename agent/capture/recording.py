@@ -19,7 +19,8 @@ args      string (JSON), null for syscall rows: detail = decoded arguments (and
 ========  =====================================================================================
 
 The file's key-value metadata ``sysgram`` holds JSON ``{format, version, host, kernel, arch, started_wall_ns,
-boot_to_wall_ns, filters}``. Syscall rows are zstd-compressed with dictionary/delta-friendly columns: ten
+boot_to_wall_ns, filters, compat_from_kernel}`` (the last: each row's 32-bit flag came from the kernel;
+absent in older recordings, whose flags came from each process's executable). Syscall rows are zstd-compressed with dictionary/delta-friendly columns: ten
 million events take well under 100 MB.
 """
 
@@ -81,6 +82,7 @@ class RecordingWriter:
     path: str
     filters: dict[str, Any] = field(default_factory=dict)
     boot_to_wall_ns: int = 0
+    compat_from_kernel: bool = False  # each row's 32-bit flag is the kernel's, not its executable's class
 
     def __post_init__(self) -> None:
         if not self.boot_to_wall_ns:
@@ -94,6 +96,7 @@ class RecordingWriter:
             "started_wall_ns": time.time_ns(),
             "boot_to_wall_ns": self.boot_to_wall_ns,
             "filters": self.filters,
+            "compat_from_kernel": self.compat_from_kernel,
         }
         schema = SCHEMA.with_metadata({"sysgram": json.dumps(meta)})
         self._tmp = f"{self.path}.partial"

@@ -89,8 +89,10 @@ class LiveSource:
         queue_max_details: int = 20_000,
         compact_rb_pages: int | None = None,
         detail_rb_pages: int | None = None,
+        compat_details: bool = True,
     ) -> None:
         self.detail_syscalls = detail_syscalls
+        self.compat_details = compat_details
         self.enforce = enforce
         self.flush_interval = flush_interval
         self.queue_max_events = queue_max_events
@@ -120,7 +122,8 @@ class LiveSource:
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         self.tracer = Tracer(
-            self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce, **self._rb_pages
+            self_tgid=os.getpid(), detail_syscalls=self.detail_syscalls, enforce=self.enforce,
+            compat_details=self.compat_details, **self._rb_pages,
         )
         self.tracer.open_ring_buffers(self._on_compact, self._on_detail)
         for ticker in self._tickers:
@@ -211,6 +214,7 @@ class LiveSource:
                     event.nr,
                     event.res,
                     {**event.args, "filename": event.args.get("filename") or filename, "argv": list(argv)},
+                    compat=event.compat,
                     raw_args=event.raw_args,
                 )
             self._details.append(event)

@@ -340,9 +340,11 @@ def _sock_for(eng: Engine, ev: DetailEvent) -> FdInfo:
     """The socket fd an address event is about; made up from the family when we never saw its socket()."""
     num = ev.args.get("fd")
     fd = eng._get(ev.tgid, num)
-    if fd is None:
-        family = ev.args.get("family")
-        kind = _FAMILY_TYPE.get(family, "socket") if isinstance(family, int) else "socket"
+    family = ev.args.get("family")
+    kind = _FAMILY_TYPE.get(family, "socket") if isinstance(family, int) else "socket"
+    # An entry of another kind is stale: its close was not traced (a rule set that needs no close leaves
+    # fd 3 a file long after the file was closed and fd 3 became this socket).
+    if fd is None or (kind != "socket" and fd.type != kind):
         fd = socket_fd(num if isinstance(num, int) else -1, kind, "tcp" if kind in ("ipv4", "ipv6") else "")
     return fd
 

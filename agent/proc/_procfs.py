@@ -461,15 +461,15 @@ class ProcReader:
         upper = self._in_upper_layer(dir_fd, exe)
         return compat, writable, upper
 
-    def path_is_i386(self, path: str) -> bool:
+    def path_is_i386(self, path: str) -> bool | None:
         """Whether the file at ``path`` (in the agent's own mount namespace) is a 32-bit x86 ELF: the class of
-        a program whose process was gone before /proc could be read."""
+        a program whose process was gone before /proc could be read. None: no such file to read."""
         if not path.startswith("/"):
-            return False
+            return None
         try:
             st = os.stat(path)
         except OSError:
-            return False
+            return None
         key = (st.st_dev, st.st_ino, st.st_mtime_ns)
         compat = self._elf.get(key)
         if compat is None:
@@ -477,7 +477,7 @@ class ProcReader:
                 with open(path, "rb") as f:
                     compat = elf_is_i386(f.read(20))
             except OSError:
-                compat = False
+                return None
             self._elf.put(key, compat)
         return compat
 

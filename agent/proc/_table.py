@@ -75,6 +75,7 @@ class ProcessTable:
         self._threads: dict[int, int] = {}  # tid -> tgid (non-leader threads only)
         self._missing: BoundedCache[int, bool] = BoundedCache(cache_size)  # pids /proc did not have
         self._compat_pids: set[int] = set()
+        self._class_unknown: set[int] = set()  # processes whose executable's class could not be read
         self._compat_array: np.ndarray | None = None
         self._counts = dict.fromkeys(
             (
@@ -186,6 +187,8 @@ class ProcessTable:
         parent = self._known(event.ppid) or self._lazy(event.ppid)
         if parent is not None:
             info = replace(parent, pid=pid, ppid=event.ppid, start_ns=event.ts)
+            if event.ppid in self._class_unknown:
+                self._class_unknown.add(pid)
         else:
             fresh = self._reader.read(pid)
             if fresh is not None and fresh.pid == pid and self._same_start(fresh.start_ns, event.ts):
@@ -210,7 +213,7 @@ class ProcessTable:
                 container = self._container_at_exec(cgroup_id, HOST_CONTAINER_ID)
                 info = ProcessInfo(
                     pid=pid, ppid=-1, comm=comm, exe=exe, start_ns=0, container_id=container, exec_path=filename,
-                    compat=self._path_is_i386(exe, container),
+                    compat=self._path_is_i386(pid, exe, container),
                 )
                 self._counts["exec_from_event"] += 1
                 entry = _Entry(info)
@@ -223,6 +226,7 @@ class ProcessTable:
         old = entry.info
         fresh = self._reader.read(pid, inherit=old)
         # Apply /proc only if it is still this process (same start) and still this image (same comm).
+        self._class_unknown.discard(pid)  # a new image: told again below
         if fresh is not None and fresh.pid == pid and (not comm or fresh.comm == comm):
             info = replace(fresh, exec_path=filename)
         else:
@@ -241,16 +245,24 @@ class ProcessTable:
                 # parent's, even when it is gone before /proc could be read
                 container_id=self._container_at_exec(cgroup_id, old.container_id),
             )
-            info = replace(info, compat=self._path_is_i386(exe, info.container_id))
+            info = replace(info, compat=self._path_is_i386(pid, exe, info.container_id))
         # exec kills the other threads (their exits come first), so the process is single-threaded.
         entry.threads = 0
         entry.exec_pending = True
         self._set_info(entry, info)
 
-    def _path_is_i386(self, exe: str, container_id: str) -> bool:
+    def _path_is_i386(self, pid: int, exe: str, container_id: str) -> bool:
         """A gone process's class, from the file it exec'd: only on the host (a container's path names a
-        file in its own root, which is gone with it)."""
-        return container_id == HOST_CONTAINER_ID and self._reader.path_is_i386(exe)
+        file in its own root, which is gone with it). Where it cannot be told, ``compat_of`` says so."""
+        compat = self._reader.path_is_i386(exe) if container_id == HOST_CONTAINER_ID else None
+        if compat is None:
+            self._class_unknown.add(pid)
+        return bool(compat)
+
+    def compat_of(self, pid: int) -> bool | None:
+        """Whether ``pid`` runs a 32-bit executable; None when that could not be told (or it is unknown)."""
+        info = self._known(pid)
+        return None if info is None or pid in self._class_unknown else info.compat
 
     def _container_at_exec(self, cgroup_id: int, otherwise: str) -> str:
         container = self._reader.container_of_cgroup(cgroup_id)
@@ -360,7 +372,7 @@ class ProcessTable:
             if entry.exit_ns > horizon:
                 break
             del self._exited[pid]
-            self._untrack(pid)
+            self._gone(pid)
             dropped += 1
         self._counts["reaped"] += dropped
         self._reader.refresh_clock()
@@ -435,6 +447,11 @@ class ProcessTable:
             self._compat_pids.add(info.pid)
             self._compat_array = None
 
+    def _gone(self, pid: int) -> None:
+        """``pid`` left the table."""
+        self._untrack(pid)
+        self._class_unknown.discard(pid)
+
     def _untrack(self, pid: int) -> None:
         if pid in self._compat_pids:
             self._compat_pids.discard(pid)
@@ -456,7 +473,7 @@ class ProcessTable:
         if gone is not None and not gone.late_seed:
             self._counts["pid_reused"] += 1
         self._exited.pop(task_id, None)
-        self._untrack(task_id)
+        self._gone(task_id)
         self._unmap_thread(task_id)
         self._missing.discard(task_id)
 
@@ -491,7 +508,7 @@ class ProcessTable:
         self._exited[pid] = entry
         if len(self._exited) > self.max_exited:
             old_pid, _old = self._exited.popitem(last=False)
-            self._untrack(old_pid)
+            self._gone(old_pid)
             self._counts["exited_evicted"] += 1
 
     def _shrink(self) -> None:
@@ -502,11 +519,11 @@ class ProcessTable:
             known_start = entry.info.start_ns
             if start is None or (known_start and not self._same_start(start, known_start)):
                 del self._live[pid]
-                self._untrack(pid)
+                self._gone(pid)
                 self._counts["evicted"] += 1
         target = self.max_processes * 7 // 8
         while len(self._live) > target:
             pid = next(iter(self._live))
             del self._live[pid]
-            self._untrack(pid)
+            self._gone(pid)
             self._counts["evicted"] += 1
