@@ -1,22 +1,23 @@
 """Which processes make syscalls through the other ABI's gate than their program's.
 
-A program's ABI is its executable's ELF class (the process table's, read from /proc, or for a process gone
-before that read, from the file it exec'd). Where neither can be told, the first syscall after the exec
-tells it: the kernel loads an image in its own mode, so the loader's first syscall is the program's. A
-64-bit program's ``int 0x80``, or a 32-bit program switching to 64-bit code, then shows as rows of the
-other ABI. Rows come after the exec event that ends them: those from before an exec are the previous
-program's, whose class the table no longer holds (a replayed recording's table never held it), so they are
-judged against the first of them (a forked child's first syscall is its parent program's).
+A program's ABI, most exact first: the kernel's word at its exec (the loader sets TS_COMPAT for a 32-bit
+image; the exec event carries it), its executable's ELF class (the process table's, for processes that
+were running before the agent), or its first syscall after the exec (the loader's, made in the image's own
+mode). A 64-bit program's ``int 0x80``, or a 32-bit program switching to 64-bit code, then shows as rows of
+the other ABI. Rows come after the exec events that end them, so each process keeps its last few execs,
+and each row is judged against the program it ran at that moment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from agent.events import FLAG_COMPAT
+
+MAX_SEGMENTS = 4  # execs kept per process: more between two batches of its rows are judged as the last
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,31 +27,42 @@ class AbiMismatch:
     rows: np.ndarray  # the other ABI's rows (SYSCALL_DTYPE), in order
 
 
+@dataclass
+class _Segment:
+    start_ns: int
+    compat: bool | None  # None: not told yet (the first row judged settles it)
+
+
 class AbiWatch:
     def __init__(self) -> None:
-        self._exec_ns: dict[int, int] = {}  # pid -> its last exec (or fork): earlier rows were another program's
-        self._pending: set[int] = set()  # class unknown, no syscall seen since the exec: the next one tells it
-        self._first_compat: set[int] = set()  # class unknown, and its first syscall was a 32-bit one
-        self._alerted: set[int] = set()  # once per process and program
+        self._segments: dict[int, list[_Segment]] = {}  # pid -> the programs it ran since the agent saw it
+        self._compat_now: set[int] = set()  # pids whose current program is 32-bit
+        self._unknown_now: set[int] = set()  # pids whose current program's ABI is not told yet
+        self._alerted: dict[int, int] = {}  # pid -> the segment start it was alerted for (once per program)
 
-    def on_exec(self, pid: int, ts: int) -> None:
-        self._exec_ns[pid] = ts
-        self._pending.add(pid)
-        self._first_compat.discard(pid)
-        self._alerted.discard(pid)
+    def on_exec(self, pid: int, ts: int, image_compat: bool | None) -> None:
+        self._push(pid, _Segment(ts, image_compat))
 
     def on_fork(self, child: int, parent: int, ts: int) -> None:
         """A new process (maybe a reused pid) runs its parent's program."""
-        self._alerted.discard(child)
-        self._pending.discard(child)
-        self._first_compat.discard(child)
-        self._exec_ns.pop(child, None)
-        if parent in self._exec_ns:  # the parent's program was exec'd since the agent started
-            self._exec_ns[child] = ts
-            if parent in self._pending:
-                self._pending.add(child)
-            elif parent in self._first_compat:
-                self._first_compat.add(child)
+        self._drop(child)
+        program = self._segments.get(parent)
+        if program:
+            self._push(child, _Segment(ts, program[-1].compat))
+
+    def _push(self, pid: int, segment: _Segment) -> None:
+        segments = self._segments.setdefault(pid, [])
+        segments.append(segment)
+        del segments[:-MAX_SEGMENTS]
+        self._set_now(pid, segment.compat)
+
+    def _set_now(self, pid: int, compat: bool | None) -> None:
+        self._compat_now.discard(pid)
+        self._unknown_now.discard(pid)
+        if compat is None:
+            self._unknown_now.add(pid)
+        elif compat:
+            self._compat_now.add(pid)
 
     def check(
         self,
@@ -65,7 +77,7 @@ class AbiWatch:
         ``elf_compat_pids``: the batch's processes whose executable is 32-bit."""
         flags = batch["flags"]
         has_compat = bool(flags.any()) and bool((flags & FLAG_COMPAT).any())  # the first test is the cheap one
-        relevant = (pids & self._pending) | (pids & self._first_compat) | elf_compat_pids
+        relevant = (pids & self._compat_now) | (pids & self._unknown_now) | (elf_compat_pids - self._segments.keys())
         if not has_compat and not relevant:
             return []  # the common case: 64-bit programs making 64-bit syscalls
         tgid, ts = batch["tgid"], batch["ts"]
@@ -74,36 +86,29 @@ class AbiWatch:
             relevant |= set(np.unique(tgid[compat_rows]).tolist())
         found = []
         for pid, rows in self._rows_of(tgid, heads, relevant):
-            if pid in self._alerted:
-                continue
-            exec_ns = self._exec_ns.get(pid)
-            if exec_ns is not None:
-                earlier = rows[ts[rows] < exec_ns]
-                rows = rows[ts[rows] >= exec_ns]
-                if len(earlier):
-                    before = bool(compat_rows[earlier[0]])
-                    odd = earlier[compat_rows[earlier] != before]
-                    if len(odd):
-                        self._alerted.add(pid)
-                        found.append(AbiMismatch(pid, before, batch[odd]))
-                        continue
-            if not len(rows):
-                continue
-            program_compat = elf_compat(pid)
-            if program_compat is None:
-                if pid in self._pending:
-                    self._pending.discard(pid)
-                    if compat_rows[rows[0]]:
-                        self._first_compat.add(pid)
-                if exec_ns is None:
-                    continue  # running before the agent, class unknown: nothing to judge by
-                program_compat = pid in self._first_compat
-            else:
-                self._pending.discard(pid)
-            odd = rows[compat_rows[rows] != program_compat]
-            if len(odd):
-                self._alerted.add(pid)
-                found.append(AbiMismatch(pid, program_compat, batch[odd]))
+            segments = self._segments.get(pid, [])
+            starts = np.array([s.start_ns for s in segments], dtype=np.uint64)
+            which = np.searchsorted(starts, ts[rows], side="right") - 1  # -1: before every exec we saw
+            for k in np.unique(which).tolist():
+                piece = rows[which == k]
+                abi = compat_rows[piece]
+                if k < 0:  # the program before the first exec we saw: the table's when it predates the agent
+                    known = elf_compat(pid) if not segments else None
+                    program = bool(abi[0]) if known is None else known
+                else:
+                    segment = segments[k]
+                    if segment.compat is None and k == len(segments) - 1:
+                        segment.compat = elf_compat(pid)  # the table reads the current program
+                    if segment.compat is None:
+                        segment.compat = bool(abi[0])  # the loader's first syscall is in the image's mode
+                    program = segment.compat
+                    if k == len(segments) - 1:
+                        self._set_now(pid, program)
+                start = segments[k].start_ns if k >= 0 else -1
+                odd = piece[abi != program]
+                if len(odd) and self._alerted.get(pid) != start:
+                    self._alerted[pid] = start
+                    found.append(AbiMismatch(pid, program, batch[odd]))
         return found
 
     @staticmethod
@@ -119,13 +124,13 @@ class AbiWatch:
                 runs.setdefault(pid, []).append(np.arange(starts[r], ends[r]))
         return [(pid, np.concatenate(parts)) for pid, parts in sorted(runs.items())]
 
+    def _drop(self, pid: int) -> None:
+        self._segments.pop(pid, None)
+        self._compat_now.discard(pid)
+        self._unknown_now.discard(pid)
+        self._alerted.pop(pid, None)
+
     def forget(self, gone: Callable[[int], bool]) -> None:
         """Drop the state of processes ``gone`` says are no longer known."""
-        for pid in [p for p in self._pids() if gone(p)]:
-            self._exec_ns.pop(pid, None)
-            self._pending.discard(pid)
-            self._first_compat.discard(pid)
-            self._alerted.discard(pid)
-
-    def _pids(self) -> Iterable[int]:
-        return {*self._exec_ns, *self._pending, *self._first_compat, *self._alerted}
+        for pid in [p for p in {*self._segments, *self._alerted} if gone(p)]:
+            self._drop(pid)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from agent.capture._layout import COMPAT_POLICY_BASE
-from agent.capture.names import name_table
+from agent.capture.names import known_names, name_table
 from agent.config import EnforceConfig
 from agent.proc import ProcReader
 from agent.proc.info import ProcessInfo
@@ -45,14 +45,22 @@ _I386_MULTIPLEXED = {
 }
 
 
-# i386 variants of a call under another name that the name patterns below do not give.
-_I386_RENAMED = {"mmap": "mmap2", "newfstatat": "fstatat64", "lseek": "_llseek", "select": "_newselect",
-                 "getrlimit": "ugetrlimit"}
+# The same call under i386's older or wider names that the suffix patterns below do not give.
+_I386_EQUIVALENTS = {
+    "mmap": {"mmap2"}, "newfstatat": {"fstatat64"}, "lseek": {"_llseek"}, "select": {"_newselect"},
+    "getrlimit": {"ugetrlimit"}, "umount2": {"umount"}, "wait4": {"waitpid"},
+    "rt_sigaction": {"sigaction", "signal"}, "rt_sigprocmask": {"sigprocmask"}, "rt_sigreturn": {"sigreturn"},
+    "rt_sigsuspend": {"sigsuspend"}, "rt_sigpending": {"sigpending"}, "getdents": {"readdir"},
+    "uname": {"olduname", "oldolduname"}, "stat": {"oldstat"}, "lstat": {"oldlstat"}, "fstat": {"oldfstat"},
+}
 
 
 def _i386_variants(name: str) -> set[str]:
-    """The names i386 gives the same call: setuid32, stat64, futex_time64, fadvise64_64, mmap2..."""
-    return {name, f"{name}32", f"{name}64", f"{name}_64", f"{name}_time64", _I386_RENAMED.get(name, name)}
+    """The names i386 gives the same call: setuid32, stat64, futex_time64, fadvise64_64, mmap2, waitpid...
+    A suffixed name that is a syscall of its own natively (getdents64 beside getdents) is not a variant."""
+    native = known_names()
+    suffixed = {f"{name}32", f"{name}64", f"{name}_64", f"{name}_time64"} - native
+    return {name, *suffixed, *_I386_EQUIVALENTS.get(name, ())}
 
 
 def deny_numbers(names: Iterable[str], compat: bool) -> list[int]:

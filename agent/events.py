@@ -87,6 +87,7 @@ class ProcEvent:
     is_thread: bool = False
     exit_code: int = 0
     cgroup_id: int = 0
+    image_compat: bool | None = None  # exec: the new program is 32-bit (from the kernel; None: not told)
 
 
 Event = DetailEvent | ProcEvent

@@ -209,7 +209,7 @@ class Pipeline:
         ):
             self._matched.add(event.pid)
         if event.kind == "exec":
-            self._abi.on_exec(event.pid, event.ts)
+            self._abi.on_exec(event.pid, event.ts, event.image_compat)
         elif event.kind == "fork" and not event.is_thread:
             self._abi.on_fork(event.pid, event.ppid, event.ts)
         self.table.apply(event)

@@ -486,8 +486,8 @@ static __always_inline void compat_detail_enter(struct bpf_raw_tracepoint_args *
         return;
     }
     __u32 index = nr + 512;
-    struct arg_spec *spec = arg_spec.lookup(&index);
-    if (!spec || !spec->enabled)
+    struct arg_spec *spec = arg_spec.lookup(&index); /* clone's row is kept, not enabled: for the fork handler */
+    if (!spec || !spec->kept)
         return;
     bpf_probe_read_kernel(&regs, sizeof(regs), (void *)ctx->args[0]);
     struct pending p = {};
@@ -603,7 +603,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         e->clone_flags = p->deref ? p->deref : p->args[0];
         e->h.nr = p->nr;
     }
-    e->h.flags = p ? 1 : 0; /* 1: clone_flags are known */
+    e->h.flags = p ? (p->compat ? 3 : 1) : 0; /* 1: clone_flags are known; 2: h.nr is an i386 number */
     detail_rb.ringbuf_submit(e, 0);
     return 0;
 }
@@ -620,16 +620,21 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 #if ENFORCE
     enforce_exec(id >> 32, filename);
 #endif
+    __u16 image_compat = compat_flag();
     struct proc_event *e = proc_reserve(K_EXEC);
     if (e) {
         e->h.aux = args->old_pid;
+#if defined(TI_STATUS_OFFSET) && defined(TS_COMPAT)
+        /* the loader set TS_COMPAT for a 32-bit image: the new program's class, exactly (2: told) */
+        e->h.flags = 2 | (image_compat ? 1 : 0);
+#endif
         bpf_probe_read_kernel_str(e->filename, STR_LEN, filename);
         detail_rb.ringbuf_submit(e, 0);
     }
     /* A 32-bit program was loaded: the kernel now takes the execve for a 32-bit syscall, and its exit
      * tracepoint will not fire. The exec succeeded (this tracepoint says so): its record goes out now,
      * without strings (the old memory is gone; the entry's argv record has them). */
-    if (compat_flag())
+    if (image_compat)
         detail_exit(id, args->old_pid, 0, 0);
     return 0;
 }

@@ -79,7 +79,8 @@ struct arg_spec {
     __u8 sockaddr_len; /* index of its length (a value), or 0xfe: a socklen_t * (accept) */
     __u8 deref_u64;    /* index of a pointer to a u64 to read (clone3 flags, open_how.flags) */
     __u8 enabled;
-    __u8 pad[2];
+    __u8 kept;         /* 1 on every row written: a 32-bit entry is kept only where its row says so */
+    __u8 pad;
 };
 
 struct sc_detail {

@@ -24,7 +24,7 @@ import pytest
 from agent.capture.names import syscall_name, syscall_number
 from agent.config import load_config
 from agent.enforce import Enforcer
-from agent.events import FLAG_COMPAT, KernelSignal
+from agent.events import FLAG_COMPAT, KernelSignal, ProcEvent
 from agent.pipeline import ABI_RULE_32_IN_64, ABI_RULE_64_IN_32
 from agent.proc import read_process
 from tests.conftest import ROOT, requires_bpf, start_sysgram
@@ -54,6 +54,7 @@ class Seen:
         self.pids: set[int] = set()
         self.rows: list[np.ndarray] = []
         self.signals: list[KernelSignal] = []
+        self.forks: list[ProcEvent] = []
         self.lock = threading.Lock()
 
     def add(self, chunk: Any) -> None:
@@ -64,6 +65,8 @@ class Seen:
                     self.rows.append(mine)
             elif isinstance(chunk, KernelSignal):
                 self.signals.append(chunk)
+            elif isinstance(chunk, ProcEvent) and chunk.kind == "fork" and chunk.ppid in self.pids:
+                self.forks.append(chunk)
 
     def rows_of(self, pid: int) -> np.ndarray:
         with self.lock:
@@ -131,6 +134,23 @@ def test_native_calls_are_not_flagged(programs: Path, live: tuple[Enforcer, Seen
     assert len(rows) >= 100
     assert not (rows["flags"] & FLAG_COMPAT).any()
     assert syscall_number("getppid") in set(rows["nr"].tolist())
+
+
+def test_a_32_bit_programs_threads_are_threads(tmp_path: Path, live: tuple[Enforcer, Seen]) -> None:
+    """Its clone (clone3, in today's 32-bit glibc) is an i386 syscall: the fork record must still carry its
+    flags, else every thread is taken for a process of its own. (An i386 clone, 120, is natively getresgid:
+    the record says the number is i386; tests/test_capture_decode_compat.py.)"""
+    _, seen = live
+    exe = tmp_path / "threads32"
+    cc = shutil.which("gcc") or shutil.which("cc") or "cc"
+    built = subprocess.run([cc, "-m32", "-O1", "-pthread", "-o", str(exe), str(ROOT / "tests" / "threads.c")],
+                           capture_output=True)
+    if built.returncode != 0:
+        pytest.skip(f"no 32-bit toolchain (gcc-multilib): {built.stderr.decode()[:200]}")
+    pid, code = _run(seen, str(exe), "3")
+    assert code == 0
+    forks = [f for f in seen.forks if f.ppid == pid or f.pid == pid]
+    assert len(forks) == 3 and all(f.is_thread and f.pid == pid for f in forks), forks
 
 
 def test_a_deny_list_catches_its_syscall_made_through_int80(programs: Path, live: tuple[Enforcer, Seen]) -> None:

@@ -242,6 +242,8 @@ def test_deny_numbers_cover_each_calls_i386_variants() -> None:
     assert deny_numbers(["newfstatat", "ptrace"], compat=True) == [26, 300]  # i386 calls it fstatat64
     assert deny_numbers(["mmap", "futex"], compat=True) == [90, 192, 240, 422]  # mmap2, futex_time64
     assert deny_numbers(["semop"], compat=True) == [117]  # ipc(2) only: i386 has no semop of its own
+    assert deny_numbers(["umount2", "wait4"], compat=True) == [7, 22, 52, 114]  # waitpid, umount, umount2, wait4
+    assert deny_numbers(["getdents"], compat=True) == [89, 141]  # readdir; getdents64 is a call of its own
     assert deny_numbers(["socketcall"], compat=False) == []
     assert deny_numbers(["fstatat64"], compat=False) == []  # an i386-only name denies nothing natively
 

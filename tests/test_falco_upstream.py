@@ -237,6 +237,21 @@ def test_a_connect_on_an_fd_number_last_seen_as_a_file_is_a_socket() -> None:
     assert hits[0].output_fields["fd.rport"] == 443
 
 
+def test_a_connect_keeps_a_socket_of_another_family() -> None:
+    """An AF_INET6 UDP socket may connect to an AF_INET address: it stays a UDP socket (only a file or a
+    directory entry is taken for stale)."""
+    rs = ruleset_from("""
+- rule: udp out
+  desc: test
+  condition: evt.type = connect and fd.l4proto = udp
+  output: udp %fd.name
+  priority: NOTICE
+""")
+    w = World(rs, HOST)
+    w.names(111, "socket", 4, domain=socket.AF_INET6, type=socket.SOCK_DGRAM, proto=0)
+    assert w.names(111, "connect", 0, fd=4, family=socket.AF_INET, addr="198.51.100.7", port=53) == ["udp out"]
+
+
 def test_sysgram_proc_is_32bit_tells_a_32_bit_program() -> None:
     rs = ruleset_from("""
 - rule: 32-bit reader

@@ -195,3 +195,28 @@ def test_a_shells_child_that_execs_a_32_bit_program_is_not_odd_even_when_the_tab
                                      rows(THIRTY_TWO, ["brk", "mmap2", "openat"], compat=True, start_ts=5_100)])])
     pipeline.outputs.close()
     assert not abi_alerts(alerts)
+
+
+def test_the_kernels_word_at_exec_tells_the_new_programs_class(tmp_path: Path) -> None:
+    """The exec event says whether the loader made the image 32-bit: no executable to read, no guess from
+    the first syscall (an int 0x80-only 64-bit program starts with a 32-bit syscall)."""
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    pipeline.handle([ProcEvent("exec", 5_000, EXECS, EXECS, comm="only80", filename="/gone/only80",
+                               image_compat=False)])
+    pipeline.handle([rows(EXECS, ["getpid", "exit"], compat=True, start_ts=6_000)])
+    pipeline.outputs.close()
+    assert [f["rule"] for f in abi_alerts(alerts)] == [ABI_RULE_32_IN_64]
+
+
+def test_two_execs_before_their_rows_each_judge_their_own(tmp_path: Path) -> None:
+    """64-bit shell child -> 32-bit program -> 64-bit program, all three events before any of the rows."""
+    pipeline, alerts = build(tmp_path, kernel_compat=True)
+    pipeline.handle([ProcEvent("exec", 5_000, EXECS, EXECS, comm="a32", filename="/gone/a32", image_compat=True),
+                     ProcEvent("exec", 7_000, EXECS, EXECS, comm="b64", filename="/gone/b64", image_compat=False)])
+    pipeline.handle([np.concatenate([rows(EXECS, ["read", "execve"], compat=False, start_ts=4_000),
+                                     rows(EXECS, ["brk", "mmap2", "execve"], compat=True, start_ts=5_100),
+                                     rows(EXECS, ["brk", "mmap"], compat=False, start_ts=7_100)])])
+    assert not abi_alerts(alerts)
+    pipeline.handle([rows(EXECS, ["getpid"], compat=True, start_ts=8_000)])  # the 64-bit program's int 0x80
+    pipeline.outputs.close()
+    assert [f["output_fields"]["sysgram.abi.syscalls"] for f in abi_alerts(alerts)] == [["getpid"]]

@@ -92,6 +92,14 @@ def test_a_gone_process_takes_its_class_from_the_file_it_execd(seeded: tuple[Pro
     classes = {pid: info.compat for pid in (200, 201, 202) if (info := table.get(pid)) is not None}
     assert classes == {200: True, 201: False, 202: True}
     assert table.stats["exec_from_event"] == 3
+    # a script's class is its interpreter's, a descriptor (fexecve) is not the agent's to open, a missing
+    # file tells nothing: unknown, not 64-bit
+    script = tmp_path / "tool.sh"
+    script.write_text("#!/bin/sh\n")
+    for pid, path in ((203, str(script)), (204, "/dev/fd/5"), (205, str(tmp_path / "gone"))):
+        table.apply(execev(50 * SEC + 30, pid, "x", path))
+        assert table.compat_of(pid) is None, path
+    assert table.compat_of(200) is True and table.compat_of(201) is False
 
 
 def test_failed_execve_changes_nothing(seeded: tuple[ProcessTable, Path]) -> None:

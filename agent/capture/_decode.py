@@ -172,13 +172,18 @@ def spec_table(detail_syscalls: set[str]) -> tuple[np.ndarray, dict[int, str]]:
         enabled = name in detail_syscalls
         native = syscall_number(name)
         rows = [native] if 0 <= native < COMPAT_SPEC_BASE else []
-        if enabled:  # clone's entry is kept natively only (the fork handler reads its flags)
-            rows += [COMPAT_SPEC_BASE + nr for nr in range(min(len(i386), COMPAT_SPEC_BASE)) if i386[nr] == name]
+        # the same call under i386's names (setuid32 is what a 32-bit libc calls for setuid); accept comes
+        # through socketcall as accept4 with no flags
+        i386_names = {name, f"{name}32"} | ({"accept4"} if name == "accept" else set())
+        rows += [COMPAT_SPEC_BASE + nr for nr in range(min(len(i386), COMPAT_SPEC_BASE)) if i386[nr] in i386_names]
         for index in rows:
             row = table[index]
+            if row["kept"] and row["enabled"]:
+                continue  # accept4's own spec, already in place
             row["str0"], row["str1"] = spec.str0, spec.str1
             row["sockaddr"], row["sockaddr_len"], row["deref_u64"] = spec.sockaddr, spec.sockaddr_len, spec.deref
-            row["enabled"] = 1 if enabled else 0
+            row["enabled"] = 1 if enabled else 0  # clone's entry is kept, not sent: the fork handler reads it
+            row["kept"] = 1
             table[index] = row
             if index < COMPAT_SPEC_BASE:
                 attached[index] = name
@@ -246,6 +251,8 @@ def decode_detail(raw: bytes) -> DetailEvent:
     raw_args, deref, sockaddr_len = rest[:6], rest[6], rest[9]
     compat = bool(flags & L.DETAIL_COMPAT)
     name = syscall_name(nr, compat=compat)
+    if compat and name.endswith("32") and name[:-2] in SPECS:
+        name = name[:-2]  # setuid32 is the setuid a 32-bit program makes
     spec = SPECS.get(name)
     args: dict[str, object] = {}
     if spec is not None:
@@ -289,13 +296,13 @@ def decode_proc(raw: bytes) -> ProcEvent:
     kind, flags, nr, tgid, tid, aux, ts, clone_flags, cgroup_id = _PROC_FIXED.unpack_from(raw)
     comm = _str_at(raw, _PROC_COMM, 16)
     if kind == L.K_FORK:
-        parent_nr = syscall_name(nr) if flags else ""
+        parent_nr = syscall_name(nr, compat=bool(flags & 2)) if flags else ""  # 2: a 32-bit clone
         is_thread = bool(flags) and parent_nr in ("clone", "clone3") and bool(clone_flags & CLONE_THREAD)
         return ProcEvent(
             "fork", ts, pid=tgid if is_thread else aux, tid=aux, ppid=tgid, comm=comm, is_thread=is_thread
         )
     if kind == L.K_EXEC:
         return ProcEvent("exec", ts, pid=tgid, tid=tid, comm=comm, filename=_str_at(raw, _PROC_FILENAME, L.STR_LEN),
-                         cgroup_id=cgroup_id)
+                         cgroup_id=cgroup_id, image_compat=bool(flags & 1) if flags & 2 else None)
     return ProcEvent("exit", ts, pid=tgid, tid=tid, comm=comm, is_thread=not bool(aux))
 

@@ -64,7 +64,8 @@ ARG_SPEC = np.dtype(
         ("sockaddr_len", "u1"),
         ("deref_u64", "u1"),
         ("enabled", "u1"),
-        ("pad", "u1", (2,)),
+        ("kept", "u1"),
+        ("pad", "u1"),
     ]
 )
 STATS = (

@@ -83,7 +83,7 @@ class Tracer:
             ) from None
         table, self.attached = spec_table(detail_syscalls)
         spec_map = self.bpf["arg_spec"]
-        for index in np.flatnonzero(table["enabled"] | np.isin(np.arange(len(table)), list(self.attached))):
+        for index in np.flatnonzero(table["kept"]):
             spec_map[ctypes.c_int(int(index))] = spec_map.Leaf.from_buffer_copy(table[index].tobytes())
         socketcalls = self.bpf["socketcall_nrs"]
         for call, value in socketcall_table().items():

@@ -162,7 +162,8 @@ class RecordingWriter:
                 0,
                 None,
                 event.comm,
-                json.dumps({"filename": event.filename}),
+                json.dumps({"filename": event.filename}
+                           | ({} if event.image_compat is None else {"image_compat": event.image_compat})),
             )
         else:
             row = (
@@ -282,7 +283,8 @@ def _proc_fields(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     if kind == "fork":
         return {"ppid": args["ppid"], "is_thread": args["is_thread"]}
     if kind == "exec":
-        return {"filename": args["filename"]}
+        compat = args.get("image_compat")
+        return {"filename": args["filename"], "image_compat": compat if isinstance(compat, bool) else None}
     return {"exit_code": args.get("exit_code", 0)}
 
 

@@ -342,9 +342,10 @@ def _sock_for(eng: Engine, ev: DetailEvent) -> FdInfo:
     fd = eng._get(ev.tgid, num)
     family = ev.args.get("family")
     kind = _FAMILY_TYPE.get(family, "socket") if isinstance(family, int) else "socket"
-    # An entry of another kind is stale: its close was not traced (a rule set that needs no close leaves
-    # fd 3 a file long after the file was closed and fd 3 became this socket).
-    if fd is None or (kind != "socket" and fd.type != kind):
+    # A file or directory entry is stale: its close was not traced (a rule set that needs no close leaves
+    # fd 3 a file long after the file was closed and fd 3 became this socket). A socket of another family
+    # stays (an AF_INET6 UDP socket may connect to an AF_INET address).
+    if fd is None or (kind != "socket" and fd.type in ("file", "directory")):
         fd = socket_fd(num if isinstance(num, int) else -1, kind, "tcp" if kind in ("ipv4", "ipv6") else "")
     return fd
 

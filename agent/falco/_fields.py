@@ -498,7 +498,7 @@ for _missing_name in ("container.mount", "container.mount.dest", "container.moun
     _unavailable(_missing_name, arg="req")
 
 # ---------------------------------------------------------------- sysgram.*
-# The process runs a 32-bit (i386) executable: the rules see its exec, not the arguments of its other syscalls.
+# The process runs a 32-bit (i386) executable (its syscalls reach the rules by name, as a 64-bit one's do).
 _plain("sysgram.proc.is_32bit", "bool", _p(lambda p: p.compat))
 _plain("sysgram.anomaly.score", "float", lambda c: a.score if (a := c.anomaly()) is not None else None)
 _plain("sysgram.anomaly.threshold", "float", lambda c: a.threshold if (a := c.anomaly()) is not None else None)

@@ -464,8 +464,8 @@ class ProcReader:
     def path_is_i386(self, path: str) -> bool | None:
         """Whether the file at ``path`` (in the agent's own mount namespace) is a 32-bit x86 ELF: the class of
         a program whose process was gone before /proc could be read. None: no such file to read."""
-        if not path.startswith("/"):
-            return None
+        if not path.startswith("/") or path.startswith(("/dev/fd/", "/proc/")):
+            return None  # relative, or a descriptor of the process (fexecve): nothing the agent can open
         try:
             st = os.stat(path)
         except OSError:
@@ -475,9 +475,12 @@ class ProcReader:
         if compat is None:
             try:
                 with open(path, "rb") as f:
-                    compat = elf_is_i386(f.read(20))
+                    header = f.read(20)
             except OSError:
                 return None
+            if header[:4] != _ELF_MAGIC:
+                return None  # a script: its interpreter's class, which this does not tell
+            compat = elf_is_i386(header)
             self._elf.put(key, compat)
         return compat
 

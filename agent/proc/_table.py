@@ -459,7 +459,8 @@ class ProcessTable:
 
     def _insert(self, entry: _Entry) -> None:
         pid = entry.info.pid
-        self._exited.pop(pid, None)
+        if self._exited.pop(pid, None) is not None:
+            self._class_unknown.discard(pid)  # the retired process's; the caller marks the new one
         self._missing.discard(pid)
         self._live[pid] = entry
         self._untrack(pid)
