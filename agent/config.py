@@ -19,6 +19,7 @@ import yaml
 from agent.errors import ConfigError
 
 # Falco's priorities, most severe first (``Info`` is accepted for ``Informational``).
+COMPAT_DETAILS_MODES = ("auto", "always", "never")
 # deny_syscalls policies are ids 1..63 in the kernel's deny_bitmaps (bpf/sysgram.h COMPAT_POLICY_BASE)
 MAX_DENY_PROGRAMS = 63
 PRIORITIES = ("Emergency", "Alert", "Critical", "Error", "Warning", "Notice", "Informational", "Debug")
@@ -76,8 +77,9 @@ class AgentConfig:
     # fair share starved the agent on a busy host and it dropped events (docs/performance.md).
     priority_nice: int = -10
     detail_syscalls: tuple[str, ...] = ()  # in addition to those the rules and policies need
-    # details of 32-bit syscalls too (a raw sys_exit program: ~11 ns on every syscall; docs/architecture.md)
-    compat_details: bool = True
+    # details of 32-bit syscalls (a raw sys_exit program, ~11 ns on every syscall once attached): "auto"
+    # attaches it when the host first runs 32-bit code, "always" at start, "never" not at all
+    compat_details: str = "auto"
     enforce: EnforceConfig = field(default_factory=EnforceConfig)
     container_runtime: ContainerRuntimeConfig = field(default_factory=ContainerRuntimeConfig)
     outputs: Mapping[str, Any] = field(default_factory=dict)
@@ -113,7 +115,7 @@ _TOP = {
     "queue_max_events": int,
     "priority_nice": int,
     "detail_syscalls": list,
-    "compat_details": bool,
+    "compat_details": str,
     "enforce": dict,
     "container_runtime": dict,
     "outputs": dict,
@@ -301,6 +303,9 @@ def load_config(path: str) -> AgentConfig:
     if not -20 <= data.get("priority_nice", 0) <= 19:
         raise at.fail("priority_nice", "expected a nice value from -20 to 19 (0: normal priority)")
     flush_interval = at.number(data.get("flush_interval", 0.02), "flush_interval", minimum=0, exclusive=True)
+    compat_details = data.get("compat_details", "auto")
+    if compat_details not in COMPAT_DETAILS_MODES:
+        raise at.fail("compat_details", f"expected one of {', '.join(COMPAT_DETAILS_MODES)}, got {compat_details!r}")
     runtime_raw = data.get("container_runtime", {})
     _check(runtime_raw, _CONTAINER_RUNTIME, "container_runtime.", path, marks)
     for key in ("timeout", "retry_after"):
@@ -324,7 +329,7 @@ def load_config(path: str) -> AgentConfig:
         queue_max_events=int(data.get("queue_max_events", 2_000_000)),
         priority_nice=int(data.get("priority_nice", -10)),
         detail_syscalls=detail_syscalls,
-        compat_details=data.get("compat_details", True),
+        compat_details=compat_details,
         enforce=enforce,
         container_runtime=container_runtime,
         outputs=data.get("outputs", {}),

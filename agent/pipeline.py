@@ -81,6 +81,8 @@ class Pipeline:
     on_tracer: Callable[[Any], None] | None = None  # called with the live tracer once it is attached
     # the kernel flags each 32-bit syscall (agent/capture/_btf.py); else a 32-bit executable's are marked
     kernel_compat: bool = False
+    # called once when the host first runs 32-bit code: attaches the 32-bit syscalls' exit program (True: did)
+    on_compat: Callable[[], bool] | None = None
     counters: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -94,6 +96,7 @@ class Pipeline:
         self._last_overload_ns: int | None = None
         self._model_seen: dict[str, int] = {}
         self._abi = AbiWatch()
+        self._compat_seen = False
 
     @property
     def metrics(self) -> Any:
@@ -162,6 +165,8 @@ class Pipeline:
         if exe_compat is not None and not self.kernel_compat and exe_compat.any():
             batch = batch.copy()
             batch["flags"][exe_compat] |= FLAG_COMPAT
+        if not self._compat_seen and self.on_compat is not None and batch["flags"].any():
+            self.note_compat_code(int(batch["tgid"][np.flatnonzero(batch["flags"])[0]]))
         elf_compat_pids = set(np.unique(tgid[exe_compat]).tolist()) if exe_compat is not None and exe_compat.any() \
             else set()
         self._check_abi(batch, heads, pids, elf_compat_pids)
@@ -175,6 +180,16 @@ class Pipeline:
             for start in range(0, len(batch), DETECTOR_SLICE_ROWS):
                 for anomaly in self.detector.push(batch[start:start + DETECTOR_SLICE_ROWS], exe_of, program_of):
                     self._anomaly(anomaly)
+
+    def note_compat_code(self, pid: int) -> None:
+        """The host runs 32-bit code (``pid``'s): from now on 32-bit syscalls' details are traced too."""
+        self._compat_seen = True
+        assert self.on_compat is not None
+        if self.on_compat():
+            self.counters["compat_details_started"] += 1
+            print(f"sysgram: note: pid {pid} runs 32-bit code: 32-bit syscalls' arguments are traced from now on "
+                  "(a raw sys_exit program, ~11 ns on every syscall; compat_details in the config)",
+                  file=sys.stderr, flush=True)
 
     def _check_abi(self, batch: np.ndarray, heads: np.ndarray, pids: set[int], elf_compat_pids: set[int]) -> None:
         """Alert once per process whose syscalls went through the other ABI's gate than its program's."""
@@ -210,6 +225,8 @@ class Pipeline:
             self._matched.add(event.pid)
         if event.kind == "exec":
             self._abi.on_exec(event.pid, event.ts, event.image_compat)
+            if event.image_compat and not self._compat_seen and self.on_compat is not None:
+                self.note_compat_code(event.pid)
         elif event.kind == "fork" and not event.is_thread:
             self._abi.on_fork(event.pid, event.ppid, event.ts)
         self.table.apply(event)
@@ -617,7 +634,7 @@ def run_live(
     *,
     seconds: float = 0.0,
     detail_syscalls: set[str] | None = None,
-    compat_details: bool = True,
+    compat_details: str = "auto",
     enforce: bool = False,
     flush_interval: float = 0.02,
     queue_max_events: int = 2_000_000,
@@ -645,6 +662,10 @@ def run_live(
         pipeline.seed()
         source.start()
         pipeline.kernel_compat = source.tracer is not None and source.tracer.compat.status_offset is not None
+        if source.tracer is not None and source.tracer.compat_details_built:
+            pipeline.on_compat = source.tracer.attach_compat_exit
+            if pipeline.table.has_compat:  # 32-bit programs were running before the agent
+                pipeline.note_compat_code(next(iter(pipeline.table.compat_pids())))
         if not pipeline.kernel_compat and source.tracer is not None:
             print(f"sysgram: note: 32-bit syscalls are told apart by executable only ({source.tracer.compat.reason}):"
                   " a 64-bit program's int 0x80 passes for native syscalls", file=sys.stderr, flush=True)

@@ -7,8 +7,8 @@
  *   TI_STATUS_OFFSET, TS_COMPAT  where the running kernel keeps a thread's status word (from its BTF) and
  *                 the bit set while a 32-bit syscall runs; unset: no 32-bit detection (see compat_flag)
  *   TASK_BTF      1 when the kernel has bpf_get_current_task_btf (5.11+)
- *   COMPAT_DETAILS  1: details of 32-bit syscalls too (entry in sys_enter, exit in a raw sys_exit program
- *                 that every syscall pays for; needs TI_STATUS_OFFSET)
+ *   COMPAT_DETAILS  1: details of 32-bit syscalls too (entry in sys_enter, exit in on_compat_exit, which
+ *                 userspace attaches to the raw sys_exit tracepoint when needed; needs TI_STATUS_OFFSET)
  *   COMPAT_EXECVE_NR, COMPAT_EXECVEAT_NR  i386 numbers of execve/execveat (stamped like the native ones)
  *   COMPAT_SOCKETCALL_NR  i386 socketcall, which 32-bit libcs use for connect and the other socket calls
  * Reads only tracepoint fields and BPF helpers, and one word whose place comes from the running kernel's
@@ -513,8 +513,9 @@ static __always_inline void compat_detail_enter(struct bpf_raw_tracepoint_args *
 }
 
 /* Exit of every syscall (the per-syscall exit tracepoints skip 32-bit ones): only a 32-bit syscall with a
- * kept entry goes further. The one cost of 32-bit details that every process pays. */
-RAW_TRACEPOINT_PROBE(sys_exit) {
+ * kept entry goes further. Every process pays for it (~11 ns a syscall here), so userspace attaches it to
+ * the raw sys_exit tracepoint only once the host runs 32-bit code (or at start when configured so). */
+int on_compat_exit(struct bpf_raw_tracepoint_args *ctx) {
     if (!compat_flag())
         return 0;
     __u64 id = bpf_get_current_pid_tgid();

@@ -206,9 +206,11 @@ def test_the_agent_sees_32_bit_syscalls_and_alerts_a_64_bit_program_making_them(
         "--state-dir", str(tmp_path / "state"), "--quiet",
     )
     try:
+        # compat_details "auto" (the default): the 32-bit program's exec attaches the 32-bit exit program;
+        # each program below sleeps 0.3 s before its opens, so they come after that
+        run32 = subprocess.Popen([str(exe32), "127.0.0.1", str(port), str(work / "read-by-32")])
         gate = subprocess.Popen([str(programs / "bin" / "free"), str(work / "read-by-int80"), "0.3"])
         plain = subprocess.Popen([str(programs / "bin" / "free"), "native", str(work / "read-by-int80"), "0.3"])
-        run32 = subprocess.Popen([str(exe32), "127.0.0.1", str(port), str(work / "read-by-32")])
         assert run32.wait(timeout=60) == 0  # it connected
         assert gate.wait(timeout=60) == 0 and plain.wait(timeout=60) == 0
         time.sleep(1.0)
@@ -240,3 +242,4 @@ def test_the_agent_sees_32_bit_syscalls_and_alerts_a_64_bit_program_making_them(
         (gate.pid, str(work / "read-by-int80"))]
     stats = json.loads(err.rsplit("sysgram: stats ", 1)[1].splitlines()[0])
     assert stats["abi_mismatches"] >= 1
+    assert stats["compat_details_started"] == 1 and "runs 32-bit code" in err

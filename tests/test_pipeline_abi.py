@@ -220,3 +220,22 @@ def test_two_execs_before_their_rows_each_judge_their_own(tmp_path: Path) -> Non
     pipeline.handle([rows(EXECS, ["getpid"], compat=True, start_ts=8_000)])  # the 64-bit program's int 0x80
     pipeline.outputs.close()
     assert [f["output_fields"]["sysgram.abi.syscalls"] for f in abi_alerts(alerts)] == [["getpid"]]
+
+
+def test_the_first_32_bit_code_starts_the_32_bit_details_once(tmp_path: Path) -> None:
+    """compat_details "auto": the exit program every syscall pays for is attached only once 32-bit code runs."""
+    pipeline, _ = build(tmp_path, kernel_compat=True)
+    calls: list[int] = []
+
+    def attach() -> bool:
+        calls.append(1)
+        return True  # "attached now"
+
+    pipeline.on_compat = attach
+    pipeline.handle([rows(SIXTY_FOUR, ["read", "write"], compat=False)])
+    pipeline.handle([ProcEvent("exec", 5_000, EXECS, EXECS, comm="b64", filename="/gone/b64", image_compat=False)])
+    assert calls == []
+    pipeline.handle([ProcEvent("exec", 6_000, EXECS, EXECS, comm="a32", filename="/gone/a32", image_compat=True)])
+    pipeline.handle([rows(SIXTY_FOUR, ["getpid"], compat=True, start_ts=7_000)])
+    pipeline.outputs.close()
+    assert calls == [1] and pipeline.counters["compat_details_started"] == 1

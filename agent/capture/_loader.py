@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class Tracer:
         enforce: bool = False,
         compact_rb_pages: int = 4096,
         detail_rb_pages: int = 2048,
-        compat_details: bool = True,
+        compat_details: str = "auto",
     ) -> None:
         if os.geteuid() != 0:
             raise CaptureError("the tracer needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN)")
@@ -56,6 +57,9 @@ class Tracer:
         ensure_kernel_headers()
         bcc = _import_bcc()
         self.compat: CompatProbe = compat_probe()
+        self.compat_details_built = compat_details != "never" and self.compat.status_offset is not None
+        self.compat_exit_attached = False
+        self._attach_lock = threading.Lock()
         cflags = [
             f"-DSELF_TGID={self_tgid}",
             f"-DCOMPACT_RB_PAGES={compact_rb_pages}",
@@ -70,8 +74,8 @@ class Tracer:
             f"-DCOMPAT_EXECVEAT_NR={syscall_number('execveat', compat=True)}",
             f"-DCOMPAT_SOCKETCALL_NR={syscall_number('socketcall', compat=True)}",
             *self.compat.cflags,
-            # 32-bit syscalls' details: a raw sys_exit program that every syscall pays for (~11 ns here)
-            f"-DCOMPAT_DETAILS={int(compat_details and self.compat.status_offset is not None)}",
+            # 32-bit syscalls' details: a raw sys_exit program that every syscall pays for once attached
+            f"-DCOMPAT_DETAILS={int(self.compat_details_built)}",
             f"-I{BPF_DIR}",
             "-Wno-unused-function",
         ]
@@ -89,6 +93,8 @@ class Tracer:
         for call, value in socketcall_table().items():
             socketcalls[ctypes.c_int(call)] = ctypes.c_uint32(value)
         self._attach_details()
+        if compat_details == "always":
+            self.attach_compat_exit()
         # compiled once: the compiler's ~110 MB of resident code and freed heap are not needed again
         self.compiler_kb_released = release_compiler_memory()
 
@@ -102,6 +108,17 @@ class Tracer:
             )
             self.bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}", fn_name=enter)
             self.bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name="on_detail_exit")
+
+    def attach_compat_exit(self) -> bool:
+        """Attach the 32-bit syscalls' exit program (idempotent); True when this call attached it."""
+        if not self.compat_details_built:
+            return False
+        with self._attach_lock:
+            if self.compat_exit_attached:
+                return False
+            self.bpf.attach_raw_tracepoint(tp="sys_exit", fn_name="on_compat_exit")
+            self.compat_exit_attached = True
+            return True
 
     def open_ring_buffers(
         self, on_compact: Callable[[Any, Any, int], int], on_detail: Callable[[Any, Any, int], int]

@@ -89,7 +89,7 @@ class LiveSource:
         queue_max_details: int = 20_000,
         compact_rb_pages: int | None = None,
         detail_rb_pages: int | None = None,
-        compat_details: bool = True,
+        compat_details: str = "auto",
     ) -> None:
         self.detail_syscalls = detail_syscalls
         self.compat_details = compat_details

@@ -345,6 +345,10 @@ class ProcessTable:
         """Whether any known process is 32-bit (else :meth:`compat_mask` is all False)."""
         return bool(self._compat_pids)
 
+    def compat_pids(self) -> list[int]:
+        """The known processes whose executable is 32-bit."""
+        return sorted(self._compat_pids)
+
     def compat_mask(self, tgids: np.ndarray) -> np.ndarray:
         """Which rows' tgids are 32-bit (i386) processes."""
         tgids = np.asarray(tgids)
