@@ -69,19 +69,19 @@ class AbiWatch:
         batch: np.ndarray,
         heads: np.ndarray,
         pids: set[int],
+        has_compat: bool,
         elf_compat: Callable[[int], bool | None],
         elf_compat_pids: set[int],
     ) -> list[AbiMismatch]:
         """This batch's new mismatches. ``heads``: where each run of one process's rows starts (a bool per
-        row); ``pids``: the batch's processes; ``elf_compat(pid)``: the executable's class (None: unknown);
-        ``elf_compat_pids``: the batch's processes whose executable is 32-bit."""
-        flags = batch["flags"]
-        has_compat = bool(flags.any()) and bool((flags & FLAG_COMPAT).any())  # the first test is the cheap one
+        row); ``pids``: the batch's processes; ``has_compat``: whether any row is a 32-bit syscall;
+        ``elf_compat(pid)``: the executable's class (None: unknown); ``elf_compat_pids``: the batch's
+        processes whose executable is 32-bit."""
         relevant = (pids & self._compat_now) | (pids & self._unknown_now) | (elf_compat_pids - self._segments.keys())
         if not has_compat and not relevant:
             return []  # the common case: 64-bit programs making 64-bit syscalls
         tgid, ts = batch["tgid"], batch["ts"]
-        compat_rows = (flags & FLAG_COMPAT) != 0 if has_compat else np.zeros(len(batch), dtype=bool)
+        compat_rows = (batch["flags"] & FLAG_COMPAT) != 0 if has_compat else np.zeros(len(batch), dtype=bool)
         if has_compat:
             relevant |= set(np.unique(tgid[compat_rows]).tolist())
         found = []

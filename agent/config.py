@@ -18,10 +18,10 @@ import yaml
 
 from agent.errors import ConfigError
 
-# Falco's priorities, most severe first (``Info`` is accepted for ``Informational``).
 COMPAT_DETAILS_MODES = ("auto", "always", "never")
 # deny_syscalls policies are ids 1..63 in the kernel's deny_bitmaps (bpf/sysgram.h COMPAT_POLICY_BASE)
 MAX_DENY_PROGRAMS = 63
+# Falco's priorities, most severe first (``Info`` is accepted for ``Informational``).
 PRIORITIES = ("Emergency", "Alert", "Critical", "Error", "Warning", "Notice", "Informational", "Debug")
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from agent.capture._layout import COMPAT_POLICY_BASE
-from agent.capture.names import known_names, name_table
+from agent.capture.names import known_names, numbers_named
 from agent.config import EnforceConfig
 from agent.proc import ProcReader
 from agent.proc.info import ProcessInfo
@@ -66,14 +66,12 @@ def _i386_variants(name: str) -> set[str]:
 def deny_numbers(names: Iterable[str], compat: bool) -> list[int]:
     """The syscall numbers a deny list stands for: native, or i386 (a 32-bit program's, or a 64-bit one's
     ``int 0x80``) with each call's i386 variants (setuid32, mmap2, the *_time64 calls) and the multiplexers
-    that reach the same calls. Looked up number -> name: libseccomp resolves an i386 socket call's name to
-    socketcall, not to its own number (connect: 102, not 362)."""
+    that reach the same calls."""
     wanted = set(names)
     if compat:
         wanted |= {variant for name in list(wanted) for variant in _i386_variants(name)}
         wanted |= {mux for mux, calls in _I386_MULTIPLEXED.items() if wanted & calls}
-    table = name_table(compat)
-    return [nr for nr in range(min(len(table), 512)) if table[nr] in wanted]
+    return numbers_named(wanted, compat)
 
 
 @dataclass(frozen=True, slots=True)

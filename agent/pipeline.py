@@ -165,11 +165,12 @@ class Pipeline:
         if exe_compat is not None and not self.kernel_compat and exe_compat.any():
             batch = batch.copy()
             batch["flags"][exe_compat] |= FLAG_COMPAT
-        if not self._compat_seen and self.on_compat is not None and batch["flags"].any():
+        flagged = bool(batch["flags"].any())  # rows carry no flag but FLAG_COMPAT
+        if flagged and not self._compat_seen and self.on_compat is not None:
             self.note_compat_code(int(batch["tgid"][np.flatnonzero(batch["flags"])[0]]))
         elf_compat_pids = set(np.unique(tgid[exe_compat]).tolist()) if exe_compat is not None and exe_compat.any() \
             else set()
-        self._check_abi(batch, heads, pids, elf_compat_pids)
+        self._check_abi(batch, heads, pids, flagged, elf_compat_pids)
         if self.recorder is not None:
             if self.filters.active:
                 keep = np.array([t for t in sorted(pids) if self._matches(t)], dtype=np.uint32)
@@ -191,9 +192,11 @@ class Pipeline:
                   "(a raw sys_exit program, ~11 ns on every syscall; compat_details in the config)",
                   file=sys.stderr, flush=True)
 
-    def _check_abi(self, batch: np.ndarray, heads: np.ndarray, pids: set[int], elf_compat_pids: set[int]) -> None:
+    def _check_abi(
+        self, batch: np.ndarray, heads: np.ndarray, pids: set[int], flagged: bool, elf_compat_pids: set[int]
+    ) -> None:
         """Alert once per process whose syscalls went through the other ABI's gate than its program's."""
-        for found in self._abi.check(batch, heads, pids, self.table.compat_of, elf_compat_pids):
+        for found in self._abi.check(batch, heads, pids, flagged, self.table.compat_of, elf_compat_pids):
             info = self.table.get(found.pid)
             compat = not found.program_compat  # the odd syscalls' ABI
             names = list(dict.fromkeys(syscall_name(int(nr), compat=compat) for nr in found.rows["nr"]))
@@ -665,7 +668,7 @@ def run_live(
         if source.tracer is not None and source.tracer.compat_details_built:
             pipeline.on_compat = source.tracer.attach_compat_exit
             if pipeline.table.has_compat:  # 32-bit programs were running before the agent
-                pipeline.note_compat_code(next(iter(pipeline.table.compat_pids())))
+                pipeline.note_compat_code(pipeline.table.compat_pids()[0])
         if not pipeline.kernel_compat and source.tracer is not None:
             print(f"sysgram: note: 32-bit syscalls are told apart by executable only ({source.tracer.compat.reason}):"
                   " a 64-bit program's int 0x80 passes for native syscalls", file=sys.stderr, flush=True)

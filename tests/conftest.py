@@ -8,9 +8,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,36 @@ def start_sysgram(*args: str, ready_timeout: float = 120.0) -> subprocess.Popen[
     if proc.poll() is not None:
         raise AssertionError(f"sysgram {' '.join(args)} did not start: {proc.stderr.read()[-2000:]}")
     return proc
+
+
+@contextmanager
+def enforcing_capture(config_path: Path, on_chunk: Callable[[Any], None], queue_max_events: int) -> Iterator[Any]:
+    """A live capture with enforcement compiled in, every chunk handed to ``on_chunk`` on a reader thread,
+    and an Enforcer over its maps with ``config_path``'s enforce section; yields (enforcer, tracer)."""
+    import threading
+
+    from agent.capture.source import LiveSource
+    from agent.config import load_config
+    from agent.enforce import Enforcer
+    from agent.proc import read_process
+
+    source = LiveSource(detail_syscalls=set(), enforce=True, queue_max_events=queue_max_events)
+    source.start()
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            for chunk in source.get(0.1) or ():
+                on_chunk(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert source.tracer is not None
+        config = load_config(str(config_path)).enforce
+        yield Enforcer(source.tracer.bpf, config, read_process), source.tracer
+    finally:
+        stop.set()
+        reader.join(5)
+        source.stop()
+        source.close()

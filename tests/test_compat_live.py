@@ -22,12 +22,10 @@ import numpy as np
 import pytest
 
 from agent.capture.names import syscall_name, syscall_number
-from agent.config import load_config
 from agent.enforce import Enforcer
 from agent.events import FLAG_COMPAT, KernelSignal, ProcEvent
 from agent.pipeline import ABI_RULE_32_IN_64, ABI_RULE_64_IN_32
-from agent.proc import read_process
-from tests.conftest import ROOT, requires_bpf, start_sysgram
+from tests.conftest import ROOT, enforcing_capture, requires_bpf, start_sysgram
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -76,31 +74,11 @@ class Seen:
 
 @pytest.fixture(scope="module")
 def live(programs: Path) -> Iterator[tuple[Enforcer, Seen]]:
-    from agent.capture.source import LiveSource
-
-    source = LiveSource(detail_syscalls=set(), enforce=True, queue_max_events=500_000)
-    source.start()
-    stop = threading.Event()
     seen = Seen()
-
-    def drain() -> None:
-        while not stop.is_set():
-            for chunk in source.get(0.1) or ():
-                seen.add(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        assert source.tracer is not None
-        if source.tracer.compat.status_offset is None:
-            pytest.skip(f"no per-syscall 32-bit flag here: {source.tracer.compat.reason}")
-        config = load_config(str(programs / "config.yaml")).enforce
-        yield Enforcer(source.tracer.bpf, config, read_process), seen
-    finally:
-        stop.set()
-        reader.join(5)
-        source.stop()
-        source.close()
+    with enforcing_capture(programs / "config.yaml", seen.add, 500_000) as (enforcer, tracer):
+        if tracer.compat.status_offset is None:
+            pytest.skip(f"no per-syscall 32-bit flag here: {tracer.compat.reason}")
+        yield enforcer, seen
 
 
 def _run(seen: Seen, *argv: str) -> tuple[int, int]:

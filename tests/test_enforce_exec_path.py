@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
 from agent.enforce import Enforcer
-from agent.proc import read_process
-from tests.conftest import ROOT, requires_bpf, start_sysgram
+from tests.conftest import ROOT, enforcing_capture, requires_bpf, start_sysgram
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -59,31 +57,16 @@ class Execs:
 
 @pytest.fixture(scope="module")
 def live(programs: Path) -> Iterator[tuple[Enforcer, Execs]]:
-    from agent.capture.source import LiveSource
     from agent.events import ProcEvent
 
-    source = LiveSource(detail_syscalls=set(), enforce=True, queue_max_events=200_000)
-    source.start()
-    stop = threading.Event()
     execs = Execs()
 
-    def drain() -> None:
-        while not stop.is_set():
-            for chunk in source.get(0.1) or ():
-                if isinstance(chunk, ProcEvent) and chunk.kind == "exec":
-                    execs.add(chunk.pid)
+    def on_chunk(chunk: object) -> None:
+        if isinstance(chunk, ProcEvent) and chunk.kind == "exec":
+            execs.add(chunk.pid)
 
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        assert source.tracer is not None
-        config = load_config(str(programs / "config.yaml")).enforce
-        yield Enforcer(source.tracer.bpf, config, read_process), execs
-    finally:
-        stop.set()
-        reader.join(5)
-        source.stop()
-        source.close()
+    with enforcing_capture(programs / "config.yaml", on_chunk, 200_000) as (enforcer, _):
+        yield enforcer, execs
 
 
 def run(argv0: str, cwd: Path, live: tuple[Enforcer, Execs] | None, seconds: str = "3") -> int:

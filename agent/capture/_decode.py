@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.capture import _layout as L
-from agent.capture.names import name_table, syscall_name, syscall_number
+from agent.capture.names import numbers_named, syscall_name, syscall_number
 from agent.events import DetailEvent, KernelSignal, ProcEvent
 
 NONE = 0xFF
@@ -151,9 +151,12 @@ SOCKETCALL_CALLS: dict[int, tuple[str, int]] = {
 
 def socketcall_table() -> dict[int, int]:
     """The socketcall_nrs map: call number -> its direct i386 syscall's number | argument count << 16."""
-    i386 = name_table(compat=True)
-    numbers = {str(name): nr for nr, name in enumerate(i386[:COMPAT_SPEC_BASE]) if not str(name).startswith("sys_")}
-    return {call: numbers[name] | nargs << 16 for call, (name, nargs) in SOCKETCALL_CALLS.items() if name in numbers}
+    out = {}
+    for call, (name, nargs) in SOCKETCALL_CALLS.items():
+        numbers = numbers_named({name}, compat=True)
+        if numbers:
+            out[call] = numbers[0] | nargs << 16
+    return out
 
 
 def spec_table(detail_syscalls: set[str]) -> tuple[np.ndarray, dict[int, str]]:
@@ -161,13 +164,12 @@ def spec_table(detail_syscalls: set[str]) -> tuple[np.ndarray, dict[int, str]]:
 
     Rows 0-511 are native numbers; rows 512 + nr the i386 numbers of the same names (the BPF side keeps
     32-bit syscalls' details itself: no tracepoint is attached for them). An i386 syscall is found by its
-    number's name, not by resolving the name: libseccomp resolves an i386 socket call's name to socketcall.
+    number's name (``numbers_named``), not by resolving the name.
     """
     table = np.zeros(2 * COMPAT_SPEC_BASE, dtype=L.ARG_SPEC)
     for field in ("str0", "str1", "sockaddr", "sockaddr_len", "deref_u64"):
         table[field] = NONE
     attached: dict[int, str] = {}
-    i386 = name_table(compat=True)
     for name, spec in [*((n, SPECS[n]) for n in sorted(detail_syscalls) if n in SPECS), *CLONE_SPECS.items()]:
         enabled = name in detail_syscalls
         native = syscall_number(name)
@@ -175,7 +177,7 @@ def spec_table(detail_syscalls: set[str]) -> tuple[np.ndarray, dict[int, str]]:
         # the same call under i386's names (setuid32 is what a 32-bit libc calls for setuid); accept comes
         # through socketcall as accept4 with no flags
         i386_names = {name, f"{name}32"} | ({"accept4"} if name == "accept" else set())
-        rows += [COMPAT_SPEC_BASE + nr for nr in range(min(len(i386), COMPAT_SPEC_BASE)) if i386[nr] in i386_names]
+        rows += [COMPAT_SPEC_BASE + nr for nr in numbers_named(i386_names, compat=True, below=COMPAT_SPEC_BASE)]
         for index in rows:
             row = table[index]
             if row["kept"] and row["enabled"]:

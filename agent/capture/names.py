@@ -52,3 +52,11 @@ def syscall_number(name: str, compat: bool = False) -> int:
 
 def known_names(compat: bool = False) -> frozenset[str]:
     return frozenset(n for n in name_table(compat) if not n.startswith("sys_"))
+
+
+def numbers_named(names: set[str] | frozenset[str], compat: bool = False, below: int = 512) -> list[int]:
+    """Every number under ``below`` whose name is one of ``names``, in order. Looked up number -> name:
+    libseccomp resolves an i386 socket call's name to socketcall, not to its own number (connect: 102, not
+    362), so :func:`syscall_number` cannot be used for these."""
+    table = name_table(compat)
+    return [nr for nr in range(min(len(table), below)) if table[nr] in names]
