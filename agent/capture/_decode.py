@@ -176,12 +176,11 @@ def spec_table(detail_syscalls: set[str]) -> tuple[np.ndarray, dict[int, str]]:
         rows = [native] if 0 <= native < COMPAT_SPEC_BASE else []
         # the same call under i386's names (setuid32 is what a 32-bit libc calls for setuid); accept comes
         # through socketcall as accept4 with no flags
-        i386_names = {name, f"{name}32"} | ({"accept4"} if name == "accept" else set())
+        i386_names = {name, f"{name}32"} | ({"accept4"} if name == "accept" and "accept4" not in detail_syscalls
+                                            else set())
         rows += [COMPAT_SPEC_BASE + nr for nr in numbers_named(i386_names, compat=True, below=COMPAT_SPEC_BASE)]
         for index in rows:
             row = table[index]
-            if row["kept"] and row["enabled"]:
-                continue  # accept4's own spec, already in place
             row["str0"], row["str1"] = spec.str0, spec.str1
             row["sockaddr"], row["sockaddr_len"], row["deref_u64"] = spec.sockaddr, spec.sockaddr_len, spec.deref
             row["enabled"] = 1 if enabled else 0  # clone's entry is kept, not sent: the fork handler reads it
