@@ -687,14 +687,14 @@ def _kernel_accounted(rounds: list[FloorRound], ours_bpf: list[float | None]) ->
                        "not measured: kernel BPF statistics unavailable")]
     tp_added = statistics.median(x.tp_added for x in rounds)
     plain_raw_added = statistics.median(x.raw_added for x in rounds)
-    raw_added = statistics.median(x.hooked_added for x in rounds)  # + the detail hooks' dispatch
+    raw_added = statistics.median(x.hooked_added for x in rounds)  # + the detail exit hooks' dispatch
     extra_ns = statistics.median(extra)
     figures = [
         Figure(PART, "floor added (raw_syscalls tracepoint), median of paired loops", round(tp_added, 1),
                "CPU ns/syscall"),
         Figure(PART, "floor added (raw tracepoint, the agent's hook), median of paired loops",
                round(plain_raw_added, 1), "CPU ns/syscall"),
-        Figure(PART, "the same + idle detail hooks (their per-syscall dispatch), median of paired loops",
+        Figure(PART, "the same + an idle detail exit hook (its per-syscall dispatch), median of paired loops",
                round(raw_added, 1), "CPU ns/syscall"),
         Figure(PART, "agent's BPF time per syscall over the raw floor's (kernel stats)", round(extra_ns, 1), "ns"),
     ]

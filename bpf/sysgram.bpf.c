@@ -174,9 +174,7 @@ static __always_inline __u16 compat_flag(void) {
 #endif
 }
 
-#if COMPAT_DETAILS
-static __always_inline void compat_detail_enter(struct bpf_raw_tracepoint_args *ctx, __u64 id, __u32 nr);
-#endif
+static __always_inline void detail_enter(struct bpf_raw_tracepoint_args *ctx, __u64 id, __u32 nr, __u16 compat);
 
 /* Every syscall: append (tgid, tid, nr) to this CPU's batch; send the batch when it is full. A raw
  * tracepoint (args: pt_regs *, syscall number): the plain raw_syscalls:sys_enter tracepoint first copies
@@ -223,10 +221,7 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
 #if ENFORCE
     enforce_check(tgid, tid, (__u32)nr, compat);
 #endif
-#if COMPAT_DETAILS
-    if (compat)
-        compat_detail_enter(ctx, id, (__u32)nr);
-#endif
+    detail_enter(ctx, id, (__u32)nr, compat);
     return 0;
 }
 
@@ -240,53 +235,14 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     return 0;
 }
 
-/* The layout of every syscalls:sys_enter_* / sys_exit_* tracepoint (fixed by the kernel's syscall
- * trace events): an 8-byte common header, the syscall number, then the arguments or the return value. */
-struct sys_enter_ctx {
-    __u64 common;
-    __s32 nr;
-    __u32 pad;
-    __u64 args[6];
-};
+/* The layout of every syscalls:sys_exit_* tracepoint (fixed by the kernel's syscall trace events): an
+ * 8-byte common header, the syscall number, then the return value. */
 struct sys_exit_ctx {
     __u64 common;
     __s32 nr;
     __u32 pad;
     __s64 ret;
 };
-
-/* Entry of a syscall that needs details: keep its arguments until its exit. */
-static __always_inline int detail_enter(struct sys_enter_ctx *ctx) {
-    __u64 id = bpf_get_current_pid_tgid();
-    if ((id >> 32) == SELF_TGID)
-        return 0;
-    __u32 tid = (__u32)id;
-    struct pending p = {};
-    p.ts = bpf_ktime_get_ns();
-    p.nr = ctx->nr;
-    /* Copied with a helper, not read directly: a tracepoint of a syscall with fewer than six arguments
-     * is shorter than this struct, and the kernel refuses programs that read past a record's end. */
-    bpf_probe_read_kernel(p.args, sizeof(p.args), ctx->args);
-    __u32 nr = ctx->nr;
-    struct arg_spec *spec = arg_spec.lookup(&nr);
-    if (spec && spec->deref_u64 < 6) {
-        __u64 ptr = 0;
-        switch (spec->deref_u64) {
-        case 0: ptr = p.args[0]; break;
-        case 1: ptr = p.args[1]; break;
-        case 2: ptr = p.args[2]; break;
-        default: ptr = p.args[3]; break;
-        }
-        bpf_probe_read_user(&p.deref, sizeof(p.deref), (void *)ptr);
-    }
-    if (pending.update(&tid, &p) != 0)
-        bump(S_PENDING_FULL, 1);
-    return 0;
-}
-
-int on_detail_enter(struct sys_enter_ctx *ctx) {
-    return detail_enter(ctx);
-}
 
 static __always_inline __u64 arg_at(__u64 *args, __u8 index) {
     switch (index) {
@@ -424,27 +380,13 @@ static __always_inline int read_exec(__u32 nr, __u64 filename, __u64 argv, int p
     return 0;
 }
 
-int on_execve_enter(struct sys_enter_ctx *ctx) {
-    __u64 a[2] = {};
-    bpf_probe_read_kernel(a, sizeof(a), ctx->args);
-    read_exec(ctx->nr, a[0], a[1], 0);
-    return detail_enter(ctx);
-}
-
-int on_execveat_enter(struct sys_enter_ctx *ctx) {
-    __u64 a[3] = {};
-    bpf_probe_read_kernel(a, sizeof(a), ctx->args);
-    read_exec(ctx->nr, a[1], a[2], 0);
-    return detail_enter(ctx);
-}
-
-#if COMPAT_DETAILS
-static __always_inline void keep_compat_entry(__u64 id, struct pending *p) {
+static __always_inline void keep_entry(__u64 id, struct pending *p) {
     __u32 tid = (__u32)id;
     if (pending.update(&tid, p) != 0)
         bump(S_PENDING_FULL, 1);
 }
 
+#if COMPAT_DETAILS
 /* i386 socketcall(call, args): kept as the socket call it stands for (connect...), its arguments unpacked,
  * so the rules see the same event as from a direct call. socketcall_nrs[call]: that call's i386 number |
  * its argument count << 16 (0: not kept); accept, send and recv get 0 for their direct calls' extra ones. */
@@ -471,47 +413,69 @@ static __always_inline void compat_socketcall_enter(struct pt_regs *regs, __u64 
     #pragma unroll
     for (int k = 0; k < 6; k++)
         p.args[k] = (__u32)k < nargs ? packed[k] : 0;
-    keep_compat_entry(id, &p);
+    keep_entry(id, &p);
 }
+#endif
 
-/* Entry of a 32-bit syscall that needs details (the per-syscall tracepoints skip these): the arguments
- * from the registers of the i386 convention, zero-extended. pt_regs is the ptrace ABI's layout. */
-static __always_inline void compat_detail_enter(struct bpf_raw_tracepoint_args *ctx, __u64 id, __u32 nr) {
+/* Entry of a syscall that needs details (its arg_spec row is kept): keep its arguments until its exit.
+ * Taken here, from the registers, not from a syscalls:sys_enter_X tracepoint: any program on one makes
+ * the kernel run a dispatcher on every syscall's entry (docs/performance.md), and this program runs for
+ * every syscall anyway; the per-syscall tracepoints skip 32-bit syscalls besides. The registers are
+ * pt_regs in the ptrace ABI's layout; a 32-bit syscall's (only with COMPAT_DETAILS) are the i386
+ * convention's, zero-extended, and its spec row is at nr + 512. */
+static __always_inline void detail_enter(struct bpf_raw_tracepoint_args *ctx, __u64 id, __u32 nr, __u16 compat) {
     if (nr >= 512)
         return;
-    struct pt_regs regs = {};
-    if (nr == COMPAT_SOCKETCALL_NR) {
-        bpf_probe_read_kernel(&regs, sizeof(regs), (void *)ctx->args[0]);
-        compat_socketcall_enter(&regs, id);
+#if COMPAT_DETAILS
+    if (compat && nr == COMPAT_SOCKETCALL_NR) {
+        struct pt_regs call_regs = {};
+        bpf_probe_read_kernel(&call_regs, sizeof(call_regs), (void *)ctx->args[0]);
+        compat_socketcall_enter(&call_regs, id);
         return;
     }
-    __u32 index = nr + 512;
+#else
+    if (compat)
+        return;
+#endif
+    __u32 index = compat ? nr + 512 : nr;
     struct arg_spec *spec = arg_spec.lookup(&index); /* clone's row is kept, not enabled: for the fork handler */
     if (!spec || !spec->kept)
         return;
+    struct pt_regs regs = {};
     bpf_probe_read_kernel(&regs, sizeof(regs), (void *)ctx->args[0]);
     struct pending p = {};
     p.ts = bpf_ktime_get_ns();
     p.nr = nr;
-    p.compat = 1;
-    p.args[0] = (__u32)regs.bx;
-    p.args[1] = (__u32)regs.cx;
-    p.args[2] = (__u32)regs.dx;
-    p.args[3] = (__u32)regs.si;
-    p.args[4] = (__u32)regs.di;
-    p.args[5] = (__u32)regs.bp;
+    if (compat) {
+        p.compat = 1;
+        p.args[0] = (__u32)regs.bx;
+        p.args[1] = (__u32)regs.cx;
+        p.args[2] = (__u32)regs.dx;
+        p.args[3] = (__u32)regs.si;
+        p.args[4] = (__u32)regs.di;
+        p.args[5] = (__u32)regs.bp;
+    } else {
+        p.args[0] = regs.di;
+        p.args[1] = regs.si;
+        p.args[2] = regs.dx;
+        p.args[3] = regs.r10;
+        p.args[4] = regs.r8;
+        p.args[5] = regs.r9;
+    }
     if (spec->deref_u64 < 6) {
         __u64 ptr = spec->deref_u64 == 0 ? p.args[0] : spec->deref_u64 == 1 ? p.args[1]
                   : spec->deref_u64 == 2 ? p.args[2] : p.args[3];
         bpf_probe_read_user(&p.deref, sizeof(p.deref), (void *)ptr);
     }
-    if (nr == COMPAT_EXECVE_NR)
-        read_exec(nr, p.args[0], p.args[1], 1);
-    else if (nr == COMPAT_EXECVEAT_NR)
-        read_exec(nr, p.args[1], p.args[2], 1);
-    keep_compat_entry(id, &p);
+    /* argv is read now, while the caller's memory still exists */
+    if (nr == (compat ? COMPAT_EXECVE_NR : EXECVE_NR))
+        read_exec(nr, p.args[0], p.args[1], compat);
+    else if (nr == (compat ? COMPAT_EXECVEAT_NR : EXECVEAT_NR))
+        read_exec(nr, p.args[1], p.args[2], compat);
+    keep_entry(id, &p);
 }
 
+#if COMPAT_DETAILS
 /* Exit of every syscall (the per-syscall exit tracepoints skip 32-bit ones): only a 32-bit syscall with a
  * kept entry goes further. Every process pays for it (~11 ns a syscall here), so userspace attaches it to
  * the raw sys_exit tracepoint only once the host runs 32-bit code (or at start when configured so). */

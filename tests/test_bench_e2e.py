@@ -218,9 +218,9 @@ def test_kernel_accounted_ratio_adds_the_agents_extra_bpf_time_to_the_raw_floor(
         pb.FloorRound([100.0, 100.0], [160.0, 180.0], [130.0, 130.0], 22.0, [135.0, 135.0]),
     ]
     figures = {f.name: f.value for f in pb._kernel_accounted(rounds, [30.0, 34.0])}
-    # tp added: medians 70 and 70 -> 70; raw added 30; with the idle detail hooks 35; extra: 10 and 12 -> 11
+    # tp added: medians 70 and 70 -> 70; raw added 30; with the idle detail exit hook 35; extra: 10 and 12 -> 11
     assert figures["agent's BPF time per syscall over the raw floor's (kernel stats)"] == 11.0
-    assert figures["the same + idle detail hooks (their per-syscall dispatch), median of paired loops"] == 35.0
+    assert figures["the same + an idle detail exit hook (its per-syscall dispatch), median of paired loops"] == 35.0
     assert figures["full agent added / floor added, kernel-accounted"] == round(46 / 70, 2)
     assert figures["same, against the raw-tracepoint floor"] == round(46 / 30, 2)
     # rounds measured without the hooks fall back to the plain raw floor

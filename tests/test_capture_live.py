@@ -245,3 +245,57 @@ def test_a_process_born_while_the_tracer_loads_is_recorded_with_its_program(
     traces = [t for t in iter_thread_traces(rec) if t.pid == pid and t.tid == pid]
     assert traces and traces[0].exe == os.path.realpath(sys.executable)
     assert traces[0].syscalls.count("getppid") >= 10 and not traces[0].from_start  # born before the tracer
+
+
+@pytest.fixture(scope="module")
+def args6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The compiled tests/args6.c: openat, sendto and linkat with their fourth to sixth arguments set."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("bin") / "sysgram-args6"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    subprocess.run([cc, "-O1", "-o", str(out), str(ROOT / "tests" / "args6.c")], check=True)
+    return out
+
+
+def test_details_carry_all_six_arguments_of_a_native_syscall(tmp_path: Path, args6: Path) -> None:
+    # The entry is kept by the raw sys_enter program from pt_regs: each x86_64 argument register
+    # (rdi rsi rdx r10 r8 r9) reaches its decoded field.
+    out = tmp_path / "args6.parquet"
+    target = tmp_path / "target"
+    port = 40000 + os.getpid() % 20000
+    proc = start_recorder(out, "--comm", args6.name)
+    child = subprocess.Popen([str(args6), str(target), str(port)])
+    assert child.wait(timeout=30) == 0
+    time.sleep(0.5)
+    stop(proc)
+    result = sysgram("inspect", str(out), "--pid", str(child.pid), "--events", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    details = {
+        e["syscall"]: e
+        for e in events
+        if (e.get("detail") and e["syscall"] in ("sendto", "linkat")) or e.get("name") == str(target)
+    }
+    assert details["openat"]["flags"] & os.O_CREAT and details["openat"]["mode"] == 0o640  # r10
+    sent = details["sendto"]
+    assert (sent["size"], sent["addr"], sent["port"]) == (3, "127.0.0.1", port)  # rdx; r8 and its length r9
+    linked = details["linkat"]
+    assert linked["newpath"] == f"{target}.link" and linked["flags"] == 0x400  # r10, r8 (AT_SYMLINK_FOLLOW)
+
+
+def test_no_program_sits_on_a_per_syscall_entry_tracepoint() -> None:
+    # Any program on a syscalls:sys_enter_X tracepoint costs every syscall on the host the kernel's
+    # dispatch (docs/performance.md); entries are kept by the raw sys_enter program instead.
+    from agent.capture._decode import SPECS
+    from agent.capture._loader import Tracer
+
+    tracer = Tracer(self_tgid=os.getpid(), detail_syscalls=set(SPECS), compact_rb_pages=64, detail_rb_pages=64)
+    try:
+        attached = [key.decode() if isinstance(key, bytes) else key for key in tracer.bpf.tracepoint_fds]
+    finally:
+        tracer.close()
+    assert any(name.startswith("syscalls:sys_exit_openat") for name in attached), attached
+    assert not [name for name in attached if name.startswith("syscalls:sys_enter_")]

@@ -99,14 +99,12 @@ class Tracer:
         self.compiler_kb_released = release_compiler_memory()
 
     def _attach_details(self) -> None:
+        """Exit hooks only: the raw sys_enter program keeps each detail syscall's entry itself (its arg_spec
+        row), since any program on a ``sys_enter_X`` tracepoint costs every syscall the kernel's dispatch."""
         tracing = "/sys/kernel/tracing/events/syscalls"
         for name in sorted(self.attached.values()):
-            if not os.path.isdir(f"{tracing}/sys_enter_{name}"):
+            if not os.path.isdir(f"{tracing}/sys_exit_{name}"):
                 continue  # not a syscall on this kernel (e.g. an arch without it)
-            enter = {"execve": "on_execve_enter", "execveat": "on_execveat_enter"}.get(
-                name, "on_detail_enter"
-            )
-            self.bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}", fn_name=enter)
             self.bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name="on_detail_exit")
 
     def attach_compat_exit(self) -> bool:

@@ -206,9 +206,10 @@ class AttachSwitch:
 
 
 class HookSwitch:
-    """bpf/detail_hooks.bpf.c, loaded once, attached only while its loop is measured."""
+    """bpf/detail_hooks.bpf.c (an idle sys_exit_X hook, the dispatch the agent's detail exits cost every
+    syscall), loaded once, attached only while its loop is measured."""
 
-    TRACEPOINTS = ("syscalls:sys_enter_execve", "syscalls:sys_exit_execve")
+    TRACEPOINTS = ("syscalls:sys_exit_execve",)
 
     def __init__(self, bpf: Any) -> None:
         self.bpf = bpf
@@ -226,7 +227,7 @@ class HookSwitch:
 
 @contextmanager
 def loaded_floors() -> Iterator[tuple[AttachSwitch, AttachSwitch, HookSwitch]]:
-    """Both count-only floors and the idle detail hooks, compiled and loaded once, detached; unloaded after."""
+    """Both count-only floors and the idle detail exit hook, compiled and loaded once, detached; unloaded after."""
     ensure_tracefs()
     ensure_kernel_headers()
     bcc = _import_bcc()
@@ -250,7 +251,7 @@ class FloorRound:
     tp_ns: list[float]  # under the raw_syscalls-tracepoint floor: the reference of the targets
     raw_ns: list[float]  # under the raw-tracepoint floor: the same count on Sysgram's cheaper hook
     raw_bpf_ns: float | None  # the raw floor's BPF run time per loop syscall (kernel stats)
-    hooked_ns: list[float] = field(default_factory=list)  # raw floor + idle detail hooks (detail_hooks.bpf.c)
+    hooked_ns: list[float] = field(default_factory=list)  # raw floor + idle detail exit hook (detail_hooks.bpf.c)
 
     @property
     def tp_added(self) -> float:
@@ -262,7 +263,7 @@ class FloorRound:
 
     @property
     def hooked_added(self) -> float:
-        """The raw floor with the per-syscall dispatch the agent's detail hooks cost every syscall."""
+        """The raw floor with the per-syscall dispatch the agent's detail exit hooks cost every syscall."""
         if not self.hooked_ns:
             return self.raw_added
         return statistics.median(h - b for b, h in zip(self.bare_ns, self.hooked_ns, strict=True))
@@ -423,7 +424,7 @@ def _kernel_accounted(paired: FloorRound, per_call: dict[str, list[float]]) -> l
                f"{paired.tp_added:.1f} / {paired.raw_added:.1f}", "CPU ns/syscall"),
         # here the capture's own process and exec hooks stay attached through every loop, bare included, so
         # this is ~ the raw floor; in e2e (no agent in the bare loops) it carries their per-syscall dispatch
-        Figure(PART, "raw floor + idle detail hooks added, median of paired short loops",
+        Figure(PART, "raw floor + idle detail exit hook added, median of paired short loops",
                round(paired.hooked_added, 1), "CPU ns/syscall"),
         Figure(PART, "sysgram's BPF time per call over the raw floor's (kernel stats, median)", round(extra, 1), "ns"),
         Figure(PART, name, added_ratio(paired.hooked_added + extra, paired.tp_added), "x", "<= 1.5 (goal 1.3)"),
