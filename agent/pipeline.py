@@ -45,6 +45,9 @@ OVERLOAD_RULE = "Sysgram internal: syscall event drop"  # named after Falco's "F
 OVERLOAD_PRIORITY: Final = "Critical"  # lost events are blind spots an attacker can make on purpose
 OVERLOAD_INTERVAL_NS = 30_000_000_000  # at most one overload alert per 30 s
 SAMPLE_INTERVAL_S = 1.0  # how often drops and model stats are sampled into the metrics
+# /healthz says "stalled" when the pipeline loop or the capture reader has not turned for this long; each
+# turns at least every ~0.1 s while the agent works (a probe that restarts the agent must not fire on load)
+STALL_AFTER_S = 30.0
 DETECTOR_SLICE_ROWS = 65536
 # The agent runs ahead of the workloads it watches (auditd boosts itself likewise: priority_boost = 4):
 # at nice 0 a busy host's fair share left it ~0.3 cores and it dropped events (docs/performance.md).
@@ -632,6 +635,14 @@ def restore_priority(previous: dict[int, int]) -> None:
             continue
 
 
+def stall_reason(now: float, last_turns: dict[str, float], limit: float = STALL_AFTER_S) -> str | None:
+    """Why the agent is not healthy (the stage that has not turned for longest, past ``limit`` s), or None."""
+    stage, last = min(last_turns.items(), key=lambda item: item[1])
+    if now - last <= limit:
+        return None
+    return f"stalled: the {stage} has not turned for {now - last:.0f} s"
+
+
 def run_live(
     pipeline: Pipeline,
     *,
@@ -659,6 +670,10 @@ def run_live(
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     boosted: dict[int, int] = {}
+    metrics = pipeline.metrics
+    turned = {"pipeline": time.monotonic()}
+    if metrics is not None:
+        metrics.health = lambda: "starting: loading the tracer"
     try:
         if nice is not None:
             boosted = boost_priority(nice)  # before the capture threads start: they inherit it
@@ -678,6 +693,10 @@ def run_live(
         if pipeline.on_tracer is not None:
             pipeline.on_tracer(source.tracer)
         _ready(source)
+        if metrics is not None:
+            metrics.health = lambda: stall_reason(
+                time.monotonic(), {"pipeline": turned["pipeline"], "capture reader": source.last_turn}
+            )
         deadline = time.monotonic() + seconds if seconds > 0 else None
         last_reap = last_trim = time.monotonic()
         last_sample = 0.0  # the first sample at once: /metrics shows every drop stage from the start
@@ -687,6 +706,7 @@ def run_live(
             group = source.get(0.1)
             if group:
                 pipeline.handle(group)
+            turned["pipeline"] = time.monotonic()
             if time.monotonic() - last_reap > 1.0:
                 pipeline.reap(time.monotonic_ns())
                 last_reap = time.monotonic()
@@ -696,6 +716,8 @@ def run_live(
             if time.monotonic() - last_sample >= SAMPLE_INTERVAL_S:
                 pipeline.sample(source.drops())
                 last_sample = time.monotonic()
+        if metrics is not None:
+            metrics.health = lambda: "stopping"
         source.stop()
         while (group := source.get(0.0)) is not None:
             pipeline.handle(group)

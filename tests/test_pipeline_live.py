@@ -204,3 +204,44 @@ def test_falco_file_output_from_the_config_is_followed(tmp_path: Path) -> None:
     assert fields["sysgram.source"] == "falco" and fields["proc.pid"] == 999999
     assert fields["sysgram.anomaly.is_anomalous"] is False
     assert metrics[("sysgram_falco_alerts_ingested_total", (("via", "file"),))] == 1
+
+
+def test_healthz_says_starting_until_the_tracer_is_attached_then_ok(tmp_path: Path) -> None:
+    # What a Kubernetes startup/liveness probe asks (deploy/kubernetes/sysgram.yaml).
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--no-model", "--state-dir", str(tmp_path / "state"), "--quiet",
+         "--listen", f"127.0.0.1:{port}"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )
+    answers: list[tuple[int, str]] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                answers.append((reply.status_code, reply.text))
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "sysgram: ready" not in proc.stderr.readline():
+            assert proc.poll() is None, "the agent exited before it was ready"
+        ready_at = len(answers)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (200, "ok\n") not in answers[ready_at:]:
+            time.sleep(0.05)
+    finally:
+        done.set()
+        prober.join(5)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert (503, "starting: loading the tracer\n") in answers[:ready_at]  # the listener is up before the tracer
+    assert (200, "ok\n") in answers[ready_at:]
+    assert proc.returncode == 0

@@ -348,3 +348,17 @@ def test_the_server_listens_on_ipv6_loopback() -> None:
 def test_a_port_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="out of range"):
         IngestServer(Collected(), Metrics(), address="127.0.0.1", port=99999)
+
+
+def test_healthz_answers_what_the_agent_says_of_its_health(
+    server: tuple[IngestServer, Collected, Metrics],
+) -> None:
+    srv, _, metrics = server
+    assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200  # nothing watched: the server alone
+    state: dict[str, str | None] = {"problem": "stalled: the pipeline has not turned for 31 s"}
+    metrics.health = lambda: state["problem"]
+    sick = httpx.get(f"{srv.url}/healthz", timeout=5)
+    assert (sick.status_code, sick.text) == (503, "stalled: the pipeline has not turned for 31 s\n")
+    assert httpx.get(f"{srv.url}/ping", timeout=5).status_code == 200  # /ping: the server answers
+    state["problem"] = None
+    assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200

@@ -10,6 +10,7 @@ import collections
 import ctypes
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -118,6 +119,7 @@ class LiveSource:
         self._exec_args: dict[int, tuple[str, tuple[str, ...]]] = {}
         self.queue_overflow = 0
         self._threads: list[threading.Thread] = []
+        self.last_turn = time.monotonic()  # the reader thread's last turn (the agent's /healthz watches it)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -242,6 +244,7 @@ class LiveSource:
             self.tracer.poll(READ_INTERVAL_MS)
             self.tracer.consume()
             self._hand_over()
+            self.last_turn = time.monotonic()
         for ticker in self._tickers:  # every CPU's last flush, then the last read
             ticker.finished.wait(2.0)
         self.tracer.consume()

@@ -175,7 +175,11 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             self._reply(200, self.server.ingest.metrics.render(), METRICS_CONTENT_TYPE)
-        elif path in ("/healthz", "/ping"):
+        elif path == "/healthz":  # the agent's health: 503 while it starts or when a stage has stalled
+            health = self.server.ingest.metrics.health
+            problem = health() if health is not None else None
+            self._reply(503, f"{problem}\n".encode()) if problem else self._reply(200, b"ok\n")
+        elif path == "/ping":  # the server alone answers
             self._reply(200, b"ok\n")
         else:
             self._reply(404, b"not found; POST Falco alerts to /, GET /metrics\n")

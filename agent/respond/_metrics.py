@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -15,6 +17,9 @@ class Metrics:
     """
 
     def __init__(self) -> None:
+        # What /healthz answers: None when healthy (or when nothing is watched, as for `sysgram alerts
+        # listen`), else why not; the live agent sets it (agent.pipeline.run_live).
+        self.health: Callable[[], str | None] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events = Counter("sysgram_events", "Syscalls seen by the tracer", registry=r)
