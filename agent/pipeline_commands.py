@@ -133,6 +133,30 @@ def _state_dir(cfg: AgentConfig, from_cli: bool) -> None:
         raise ConfigError(f"{name}: {cfg.state_dir} is not writable", path=path, line=line)
 
 
+# outputs keys that command-line options set: (key, the option's attribute, how the user gave it)
+_OUTPUT_OPTIONS = (
+    ("outputs.webhook.secret", "webhook_secret", "--webhook-secret"),
+    ("outputs.webhook", "webhook", "--webhook"),
+    ("outputs.jsonl", "alerts_jsonl", "--alerts-jsonl"),
+    ("outputs.listen", "listen", "--listen"),
+    ("outputs.falco_file", "falco_file", "--falco-file"),
+)
+
+
+def _from_option(err: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """``err`` about an outputs key, named after the command-line option that set the value when one did
+    (not after the config file, or `<defaults>` when there is none)."""
+    key = err.message.split(":", 1)[0]
+    for prefix, attr, option in _OUTPUT_OPTIONS:
+        if key != prefix and not key.startswith(prefix + "."):
+            continue
+        if getattr(args, attr, None):
+            return ConfigError(f"{option}: {err.message}")
+        if attr == "webhook_secret" and os.environ.get(SECRET_ENV):
+            return ConfigError(f"{SECRET_ENV}: {err.message}")
+    return err
+
+
 def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, Any]:
     section: dict[str, Any] = {k: v for k, v in cfg.outputs.items()}
     if args.quiet:
@@ -202,7 +226,10 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
 
     if args.quiet and cfg.outputs.get("console") is not None:  # checked even when --quiet drops it
         _located(cfg, lambda: OutputConfig.from_mapping({"console": cfg.outputs["console"]}, source=cfg.source))
-    out_cfg = _located(cfg, lambda: OutputConfig.from_mapping(_outputs_section(cfg, args), source=cfg.source))
+    try:
+        out_cfg = _located(cfg, lambda: OutputConfig.from_mapping(_outputs_section(cfg, args), source=cfg.source))
+    except ConfigError as err:
+        raise _from_option(err, args) from None
     if cfg.enforce.block_ingested and (out_cfg.listen is None or not out_cfg.listen.token):
         raise cfg.error("enforce.block_ingested", "needs outputs.listen with a bearer token")
     _state_dir(cfg, from_cli=bool(args.state_dir))

@@ -206,6 +206,34 @@ def test_bad_listen_option_is_one_line(tmp_path: Path, listen: str, words: str) 
     assert len(lines) == 1 and "--listen" in lines[0] and words in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("options", "config", "prefix"),
+    [
+        (["--webhook", "ftp://soc.example"], "", "--webhook: outputs.webhook.url: expected an http://"),
+        (["--listen", "10.1.2.3:8765"], "", "--listen: outputs.listen.token: required when listening on 10.1.2.3"),
+        (["--listen", "10.1.2.3:8765"], "outputs:\n  listen: {port: 8765}\n",
+         "--listen: outputs.listen.token: required"),
+        ([], "outputs:\n  webhook: ftp://soc.example\n", "{config}:2: outputs.webhook.url: expected"),
+    ],
+)
+def test_an_outputs_error_names_the_option_that_set_the_value(
+    tmp_path: Path, options: list[str], config: str, prefix: str
+) -> None:
+    # Before: an option's bad value was reported as `<defaults>: outputs.webhook.url: ...`, naming a
+    # config key the user never wrote; a value from the config file still names the file and line.
+    args = [*options]
+    path = tmp_path / "c.yaml"
+    if config:
+        path.write_text(config)
+        args += ["--config", str(path)]
+    result = sysgram("replay", str(tmp_path / "none.parquet"), "--no-model", "--no-default-rules",
+                     "--state-dir", str(tmp_path / "state"), *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sysgram: error: " + prefix.format(config=path)), lines
+    assert "<defaults>" not in lines[0]
+
+
 def test_parse_listen_accepts_bracketed_ipv6() -> None:
     from agent.pipeline_commands import parse_listen
 
