@@ -693,6 +693,7 @@ def run_live(
         if pipeline.on_tracer is not None:
             pipeline.on_tracer(source.tracer)
         _ready(source)
+        turned["pipeline"] = time.monotonic()  # loading may have taken longer than the stall limit
         if metrics is not None:
             metrics.health = lambda: stall_reason(
                 time.monotonic(), {"pipeline": turned["pipeline"], "capture reader": source.last_turn}

@@ -11,8 +11,9 @@
  *                 userspace attaches to the raw sys_exit tracepoint when needed; needs TI_STATUS_OFFSET)
  *   COMPAT_EXECVE_NR, COMPAT_EXECVEAT_NR  i386 numbers of execve/execveat (stamped like the native ones)
  *   COMPAT_SOCKETCALL_NR  i386 socketcall, which 32-bit libcs use for connect and the other socket calls
- * Reads only tracepoint fields and BPF helpers, and one word whose place comes from the running kernel's
- * BTF: no kernel struct is walked through headers, so headers of another kernel version are good enough. */
+ * Reads only tracepoint fields, BPF helpers, the syscall's registers (pt_regs: the ptrace ABI's layout,
+ * which kernel versions keep) and one word whose place comes from the running kernel's BTF: no kernel
+ * struct is walked through headers, so headers of another kernel version are good enough. x86_64 only. */
 #include <uapi/linux/ptrace.h>
 #include "sysgram.h"
 
@@ -32,6 +33,7 @@
 #undef COMPAT_DETAILS
 #define COMPAT_DETAILS 0
 #endif
+#define USER32_CS 0x23 /* x86_64's __USER32_CS: the code segment of a 32-bit process */
 #ifndef COMPAT_SOCKETCALL_NR
 #define COMPAT_SOCKETCALL_NR 0xffff
 #endif
@@ -443,6 +445,12 @@ static __always_inline void detail_enter(struct bpf_raw_tracepoint_args *ctx, __
         return;
     struct pt_regs regs = {};
     bpf_probe_read_kernel(&regs, sizeof(regs), (void *)ctx->args[0]);
+#if !defined(TI_STATUS_OFFSET)
+    /* No kernel flag to tell 32-bit syscalls (no BTF): a 32-bit process's code segment does, so its
+     * syscalls are not kept under the native numbers they are not (the per-syscall exits skip them). */
+    if ((regs.cs & 0xffff) == USER32_CS)
+        return;
+#endif
     struct pending p = {};
     p.ts = bpf_ktime_get_ns();
     p.nr = nr;
@@ -609,6 +617,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     __u32 tgid = id >> 32;
     if (tgid == SELF_TGID)
         return 0;
+    __u32 tid = (__u32)id;
+    pending.delete(&tid); /* an entry whose exit never came (a syscall the thread did not return from) */
     if (args->group_dead) { /* before the record: a reused pid must never meet a stale entry */
         enforce.delete(&tgid);
         protected_tgids.delete(&tgid);

@@ -1,5 +1,6 @@
 /* Syscalls whose details need the fourth to sixth arguments (r10, r8, r9 on x86_64): openat's mode,
- * sendto's address and its length, linkat's newpath and flags. Usage: args6 PATH PORT */
+ * sendto's address and its length, linkat's newpath and flags; and umount2, whose trace event is named
+ * sys_exit_umount. Usage: args6 PATH PORT */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -7,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -28,5 +30,6 @@ int main(int argc, char **argv) {
     if (linkat(AT_FDCWD, argv[1], AT_FDCWD, linked, AT_SYMLINK_FOLLOW) != 0)
         return 1;
     unlink(linked);
+    umount2(argv[1], MNT_DETACH); /* not a mount point: fails, and is still a syscall with details */
     return 0;
 }

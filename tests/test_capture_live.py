@@ -277,13 +277,14 @@ def test_details_carry_all_six_arguments_of_a_native_syscall(tmp_path: Path, arg
     details = {
         e["syscall"]: e
         for e in events
-        if (e.get("detail") and e["syscall"] in ("sendto", "linkat")) or e.get("name") == str(target)
+        if (e.get("detail") and e["syscall"] in ("sendto", "linkat", "umount2")) or e.get("name") == str(target)
     }
     assert details["openat"]["flags"] & os.O_CREAT and details["openat"]["mode"] == 0o640  # r10
     sent = details["sendto"]
     assert (sent["size"], sent["addr"], sent["port"]) == (3, "127.0.0.1", port)  # rdx; r8 and its length r9
     linked = details["linkat"]
     assert linked["newpath"] == f"{target}.link" and linked["flags"] == 0x400  # r10, r8 (AT_SYMLINK_FOLLOW)
+    assert details["umount2"]["res"] < 0 and details["umount2"]["flags"] == 2  # MNT_DETACH; event sys_exit_umount
 
 
 def test_no_program_sits_on_a_per_syscall_entry_tracepoint() -> None:
@@ -291,11 +292,84 @@ def test_no_program_sits_on_a_per_syscall_entry_tracepoint() -> None:
     # dispatch (docs/performance.md); entries are kept by the raw sys_enter program instead.
     from agent.capture._decode import SPECS
     from agent.capture._loader import Tracer
+    from agent.capture.names import syscall_number
 
     tracer = Tracer(self_tgid=os.getpid(), detail_syscalls=set(SPECS), compact_rb_pages=64, detail_rb_pages=64)
     try:
         attached = [key.decode() if isinstance(key, bytes) else key for key in tracer.bpf.tracepoint_fds]
+        specs = tracer.bpf["arg_spec"]
+        kept_rows = {i: int(specs[specs.Key(i)].kept) for i in range(512)}
     finally:
         tracer.close()
     assert any(name.startswith("syscalls:sys_exit_openat") for name in attached), attached
     assert not [name for name in attached if name.startswith("syscalls:sys_enter_")]
+    # an entry is kept only where an exit will send and remove it: not for a syscall without a trace event
+    missing = [name for name in ("init_module", "finit_module") if not os.path.isdir(
+        f"/sys/kernel/tracing/events/syscalls/sys_exit_{name}")]
+    assert not set(missing) & set(tracer.attached.values())
+    assert all(not kept_rows[syscall_number(name)] for name in missing)
+    assert "syscalls:sys_exit_umount" in attached
+
+
+FLOOD_C = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <time.h>
+int main(int argc, char **argv) {
+    double seconds = atof(argv[1]);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do {
+        for (int i = 0; i < 1000; i++)
+            openat(AT_FDCWD, "/nonexistent/sysgram-flood", O_RDONLY);
+        clock_gettime(CLOCK_MONOTONIC, &t);
+    } while ((t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9 < seconds);
+    return 0;
+}
+"""
+
+
+def test_a_flood_of_details_does_not_hold_the_reader_in_one_turn(tmp_path: Path) -> None:
+    # An unprivileged open() loop makes details faster than the reader decodes them. libbpf keeps
+    # consuming a ring while records keep coming: without a per-turn budget the reader never finished a
+    # turn, handed nothing over, and the agent's /healthz saw the capture stalled.
+    import shutil
+    import threading
+
+    from agent.capture.source import LiveSource
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "flood.c").write_text(FLOOD_C)
+    subprocess.run([cc, "-O1", "-o", str(tmp_path / "flood"), str(tmp_path / "flood.c")], check=True)
+    source = LiveSource(detail_syscalls={"openat"})
+    source.start()
+    handed = [0]
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            group = source.get(0.05)
+            handed[0] += len(group or [])
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    longest = 0.0
+    try:
+        flood = subprocess.Popen([str(tmp_path / "flood"), "3"])
+        last, since = source.last_turn, time.monotonic()
+        while flood.poll() is None:
+            time.sleep(0.02)
+            if source.last_turn != last:
+                last, since = source.last_turn, time.monotonic()
+            longest = max(longest, time.monotonic() - since)
+        assert flood.returncode == 0
+    finally:
+        stop.set()
+        drainer.join(5)
+        drops = source.drops()
+        source.close()
+    assert longest < 1.0, f"the reader stood still for {longest:.2f} s"
+    assert handed[0] > 0
+    print(f"flood: reader's longest turn {longest:.3f} s, drops {drops}")

@@ -133,6 +133,17 @@ def test_a_silent_cpu_holds_rows_back_no_longer_than_max_hold() -> None:
     assert orderer.drain()["nr"].tolist() == [2]
 
 
+def test_rows_after_the_last_detail_read_wait_for_the_details_but_not_past_max_hold() -> None:
+    orderer = BatchOrderer(max_hold_ns=1_000)
+    both = [batch(0, 100, 900, [(7, 1, 100), (7, 2, 400)]), batch(1, 0, 900, [])]
+    # the reader stopped at a detail of t=300 (its budget): rows after it wait for the rest of the details
+    assert orderer.add(both, hold_after=300)["nr"].tolist() == [1]
+    assert orderer.add([], hold_after=None)["nr"].tolist() == [2]  # the details caught up
+    assert orderer.add([batch(0, 1_000, 1_100, [(7, 3, 1_000)]), batch(1, 0, 1_100, [])], hold_after=50).size == 0
+    out = orderer.add([batch(0, 2_500, 3_000, []), batch(1, 0, 3_000, [])], hold_after=50)
+    assert out["nr"].tolist() == [3]  # held by the details' lag no longer than max_hold
+
+
 @requires_bpf
 @pytest.mark.bpf
 def test_a_thread_hopping_between_cpus_keeps_its_order(tmp_path: Path) -> None:

@@ -221,3 +221,69 @@ def test_the_agent_sees_32_bit_syscalls_and_alerts_a_64_bit_program_making_them(
     stats = json.loads(err.rsplit("sysgram: stats ", 1)[1].splitlines()[0])
     assert stats["abi_mismatches"] >= 1
     assert stats["compat_details_started"] == 1 and "runs 32-bit code" in err
+
+
+def test_without_the_kernel_flag_32bit_syscalls_are_not_kept_as_native_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No BTF (no TS_COMPAT offset): the sys_enter program must still not keep a 32-bit process's i386
+    # setpgid (57) as x86_64 fork (57): no exit would ever send or remove it, and the fork handler would
+    # read its registers as clone flags.
+    import os
+
+    import agent.capture._loader as loader
+    from agent.capture._btf import CompatProbe
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    exe = tmp_path / "setpgid32"
+    built = subprocess.run([cc or "cc", "-m32", "-O1", "-o", str(exe), str(ROOT / "tests" / "setpgid32.c")],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"no 32-bit toolchain (gcc-multilib): {built.stderr.strip()[:200]}")
+    monkeypatch.setattr(loader, "compat_probe", lambda: CompatProbe(None, 0, "test: no BTF"))
+    tracer = loader.Tracer(self_tgid=os.getpid(), detail_syscalls={"openat"}, compact_rb_pages=64,
+                           detail_rb_pages=64)
+    assert syscall_number("fork") == syscall_number("setpgid", compat=True) == 57
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    child = subprocess.Popen([str(exe), "2"])
+    blocked = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.DEVNULL)  # a native openat that waits
+    try:
+        time.sleep(1.0)  # the 32-bit child has made its setpgid and sleeps
+        pending = {int(key.value) for key in tracer.bpf["pending"]}
+        assert child.poll() is None and blocked.poll() is None
+        assert blocked.pid in pending  # the map is read right: a 64-bit syscall in progress is there
+        assert child.pid not in pending
+    finally:
+        with open(fifo, "w"):
+            pass  # releases cat
+        blocked.wait(10)
+        child.wait(10)
+        tracer.close()
+
+
+def test_an_entry_whose_exit_never_came_goes_with_its_thread(programs: Path) -> None:
+    # compat_details auto, before the exit program is attached: a 32-bit syscall's entry is kept and no
+    # exit sends or removes it. sched_process_exit removes it, else every such thread would leave one in
+    # the pending map until it filled and new details were lost.
+    import os
+
+    from agent.capture._loader import Tracer
+
+    tracer = Tracer(self_tgid=os.getpid(), detail_syscalls={"open", "openat"}, compact_rb_pages=64,
+                    detail_rb_pages=64, compat_details="auto")
+    if tracer.compat.status_offset is None:
+        tracer.close()
+        pytest.skip(f"no 32-bit detection here: {tracer.compat.reason}")
+    try:
+        assert not tracer.compat_exit_attached
+        child = subprocess.Popen([str(programs / "bin" / "free"), "/etc/hostname", "1.5"])
+        time.sleep(0.9)  # it has made its i386 open and loops on getppid
+        during = {int(key.value) for key in tracer.bpf["pending"]}
+        assert child.wait(10) == 0
+        time.sleep(0.2)
+        after = {int(key.value) for key in tracer.bpf["pending"]}
+    finally:
+        tracer.close()
+    assert child.pid in during
+    assert child.pid not in after

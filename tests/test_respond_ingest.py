@@ -111,7 +111,7 @@ def test_non_loopback_bind_without_a_token_is_refused() -> None:
         IngestServer(Collected(), Metrics(), address="0.0.0.0", port=0)
 
 
-def test_with_a_token_every_request_must_carry_it() -> None:
+def test_with_a_token_every_request_but_the_liveness_ones_must_carry_it() -> None:
     got = Collected()
     srv = IngestServer(got, Metrics(), address="0.0.0.0", port=0, token="s3cret-token").start()
     try:
@@ -120,6 +120,9 @@ def test_with_a_token_every_request_must_carry_it() -> None:
         wrong = {"authorization": "Bearer nope"}
         assert httpx.post(url + "/", json=FALCO_PAYLOAD, headers=wrong).status_code == 401
         assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/nothing-here").status_code == 401
+        # a kubelet's probe sends no token; these say only whether the agent is up
+        assert (httpx.get(url + "/healthz").status_code, httpx.get(url + "/ping").status_code) == (200, 200)
         assert got.alerts == []
         right = {"authorization": "Bearer s3cret-token"}
         assert httpx.post(url + "/", json=FALCO_PAYLOAD, headers=right).status_code == 200

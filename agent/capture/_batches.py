@@ -139,8 +139,10 @@ class BatchOrderer:
     def held(self) -> int:
         return sum(len(rows) for rows, _ in self._segments)
 
-    def add(self, raw_batches: list[bytes]) -> np.ndarray:
-        """Take newly read batches; return the rows now safe to hand on."""
+    def add(self, raw_batches: list[bytes], hold_after: int | None = None) -> np.ndarray:
+        """Take newly read batches; return the rows now safe to hand on. ``hold_after``: rows after this
+        time also wait (the detail records up to it were read, later ones wait in their ring: an exec
+        event must not come after its program's syscalls), never longer than ``max_hold_ns``."""
         rows, keys, headers = decode(raw_batches)
         for cpu, end in zip(headers["cpu"].tolist(), headers["end_ts"].tolist(), strict=True):
             if end > self._cpu_end.get(cpu, 0):
@@ -150,7 +152,8 @@ class BatchOrderer:
         if not self._cpu_end or not self._segments:
             return np.zeros(0, dtype=SYSCALL_DTYPE)
         ends = self._cpu_end.values()
-        return self._release(max(min(ends), max(ends) - self.max_hold_ns))
+        watermark = min(ends) if hold_after is None else min(min(ends), hold_after)
+        return self._release(max(watermark, max(ends) - self.max_hold_ns))
 
     def _release(self, watermark: int | None) -> np.ndarray:
         out_rows: list[np.ndarray] = []

@@ -14,7 +14,7 @@ import numpy as np
 from agent.capture import _layout as L
 from agent.capture._btf import CompatProbe, compat_probe
 from agent.capture._decode import socketcall_table, spec_table
-from agent.capture._headers import ensure_kernel_headers, ensure_tracefs
+from agent.capture._headers import TRACEFS, ensure_kernel_headers, ensure_tracefs
 from agent.capture.names import syscall_number
 from agent.errors import CaptureError
 from agent.memory import release_compiler_memory
@@ -36,6 +36,15 @@ def _import_bcc() -> Any:
             f"--system-site-packages ({err})"
         ) from None
     return bcc
+
+
+# Syscalls whose trace event is named after another entry point (x86_64: umount2 is SYSCALL_DEFINE2(umount)).
+_TRACEPOINT_NAMES = {"umount2": "umount"}
+
+
+def _exit_tracepoint_dir(name: str) -> str:
+    """The tracefs directory of syscall ``name``'s exit event (absent: no such event on this kernel)."""
+    return f"{TRACEFS}/events/syscalls/sys_exit_{_TRACEPOINT_NAMES.get(name, name)}"
 
 
 class Tracer:
@@ -85,7 +94,12 @@ class Tracer:
             raise CaptureError(
                 f"loading the BPF program failed: {err}", path=str(BPF_DIR / "sysgram.bpf.c")
             ) from None
-        table, self.attached = spec_table(detail_syscalls)
+        table, wanted = spec_table(detail_syscalls)
+        # A native syscall's entry is kept only when its exit hook exists to send and remove it: one
+        # without (no tracepoint on this kernel) would leave an entry per thread in the pending map.
+        self.attached = {nr: name for nr, name in wanted.items() if os.path.isdir(_exit_tracepoint_dir(name))}
+        for nr in set(wanted) - set(self.attached):
+            table["kept"][nr] = table["enabled"][nr] = 0
         spec_map = self.bpf["arg_spec"]
         for index in np.flatnonzero(table["kept"]):
             spec_map[ctypes.c_int(int(index))] = spec_map.Leaf.from_buffer_copy(table[index].tobytes())
@@ -101,11 +115,9 @@ class Tracer:
     def _attach_details(self) -> None:
         """Exit hooks only: the raw sys_enter program keeps each detail syscall's entry itself (its arg_spec
         row), since any program on a ``sys_enter_X`` tracepoint costs every syscall the kernel's dispatch."""
-        tracing = "/sys/kernel/tracing/events/syscalls"
         for name in sorted(self.attached.values()):
-            if not os.path.isdir(f"{tracing}/sys_exit_{name}"):
-                continue  # not a syscall on this kernel (e.g. an arch without it)
-            self.bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name="on_detail_exit")
+            event = os.path.basename(_exit_tracepoint_dir(name))
+            self.bpf.attach_tracepoint(tp=f"syscalls:{event}", fn_name="on_detail_exit")
 
     def attach_compat_exit(self) -> bool:
         """Attach the 32-bit syscalls' exit program (idempotent); True when this call attached it."""

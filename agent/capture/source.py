@@ -69,6 +69,11 @@ class ReplaySource:
 
 
 READ_INTERVAL_MS = 5  # the reader drains the rings at least this often
+# Detail records the reader decodes per turn (~7 us each here). libbpf keeps consuming a ring while records
+# keep coming, so a flood of details (an unprivileged open() loop makes >1 M/s) held the reader in one turn
+# that never ended: nothing was handed over and the agent's /healthz saw it stalled. Past the budget the
+# rest waits in the ring for the next turn (and what the ring cannot hold is counted as lost).
+DETAIL_TURN_BUDGET = 4096
 
 
 class LiveSource:
@@ -120,6 +125,9 @@ class LiveSource:
         self.queue_overflow = 0
         self._threads: list[threading.Thread] = []
         self.last_turn = time.monotonic()  # the reader thread's last turn (the agent's /healthz watches it)
+        self._turn_details = 0
+        self._detail_budget: int | None = DETAIL_TURN_BUDGET
+        self._details_cut_at: int | None = None  # the last detail read when a turn's budget ran out
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,6 +144,7 @@ class LiveSource:
             thread.start()
             self._threads.append(thread)
         reader = threading.Thread(target=self._read_loop, name="sysgram-reader", daemon=True)
+        self.last_turn = time.monotonic()
         reader.start()
         self._threads.append(reader)
 
@@ -202,7 +211,17 @@ class LiveSource:
         return 0
 
     def _on_detail(self, _ctx: object, data: int, size: int) -> int:
+        """One detail record; -1 (libbpf stops this ring's consumption, this record taken) once the turn's
+        budget is spent."""
         raw = ctypes.string_at(data, size)
+        self._take_detail(raw)
+        self._turn_details += 1
+        if self._detail_budget is None or self._turn_details < self._detail_budget:
+            return 0
+        self._details_cut_at = int(np.frombuffer(raw, L.DETAIL_HDR, count=1)["ts"][0])
+        return -1
+
+    def _take_detail(self, raw: bytes) -> None:
         kind = raw[0]
         if kind == L.K_SYSCALL:
             event = decode_detail(raw)
@@ -228,32 +247,35 @@ class LiveSource:
         elif kind in (L.K_FORK, L.K_EXEC, L.K_EXIT):
             proc = decode_proc(raw)
             if proc.kind == "exit" and proc.is_thread and proc.tid == proc.pid:
-                return 0  # the leader thread left early; the process lives on in its other threads
+                return  # the leader thread left early; the process lives on in its other threads
             if proc.kind == "exit" and not proc.is_thread:
                 proc = ProcEvent("exit", proc.ts, proc.pid, proc.pid, comm=proc.comm)
             self._details.append(proc)
         elif kind == L.K_ENFORCED:
             self._details.append(decode_kernel_signal(raw))
-        return 0
 
     def _read_loop(self) -> None:
         # Compact batches wake nobody (see bpf/sysgram.bpf.c): wait for detail records or a short
         # timeout, then drain both rings.
         assert self.tracer is not None
         while not self._stop.is_set():
+            self._turn_details = 0
+            self._details_cut_at = None
             self.tracer.poll(READ_INTERVAL_MS)
             self.tracer.consume()
             self._hand_over()
             self.last_turn = time.monotonic()
         for ticker in self._tickers:  # every CPU's last flush, then the last read
             ticker.finished.wait(2.0)
+        self._detail_budget = None  # the last read takes everything
+        self._details_cut_at = None
         self.tracer.consume()
         self._hand_over(final=True)
 
     def _hand_over(self, final: bool = False) -> None:
         if not self._raw_batches and not self._details and not final:
             return
-        syscalls = self._orderer.add(self._raw_batches)
+        syscalls = self._orderer.add(self._raw_batches, hold_after=self._details_cut_at)
         if final:
             syscalls = np.concatenate((syscalls, self._orderer.drain()))
         group: list[Chunk] = list(self._details)

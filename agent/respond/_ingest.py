@@ -170,9 +170,10 @@ class _Handler(BaseHTTPRequestHandler):
         return ok
 
     def do_GET(self) -> None:
-        if not self._authorized():
-            return
         path = self.path.split("?", 1)[0]
+        # liveness answers need no token (a kubelet's probe sends none; they tell nothing but up or not)
+        if path not in ("/healthz", "/ping") and not self._authorized():
+            return
         if path == "/metrics":
             self._reply(200, self.server.ingest.metrics.render(), METRICS_CONTENT_TYPE)
         elif path == "/healthz":  # the agent's health: 503 while it starts or when a stage has stalled
