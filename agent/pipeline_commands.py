@@ -31,6 +31,7 @@ SHIPPED_MODEL_NOTE = (
 )
 DEFAULT_SECCOMP = {"host_default": str(ROOT / "rules" / "seccomp" / "host-default.json")}
 SECRET_ENV = "SYSGRAM_WEBHOOK_SECRET"  # the webhook secret without putting it on the command line (ps)
+LISTEN_TOKEN_ENV = "SYSGRAM_LISTEN_TOKEN"  # the ingestion bearer token, likewise (as `sysgram alerts listen`)
 T = TypeVar("T")
 
 
@@ -133,28 +134,52 @@ def _state_dir(cfg: AgentConfig, from_cli: bool) -> None:
         raise ConfigError(f"{name}: {cfg.state_dir} is not writable", path=path, line=line)
 
 
-# outputs keys that command-line options set: (key, the option's attribute, how the user gave it)
-_OUTPUT_OPTIONS = (
-    ("outputs.webhook.secret", "webhook_secret", "--webhook-secret"),
-    ("outputs.webhook", "webhook", "--webhook"),
-    ("outputs.jsonl", "alerts_jsonl", "--alerts-jsonl"),
-    ("outputs.listen", "listen", "--listen"),
-    ("outputs.falco_file", "falco_file", "--falco-file"),
-)
+# outputs keys that command-line options (or environment variables) set: key -> how the user gave it.
+# Only these exact keys: an error about another key of the same section came from the config file.
+_OPTION_KEYS = {
+    "outputs.webhook.url": "--webhook",
+    "outputs.webhook.secret": f"--webhook-secret ({SECRET_ENV})",
+    "outputs.jsonl.path": "--alerts-jsonl",
+    "outputs.listen.address": "--listen",
+    "outputs.listen.port": "--listen",
+    "outputs.listen.token": LISTEN_TOKEN_ENV,
+    "outputs.falco_file": "--falco-file",
+}
 
 
 def _from_option(err: ConfigError, args: argparse.Namespace) -> ConfigError:
     """``err`` about an outputs key, named after the command-line option that set the value when one did
     (not after the config file, or `<defaults>` when there is none)."""
     key = err.message.split(":", 1)[0]
-    for prefix, attr, option in _OUTPUT_OPTIONS:
-        if key != prefix and not key.startswith(prefix + "."):
-            continue
-        if getattr(args, attr, None):
-            return ConfigError(f"{option}: {err.message}")
-        if attr == "webhook_secret" and os.environ.get(SECRET_ENV):
-            return ConfigError(f"{SECRET_ENV}: {err.message}")
+    given = {
+        "--webhook": args.webhook,
+        f"--webhook-secret ({SECRET_ENV})": args.webhook_secret or os.environ.get(SECRET_ENV),
+        "--alerts-jsonl": args.alerts_jsonl,
+        "--listen": args.listen,
+        LISTEN_TOKEN_ENV: os.environ.get(LISTEN_TOKEN_ENV),
+        "--falco-file": args.falco_file,
+    }
+    option = _OPTION_KEYS.get(key)
+    if option is not None and given[option]:
+        return ConfigError(f"{option}: {err.message}")
+    if key == "outputs.listen.token" and args.listen and "required when listening" in err.message:
+        return ConfigError(f"--listen: {err.message}")  # the option chose an address that needs a token
     return err
+
+
+def _sink(value: Any, shorthand: str | None) -> Any:
+    """An outputs sink's config as a dict to merge options into (its short form ``jsonl: PATH`` expanded);
+    anything else unchanged, for the outputs' own check to name."""
+    if value is None:
+        return {}
+    if isinstance(value, str) and shorthand is not None:
+        return {shorthand: value}
+    return dict(value) if isinstance(value, dict) else value
+
+
+def _merged(value: Any, shorthand: str | None, **options: Any) -> Any:
+    sink = _sink(value, shorthand)
+    return {**sink, **options} if isinstance(sink, dict) else sink
 
 
 def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -162,21 +187,26 @@ def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, An
     if args.quiet:
         section["console"] = None
     if args.alerts_jsonl:
-        section["jsonl"] = {**(section.get("jsonl") or {}), "path": args.alerts_jsonl}
+        section["jsonl"] = _merged(section.get("jsonl"), "path", path=args.alerts_jsonl)
     if args.webhook:
-        section["webhook"] = {**(section.get("webhook") or {}), "url": args.webhook}
+        section["webhook"] = _merged(section.get("webhook"), "url", url=args.webhook)
     secret = args.webhook_secret or os.environ.get(SECRET_ENV)
     if secret:
         if not section.get("webhook"):
             raise ConfigError(f"--webhook-secret ({SECRET_ENV}) needs --webhook or outputs.webhook")
-        webhook = section["webhook"]
-        section["webhook"] = {**({"url": webhook} if isinstance(webhook, str) else webhook), "secret": secret}
+        section["webhook"] = _merged(section["webhook"], "url", secret=secret)
     if args.falco_file:
         section["falco_file"] = args.falco_file
     if args.listen:
         host, port = parse_listen(args.listen)
-        listen = {k: v for k, v in (section.get("listen") or {}).items() if k != "host"}
+        listen = _sink(section.get("listen"), None)
+        listen = {k: v for k, v in listen.items() if k != "host"} if isinstance(listen, dict) else {}
         section["listen"] = {**listen, "address": host, "port": port}
+    token = os.environ.get(LISTEN_TOKEN_ENV)
+    if token:
+        if not section.get("listen"):
+            raise ConfigError(f"{LISTEN_TOKEN_ENV} needs --listen or outputs.listen")
+        section["listen"] = _merged(section["listen"], None, token=token)
     return section
 
 

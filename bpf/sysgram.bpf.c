@@ -11,6 +11,8 @@
  *                 userspace attaches to the raw sys_exit tracepoint when needed; needs TI_STATUS_OFFSET)
  *   COMPAT_EXECVE_NR, COMPAT_EXECVEAT_NR  i386 numbers of execve/execveat (stamped like the native ones)
  *   COMPAT_SOCKETCALL_NR  i386 socketcall, which 32-bit libcs use for connect and the other socket calls
+ *   CLONE_NR, CLONE3_NR, FORK_NR, VFORK_NR and their COMPAT_ twins: the syscalls whose entry the fork
+ *                 handler reads clone flags from
  * Reads only tracepoint fields, BPF helpers, the syscall's registers (pt_regs: the ptrace ABI's layout,
  * which kernel versions keep) and one word whose place comes from the running kernel's BTF: no kernel
  * struct is walked through headers, so headers of another kernel version are good enough. x86_64 only. */
@@ -34,8 +36,13 @@
 #define COMPAT_DETAILS 0
 #endif
 #define USER32_CS 0x23 /* x86_64's __USER32_CS: the code segment of a 32-bit process */
+#define INT80_INSN 0x80cd /* `int $0x80` (cd 80) read as a little-endian u16 */
 #ifndef COMPAT_SOCKETCALL_NR
 #define COMPAT_SOCKETCALL_NR 0xffff
+#endif
+#if !defined(CLONE_NR) || !defined(CLONE3_NR) || !defined(FORK_NR) || !defined(VFORK_NR) || \
+    !defined(COMPAT_CLONE_NR) || !defined(COMPAT_CLONE3_NR) || !defined(COMPAT_FORK_NR) || !defined(COMPAT_VFORK_NR)
+#error "the clone family's numbers must be set"
 #endif
 #if !defined(COMPAT_EXECVE_NR) || !defined(COMPAT_EXECVEAT_NR)
 #define COMPAT_EXECVE_NR 0xffff
@@ -446,9 +453,13 @@ static __always_inline void detail_enter(struct bpf_raw_tracepoint_args *ctx, __
     struct pt_regs regs = {};
     bpf_probe_read_kernel(&regs, sizeof(regs), (void *)ctx->args[0]);
 #if !defined(TI_STATUS_OFFSET)
-    /* No kernel flag to tell 32-bit syscalls (no BTF): a 32-bit process's code segment does, so its
-     * syscalls are not kept under the native numbers they are not (the per-syscall exits skip them). */
+    /* No kernel flag to tell 32-bit syscalls (no BTF): a 32-bit process's code segment does, and a 64-bit
+     * one's int 0x80 is the instruction just before its return address; their syscalls are not kept under
+     * the native numbers they are not (no native exit would ever send or remove the entry). */
     if ((regs.cs & 0xffff) == USER32_CS)
+        return;
+    __u16 insn = 0;
+    if (bpf_probe_read_user(&insn, sizeof(insn), (void *)(regs.ip - 2)) == 0 && insn == INT80_INSN)
         return;
 #endif
     struct pending p = {};
@@ -557,6 +568,12 @@ static __always_inline void enforce_exec(__u32 tgid, const char *filename) {
 }
 #endif
 
+static __always_inline int is_clone(__u32 nr, __u32 compat) {
+    if (compat)
+        return nr == COMPAT_CLONE_NR || nr == COMPAT_CLONE3_NR || nr == COMPAT_FORK_NR || nr == COMPAT_VFORK_NR;
+    return nr == CLONE_NR || nr == CLONE3_NR || nr == FORK_NR || nr == VFORK_NR;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_fork) {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 parent_tgid = id >> 32;
@@ -570,8 +587,11 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         return 0;
     __u32 tid = (__u32)id;
     e->h.aux = args->child_pid;
-    /* The parent is inside clone/clone3/fork/vfork: its pending entry holds the flags. */
+    /* The parent is inside clone/clone3/fork/vfork: its pending entry holds the flags (an entry of any other
+     * syscall is a stale one, e.g. an int 0x80 kept as a native syscall where the kernel flag is unknown). */
     struct pending *p = pending.lookup(&tid);
+    if (p && !is_clone(p->nr, p->compat))
+        p = 0;
     if (p) {
         e->clone_flags = p->deref ? p->deref : p->args[0];
         e->h.nr = p->nr;
@@ -607,8 +627,20 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     /* A 32-bit program was loaded: the kernel now takes the execve for a 32-bit syscall, and its exit
      * tracepoint will not fire. The exec succeeded (this tracepoint says so): its record goes out now,
      * without strings (the old memory is gone; the entry's argv record has them). */
-    if (image_compat)
-        detail_exit(id, args->old_pid, 0, 0);
+    __u32 tid = (__u32)id;
+    __u32 old_tid = args->old_pid;
+    if (image_compat) {
+        detail_exit(id, old_tid, 0, 0);
+    } else if (old_tid != tid) {
+        /* A thread other than the leader exec'd: it now has the leader's id (de_thread), which its exit
+         * hook looks the entry up under. */
+        struct pending *p = pending.lookup(&old_tid);
+        if (p) {
+            struct pending moved = *p;
+            pending.update(&tid, &moved);
+            pending.delete(&old_tid);
+        }
+    }
     return 0;
 }
 

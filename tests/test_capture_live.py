@@ -373,3 +373,70 @@ def test_a_flood_of_details_does_not_hold_the_reader_in_one_turn(tmp_path: Path)
     assert longest < 1.0, f"the reader stood still for {longest:.2f} s"
     assert handed[0] > 0
     print(f"flood: reader's longest turn {longest:.3f} s, drops {drops}")
+
+
+def test_an_execve_from_a_thread_other_than_the_leader_keeps_its_details(tmp_path: Path) -> None:
+    # The exec'ing thread takes the leader's id (de_thread): its entry and its argv record were kept under
+    # its old id, and its exit record comes under the new one. Before, that execve reached no rule.
+    import shutil
+
+    from agent.capture.source import LiveSource
+    from agent.events import DetailEvent
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "thread_exec"
+    subprocess.run([cc, "-O1", "-pthread", "-o", str(exe), str(ROOT / "tests" / "thread_exec.c")], check=True)
+    marker = f"sysgram-thread-exec-{uuid.uuid4().hex[:8]}"
+    source = LiveSource(detail_syscalls={"execve"})
+    source.start()
+    execs: list[DetailEvent] = []
+    try:
+        child = subprocess.Popen([str(exe), marker])
+        assert child.wait(10) == 0  # /bin/true ran in the thread's place
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(execs) < 2:
+            group = source.get(0.1) or []
+            execs += [c for c in group if isinstance(c, DetailEvent) and c.syscall == "execve" and c.tgid == child.pid]
+    finally:
+        source.close()
+    ours = [e for e in execs if e.args.get("filename") == "/bin/true"]  # not the exec of thread_exec itself
+    assert ours, [e.args for e in execs]
+    assert ours[0].res == 0 and ours[0].tid == child.pid
+    assert ours[0].args["argv"] == ["/bin/true", marker]
+
+
+def test_stopping_during_a_flood_of_details_ends_within_its_deadline(tmp_path: Path) -> None:
+    # The reader's last reads at stop run while the programs still send: under a flood the ring never
+    # empties, so they stop at a deadline instead of reading on while the rings are freed under them.
+    import shutil
+    import threading
+
+    from agent.capture.source import FINAL_DRAIN_S, LiveSource
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "flood.c").write_text(FLOOD_C)
+    subprocess.run([cc, "-O1", "-o", str(tmp_path / "flood"), str(tmp_path / "flood.c")], check=True)
+    source = LiveSource(detail_syscalls={"openat"})
+    source.start()
+    stop = threading.Event()
+    drainer = threading.Thread(target=lambda: [source.get(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+    drainer.start()
+    flood = subprocess.Popen([str(tmp_path / "flood"), "20"])
+    try:
+        time.sleep(1.0)
+        reader = next(t for t in source._threads if t.name == "sysgram-reader")
+        started = time.monotonic()
+        source.stop()
+        took = time.monotonic() - started
+        assert not reader.is_alive(), "the reader was still reading when stop() gave up on it"
+        source.close()
+    finally:
+        flood.kill()
+        flood.wait()
+        stop.set()
+        drainer.join(5)
+    assert took < FINAL_DRAIN_S + 1.0, took

@@ -223,12 +223,14 @@ def test_the_agent_sees_32_bit_syscalls_and_alerts_a_64_bit_program_making_them(
     assert stats["compat_details_started"] == 1 and "runs 32-bit code" in err
 
 
+@pytest.mark.parametrize("build", [["-m32"], ["-DINT80", "-no-pie"]], ids=["32-bit program", "int 0x80"])
 def test_without_the_kernel_flag_32bit_syscalls_are_not_kept_as_native_ones(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, build: list[str]
 ) -> None:
-    # No BTF (no TS_COMPAT offset): the sys_enter program must still not keep a 32-bit process's i386
-    # setpgid (57) as x86_64 fork (57): no exit would ever send or remove it, and the fork handler would
-    # read its registers as clone flags.
+    # No BTF (no TS_COMPAT offset): the sys_enter program must still not keep an i386 setpgid (57) as
+    # x86_64 fork (57), from a 32-bit program (its code segment) or a 64-bit one's int 0x80 (the
+    # instruction before its return address): no exit would ever send or remove the entry, and the fork
+    # handler would read its registers as clone flags.
     import os
 
     import agent.capture._loader as loader
@@ -236,7 +238,7 @@ def test_without_the_kernel_flag_32bit_syscalls_are_not_kept_as_native_ones(
 
     cc = shutil.which("gcc") or shutil.which("cc")
     exe = tmp_path / "setpgid32"
-    built = subprocess.run([cc or "cc", "-m32", "-O1", "-o", str(exe), str(ROOT / "tests" / "setpgid32.c")],
+    built = subprocess.run([cc or "cc", *build, "-O1", "-o", str(exe), str(ROOT / "tests" / "setpgid32.c")],
                            capture_output=True, text=True)
     if built.returncode != 0:
         pytest.skip(f"no 32-bit toolchain (gcc-multilib): {built.stderr.strip()[:200]}")

@@ -234,6 +234,33 @@ def test_an_outputs_error_names_the_option_that_set_the_value(
     assert "<defaults>" not in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("options", "config", "env", "first"),
+    [
+        # another key of a section an option also sets: the file's value, so the file's line
+        (["--webhook", "https://soc.example/a"], "outputs:\n  webhook: {url: https://x.example, backoff_max: -1}\n",
+         {}, "{config}:2: outputs.webhook.backoff_max"),
+        # the short forms in the file, with the option that completes them: no crash, the config is fine
+        (["--webhook-secret", "s3cret-s3cret-s3cret"], "outputs:\n  webhook: https://soc.example/a\n", {}, "{rec}"),
+        (["--alerts-jsonl", "/tmp/sysgram-test-alerts.jsonl"], "outputs:\n  jsonl: /tmp/elsewhere.jsonl\n", {}, "{rec}"),
+        # the ingestion token from the environment, as the Kubernetes manifest gives it
+        ([], "outputs:\n  listen: {address: 0.0.0.0, port: 8765}\n", {"SYSGRAM_LISTEN_TOKEN": "t0ken-t0ken"}, "{rec}"),
+        ([], "outputs:\n  listen: {address: 0.0.0.0, port: 8765}\n", {}, "{config}:2: outputs.listen.token: required"),
+    ],
+)
+def test_options_and_the_config_file_merge_and_errors_name_their_source(
+    tmp_path: Path, options: list[str], config: str, env: dict[str, str], first: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(config)
+    recording = tmp_path / "none.parquet"
+    result = sysgram("replay", str(recording), "--no-model", "--no-default-rules", "--state-dir",
+                     str(tmp_path / "state"), "--config", str(path), *options, env={**os.environ, **env})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sysgram: error: " + first.format(config=path, rec=recording)), lines
+
+
 def test_parse_listen_accepts_bracketed_ipv6() -> None:
     from agent.pipeline_commands import parse_listen
 

@@ -16,7 +16,6 @@ import yaml
 
 from agent.capture._headers import TRACEFS
 from agent.cli import build_parser
-from agent.config import load_config
 from agent.pipeline_commands import _config, _outputs_section
 from agent.respond import IngestServer, Metrics, OutputConfig
 from tests.conftest import ROOT
@@ -74,9 +73,22 @@ def test_the_pod_can_see_and_trace_the_node(docs: dict[str, dict[str, Any]]) -> 
     assert _host_mounts(docs).get(TRACEFS) == TRACEFS
 
 
+def _listen(docs: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The listener the pod's agent would run: the ConfigMap's outputs with the token the pod's environment
+    gives (from its Secret; a stand-in value here), through the agent's own merge and check."""
+    container = _container(docs)
+    token = next(e for e in container["env"] if e["name"] == "SYSGRAM_LISTEN_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert token.get("optional") is not True  # listening on the pod's IP without a token is refused
+    monkeypatch.setenv("SYSGRAM_LISTEN_TOKEN", "a-stand-in-for-the-secret")
+    written, in_pod = _config_file(docs, tmp_path)
+    args = build_parser().parse_args([a if a != in_pod else str(written) for a in container["args"]])
+    return OutputConfig.from_mapping(_outputs_section(_config(args), args), source=str(written)).listen
+
+
 def test_the_arguments_are_a_sysgram_run_reading_the_configmap(
-    docs: dict[str, dict[str, Any]], tmp_path: Path
+    docs: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("SYSGRAM_LISTEN_TOKEN", "a-stand-in-for-the-secret")
     container = _container(docs)
     entrypoint = re.search(r'^ENTRYPOINT \["(\w+)"\]', (ROOT / "Dockerfile").read_text(), re.M)
     assert entrypoint and entrypoint.group(1) == "sysgram" and "command" not in container
@@ -96,25 +108,26 @@ def test_the_arguments_are_a_sysgram_run_reading_the_configmap(
     assert env["SYSGRAM_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
-def test_the_probes_ask_the_agents_healthz_which_fails_when_it_stalls(
-    docs: dict[str, dict[str, Any]], tmp_path: Path
+def test_the_probes_reach_the_agents_healthz_which_fails_when_it_stalls(
+    docs: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     container = _container(docs)
-    written, _ = _config_file(docs, tmp_path)
-    listen = OutputConfig.from_mapping(dict(load_config(str(written)).outputs), source=str(written)).listen
-    assert listen is not None and listen.is_loopback
-    # a loopback listener is the node's own only with the host's network; the kubelet probes from there
-    assert docs["DaemonSet"]["spec"]["template"]["spec"]["hostNetwork"] is True
+    listen = _listen(docs, tmp_path, monkeypatch)
+    # the kubelet probes the pod's IP: the listener must be on it, and then only with a token
+    assert listen is not None and listen.address == "0.0.0.0" and listen.token
+    assert "hostNetwork" not in docs["DaemonSet"]["spec"]["template"]["spec"]  # not every node process's
     metrics = Metrics()
-    server = IngestServer.from_config(replace(listen, port=0), lambda alert: None, metrics).start()
+    server = IngestServer.from_config(replace(listen, address="127.0.0.1", port=0), lambda alert: None, metrics)
+    server.start()
     try:
         for probe in ("startupProbe", "livenessProbe"):
             get = container[probe]["httpGet"]
-            assert (get["host"], get["port"]) == (listen.address, listen.port)
-            url = f"{server.url}{get['path']}"  # what the kubelet asks, on the test server's port
+            assert "host" not in get and get["port"] == listen.port
+            url = f"{server.url}{get['path']}"  # what the kubelet asks (no token), on the test server's port
             metrics.health = lambda: None
             assert httpx.get(url, timeout=5).status_code == 200
             metrics.health = lambda: "stalled: the pipeline has not turned for 31 s"
             assert httpx.get(url, timeout=5).status_code >= 400
+        assert httpx.post(f"{server.url}/", json={"rule": "forged"}, timeout=5).status_code == 401
     finally:
         server.close()

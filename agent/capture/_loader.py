@@ -82,6 +82,8 @@ class Tracer:
             f"-DCOMPAT_EXECVE_NR={syscall_number('execve', compat=True)}",
             f"-DCOMPAT_EXECVEAT_NR={syscall_number('execveat', compat=True)}",
             f"-DCOMPAT_SOCKETCALL_NR={syscall_number('socketcall', compat=True)}",
+            *(f"-D{prefix}{name.upper()}_NR={syscall_number(name, compat=bool(prefix))}"
+              for prefix in ("", "COMPAT_") for name in ("clone", "clone3", "fork", "vfork")),
             *self.compat.cflags,
             # 32-bit syscalls' details: a raw sys_exit program that every syscall pays for once attached
             f"-DCOMPAT_DETAILS={int(self.compat_details_built)}",

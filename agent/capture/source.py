@@ -74,6 +74,7 @@ READ_INTERVAL_MS = 5  # the reader drains the rings at least this often
 # that never ended: nothing was handed over and the agent's /healthz saw it stalled. Past the budget the
 # rest waits in the ring for the next turn (and what the ring cannot hold is counted as lost).
 DETAIL_TURN_BUDGET = 4096
+FINAL_DRAIN_S = 1.0  # the reader's last reads at stop (LiveSource.stop waits 2 s for it)
 
 
 class LiveSource:
@@ -126,8 +127,8 @@ class LiveSource:
         self._threads: list[threading.Thread] = []
         self.last_turn = time.monotonic()  # the reader thread's last turn (the agent's /healthz watches it)
         self._turn_details = 0
-        self._detail_budget: int | None = DETAIL_TURN_BUDGET
-        self._details_cut_at: int | None = None  # the last detail read when a turn's budget ran out
+        self._turn_latest_ts = 0  # the latest time stamp among this turn's detail records
+        self._details_cut_at: int | None = None  # that, when the turn's budget ran out before the ring did
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -216,9 +217,11 @@ class LiveSource:
         raw = ctypes.string_at(data, size)
         self._take_detail(raw)
         self._turn_details += 1
-        if self._detail_budget is None or self._turn_details < self._detail_budget:
+        # every record starts with detail_hdr: its ts (a syscall's entry time, else the time it was made)
+        self._turn_latest_ts = max(self._turn_latest_ts, int.from_bytes(raw[16:24], "little"))
+        if self._turn_details < DETAIL_TURN_BUDGET:
             return 0
-        self._details_cut_at = int(np.frombuffer(raw, L.DETAIL_HDR, count=1)["ts"][0])
+        self._details_cut_at = self._turn_latest_ts
         return -1
 
     def _take_detail(self, raw: bytes) -> None:
@@ -246,6 +249,14 @@ class LiveSource:
                 self._exec_args.pop(next(iter(self._exec_args)))
         elif kind in (L.K_FORK, L.K_EXEC, L.K_EXIT):
             proc = decode_proc(raw)
+            old_tid = int.from_bytes(raw[12:16], "little")  # detail_hdr.aux of an exec: the exec'ing thread
+            if proc.kind == "exec" and old_tid != proc.tid and old_tid in self._exec_args:
+                # a thread other than the leader exec'd and took the leader's id (de_thread): its execve's
+                # record comes under that id
+                self._exec_args[proc.tid] = self._exec_args.pop(old_tid)
+            if proc.kind == "exec" and proc.tid in self._exec_args and not self._exec_args[proc.tid][0]:
+                # the entry could not read the path (its page not yet faulted in): the kernel's copy
+                self._exec_args[proc.tid] = (proc.filename, self._exec_args[proc.tid][1])
             if proc.kind == "exit" and proc.is_thread and proc.tid == proc.pid:
                 return  # the leader thread left early; the process lives on in its other threads
             if proc.kind == "exit" and not proc.is_thread:
@@ -259,18 +270,30 @@ class LiveSource:
         # timeout, then drain both rings.
         assert self.tracer is not None
         while not self._stop.is_set():
-            self._turn_details = 0
-            self._details_cut_at = None
+            self._new_turn()
             self.tracer.poll(READ_INTERVAL_MS)
             self.tracer.consume()
             self._hand_over()
             self.last_turn = time.monotonic()
         for ticker in self._tickers:  # every CPU's last flush, then the last read
             ticker.finished.wait(2.0)
-        self._detail_budget = None  # the last read takes everything
+        # The last reads, a budget at a time while the programs still run: under a flood of details the
+        # ring never empties, so they stop at a deadline (what is left then is not read) well before
+        # stop() gives up on this thread and the rings are freed.
+        deadline = time.monotonic() + FINAL_DRAIN_S
+        while True:
+            self._new_turn()
+            self.tracer.consume()
+            if self._turn_details < DETAIL_TURN_BUDGET or time.monotonic() > deadline:
+                break
+            self._hand_over()
         self._details_cut_at = None
-        self.tracer.consume()
         self._hand_over(final=True)
+
+    def _new_turn(self) -> None:
+        self._turn_details = 0
+        self._turn_latest_ts = 0
+        self._details_cut_at = None
 
     def _hand_over(self, final: bool = False) -> None:
         if not self._raw_batches and not self._details and not final:
