@@ -200,12 +200,13 @@ def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, An
     if args.listen:
         host, port = parse_listen(args.listen)
         listen = _sink(section.get("listen"), None)
-        listen = {k: v for k, v in listen.items() if k != "host"} if isinstance(listen, dict) else {}
-        section["listen"] = {**listen, "address": host, "port": port}
-    token = os.environ.get(LISTEN_TOKEN_ENV)
-    if token:
-        if not section.get("listen"):
-            raise ConfigError(f"{LISTEN_TOKEN_ENV} needs --listen or outputs.listen")
+        if isinstance(listen, dict):
+            section["listen"] = {**{k: v for k, v in listen.items() if k != "host"}, "address": host, "port": port}
+        # else: the file's value stays, for the outputs' check to name at its line
+    # The token from the environment (a Kubernetes Secret) for a listener that is configured; `sysgram
+    # alerts listen` reads the same variable, so with no listener here it is not this command's.
+    token = os.environ.get(LISTEN_TOKEN_ENV, "").strip()  # a Secret made --from-file ends in a newline
+    if token and section.get("listen") is not None:
         section["listen"] = _merged(section["listen"], None, token=token)
     return section
 

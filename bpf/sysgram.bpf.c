@@ -637,8 +637,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         struct pending *p = pending.lookup(&old_tid);
         if (p) {
             struct pending moved = *p;
-            pending.update(&tid, &moved);
-            pending.delete(&old_tid);
+            pending.delete(&old_tid); /* first: its room is the one the update may need */
+            if (pending.update(&tid, &moved) != 0)
+                bump(S_PENDING_FULL, 1);
         }
     }
     return 0;

@@ -375,7 +375,8 @@ def test_a_flood_of_details_does_not_hold_the_reader_in_one_turn(tmp_path: Path)
     print(f"flood: reader's longest turn {longest:.3f} s, drops {drops}")
 
 
-def test_an_execve_from_a_thread_other_than_the_leader_keeps_its_details(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unfaulted", [False, True], ids=["path on the stack", "path in an untouched page"])
+def test_an_execve_from_a_thread_other_than_the_leader_keeps_its_details(tmp_path: Path, unfaulted: bool) -> None:
     # The exec'ing thread takes the leader's id (de_thread): its entry and its argv record were kept under
     # its old id, and its exit record comes under the new one. Before, that execve reached no rule.
     import shutil
@@ -389,11 +390,15 @@ def test_an_execve_from_a_thread_other_than_the_leader_keeps_its_details(tmp_pat
     exe = tmp_path / "thread_exec"
     subprocess.run([cc, "-O1", "-pthread", "-o", str(exe), str(ROOT / "tests" / "thread_exec.c")], check=True)
     marker = f"sysgram-thread-exec-{uuid.uuid4().hex[:8]}"
+    extra = []
+    if unfaulted:  # the entry cannot read the path (a BPF program cannot fault a page in): the kernel's copy
+        (tmp_path / "pathfile").write_bytes(b"/bin/true\0")
+        extra = [str(tmp_path / "pathfile")]
     source = LiveSource(detail_syscalls={"execve"})
     source.start()
     execs: list[DetailEvent] = []
     try:
-        child = subprocess.Popen([str(exe), marker])
+        child = subprocess.Popen([str(exe), marker, *extra])
         assert child.wait(10) == 0  # /bin/true ran in the thread's place
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and len(execs) < 2:

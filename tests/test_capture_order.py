@@ -144,6 +144,27 @@ def test_rows_after_the_last_detail_read_wait_for_the_details_but_not_past_max_h
     assert out["nr"].tolist() == [3]  # held by the details' lag no longer than max_hold
 
 
+def test_a_turn_cut_short_holds_rows_after_the_latest_detail_stamp_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A syscall detail's stamp is its entry time, so records leave the ring out of stamp order: the cut is
+    # the latest stamp read, not the last record's (a blocking accept's could be seconds back).
+    import ctypes
+
+    import agent.capture.source as source_module
+
+    monkeypatch.setattr(source_module, "DETAIL_TURN_BUDGET", 3)
+    source = source_module.LiveSource(detail_syscalls=set())
+    answers = []
+    for ts in (5_000, 9_000, 2_000):  # the third spends the budget
+        record = np.zeros(1, L.PROC_EVENT)
+        record["h"]["kind"], record["h"]["tgid"], record["h"]["tid"] = L.K_EXIT, 42, 42
+        record["h"]["aux"], record["h"]["ts"] = 1, ts
+        raw = record.tobytes()
+        buffer = ctypes.create_string_buffer(raw, len(raw))
+        answers.append(source._on_detail(None, ctypes.addressof(buffer), len(raw)))
+    assert answers == [0, 0, -1]  # -1: libbpf stops this ring's consumption for the turn
+    assert source._details_cut_at == 9_000
+
+
 @requires_bpf
 @pytest.mark.bpf
 def test_a_thread_hopping_between_cpus_keeps_its_order(tmp_path: Path) -> None:

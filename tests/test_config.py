@@ -246,6 +246,13 @@ def test_an_outputs_error_names_the_option_that_set_the_value(
         # the ingestion token from the environment, as the Kubernetes manifest gives it
         ([], "outputs:\n  listen: {address: 0.0.0.0, port: 8765}\n", {"SYSGRAM_LISTEN_TOKEN": "t0ken-t0ken"}, "{rec}"),
         ([], "outputs:\n  listen: {address: 0.0.0.0, port: 8765}\n", {}, "{config}:2: outputs.listen.token: required"),
+        # a Secret made --from-file ends in a newline; an empty section is a listener with its defaults
+        ([], "outputs:\n  listen: {address: 0.0.0.0}\n", {"SYSGRAM_LISTEN_TOKEN": "t0ken-t0ken\n"}, "{rec}"),
+        ([], "outputs:\n  listen: {}\n", {"SYSGRAM_LISTEN_TOKEN": "t0ken-t0ken"}, "{rec}"),
+        # no listener here: the variable (which `sysgram alerts listen` reads too) is not this command's
+        ([], "outputs:\n  console: {}\n", {"SYSGRAM_LISTEN_TOKEN": "t0ken-t0ken"}, "{rec}"),
+        # a bad listen value in the file is named there, --listen or not
+        (["--listen", "127.0.0.1:8765"], "outputs:\n  listen: 5\n", {}, "{config}:2: outputs.listen"),
     ],
 )
 def test_options_and_the_config_file_merge_and_errors_name_their_source(
