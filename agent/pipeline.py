@@ -45,8 +45,9 @@ OVERLOAD_RULE = "Sysgram internal: syscall event drop"  # named after Falco's "F
 OVERLOAD_PRIORITY: Final = "Critical"  # lost events are blind spots an attacker can make on purpose
 OVERLOAD_INTERVAL_NS = 30_000_000_000  # at most one overload alert per 30 s
 SAMPLE_INTERVAL_S = 1.0  # how often drops and model stats are sampled into the metrics
-# /healthz says "stalled" when the pipeline loop or the capture reader has not turned for this long; each
-# turns at least every ~0.1 s while the agent works (a probe that restarts the agent must not fire on load)
+# /healthz says "stalled" when the pipeline loop or the capture reader has not turned for this long: far
+# above a turn under load (one queued group; at most DETAIL_TURN_BUDGET details), so a probe that restarts
+# the agent does not fire on load
 STALL_AFTER_S = 30.0
 DETECTOR_SLICE_ROWS = 65536
 # The agent runs ahead of the workloads it watches (auditd boosts itself likewise: priority_boost = 4):

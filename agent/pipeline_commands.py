@@ -134,33 +134,23 @@ def _state_dir(cfg: AgentConfig, from_cli: bool) -> None:
         raise ConfigError(f"{name}: {cfg.state_dir} is not writable", path=path, line=line)
 
 
-# outputs keys that command-line options (or environment variables) set: key -> how the user gave it.
-# Only these exact keys: an error about another key of the same section came from the config file.
-_OPTION_KEYS = {
-    "outputs.webhook.url": "--webhook",
-    "outputs.webhook.secret": f"--webhook-secret ({SECRET_ENV})",
-    "outputs.jsonl.path": "--alerts-jsonl",
-    "outputs.listen.address": "--listen",
-    "outputs.listen.port": "--listen",
-    "outputs.listen.token": LISTEN_TOKEN_ENV,
-    "outputs.falco_file": "--falco-file",
-}
-
-
 def _from_option(err: ConfigError, args: argparse.Namespace) -> ConfigError:
     """``err`` about an outputs key, named after the command-line option that set the value when one did
     (not after the config file, or `<defaults>` when there is none)."""
     key = err.message.split(":", 1)[0]
+    # the exact keys options (or environment variables) set -> (how the user gave it, the value given); an
+    # error about another key of the same section came from the config file
     given = {
-        "--webhook": args.webhook,
-        f"--webhook-secret ({SECRET_ENV})": args.webhook_secret or os.environ.get(SECRET_ENV),
-        "--alerts-jsonl": args.alerts_jsonl,
-        "--listen": args.listen,
-        LISTEN_TOKEN_ENV: os.environ.get(LISTEN_TOKEN_ENV),
-        "--falco-file": args.falco_file,
+        "outputs.webhook.url": ("--webhook", args.webhook),
+        "outputs.webhook.secret": (f"--webhook-secret ({SECRET_ENV})", args.webhook_secret or os.environ.get(SECRET_ENV)),
+        "outputs.jsonl.path": ("--alerts-jsonl", args.alerts_jsonl),
+        "outputs.listen.address": ("--listen", args.listen),
+        "outputs.listen.port": ("--listen", args.listen),
+        "outputs.listen.token": (LISTEN_TOKEN_ENV, os.environ.get(LISTEN_TOKEN_ENV)),
+        "outputs.falco_file": ("--falco-file", args.falco_file),
     }
-    option = _OPTION_KEYS.get(key)
-    if option is not None and given[option]:
+    option, value = given.get(key, ("", None))
+    if value:
         return ConfigError(f"{option}: {err.message}")
     if key == "outputs.listen.token" and args.listen and "required when listening" in err.message:
         return ConfigError(f"--listen: {err.message}")  # the option chose an address that needs a token

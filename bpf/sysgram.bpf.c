@@ -481,11 +481,8 @@ static __always_inline void detail_enter(struct bpf_raw_tracepoint_args *ctx, __
         p.args[4] = regs.r8;
         p.args[5] = regs.r9;
     }
-    if (spec->deref_u64 < 6) {
-        __u64 ptr = spec->deref_u64 == 0 ? p.args[0] : spec->deref_u64 == 1 ? p.args[1]
-                  : spec->deref_u64 == 2 ? p.args[2] : p.args[3];
-        bpf_probe_read_user(&p.deref, sizeof(p.deref), (void *)ptr);
-    }
+    if (spec->deref_u64 < 6)
+        bpf_probe_read_user(&p.deref, sizeof(p.deref), (void *)arg_at(p.args, spec->deref_u64));
     /* argv is read now, while the caller's memory still exists */
     if (nr == (compat ? COMPAT_EXECVE_NR : EXECVE_NR))
         read_exec(nr, p.args[0], p.args[1], compat);

@@ -62,15 +62,19 @@ def docker_named_cgroup() -> Iterator[tuple[str, Path] | None]:
                 time.sleep(0.1)
 
 
-@pytest.fixture(scope="session")
-def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The compiled tests/workload.c: `workload N PATH` makes N getppid calls, then opens PATH."""
-    out = tmp_path_factory.mktemp("bin") / "sysgram-workload"
+def build_c(source: Path, out: Path, *flags: str) -> Path:
+    """``source`` compiled to ``out`` (-O1 and ``flags``); the test is skipped where no C compiler is."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
-    subprocess.run([cc, "-O1", "-o", str(out), str(ROOT / "tests" / "workload.c")], check=True)
+    subprocess.run([cc, "-O1", *flags, "-o", str(out), str(source)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The compiled tests/workload.c: `workload N PATH` makes N getppid calls, then opens PATH."""
+    return build_c(ROOT / "tests" / "workload.c", tmp_path_factory.mktemp("bin") / "sysgram-workload")
 
 
 def sysgram(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:

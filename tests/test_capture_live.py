@@ -7,13 +7,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, requires_bpf, sysgram
+from tests.conftest import ROOT, build_c, requires_bpf, sysgram
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -250,14 +254,7 @@ def test_a_process_born_while_the_tracer_loads_is_recorded_with_its_program(
 @pytest.fixture(scope="module")
 def args6(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The compiled tests/args6.c: openat, sendto and linkat with their fourth to sixth arguments set."""
-    import shutil
-
-    out = tmp_path_factory.mktemp("bin") / "sysgram-args6"
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    subprocess.run([cc, "-O1", "-o", str(out), str(ROOT / "tests" / "args6.c")], check=True)
-    return out
+    return build_c(ROOT / "tests" / "args6.c", tmp_path_factory.mktemp("bin") / "sysgram-args6")
 
 
 def test_details_carry_all_six_arguments_of_a_native_syscall(tmp_path: Path, args6: Path) -> None:
@@ -329,20 +326,20 @@ int main(int argc, char **argv) {
 """
 
 
-def test_a_flood_of_details_does_not_hold_the_reader_in_one_turn(tmp_path: Path) -> None:
-    # An unprivileged open() loop makes details faster than the reader decodes them. libbpf keeps
-    # consuming a ring while records keep coming: without a per-turn budget the reader never finished a
-    # turn, handed nothing over, and the agent's /healthz saw the capture stalled.
-    import shutil
-    import threading
+@pytest.fixture(scope="module")
+def flood(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FLOOD_C compiled: `flood SECONDS` makes failing openat calls as fast as it can."""
+    root = tmp_path_factory.mktemp("flood")
+    (root / "flood.c").write_text(FLOOD_C)
+    return build_c(root / "flood.c", root / "flood")
 
+
+@contextmanager
+def draining_openat_capture() -> Iterator[tuple[Any, list[int]]]:
+    """A LiveSource with openat details whose queue a thread keeps emptying: (source, [groups taken]).
+    Closed on exit unless the test closed it."""
     from agent.capture.source import LiveSource
 
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    (tmp_path / "flood.c").write_text(FLOOD_C)
-    subprocess.run([cc, "-O1", "-o", str(tmp_path / "flood"), str(tmp_path / "flood.c")], check=True)
     source = LiveSource(detail_syscalls={"openat"})
     source.start()
     handed = [0]
@@ -350,26 +347,33 @@ def test_a_flood_of_details_does_not_hold_the_reader_in_one_turn(tmp_path: Path)
 
     def drain() -> None:
         while not stop.is_set():
-            group = source.get(0.05)
-            handed[0] += len(group or [])
+            handed[0] += len(source.get(0.05) or [])
 
     drainer = threading.Thread(target=drain, daemon=True)
     drainer.start()
-    longest = 0.0
     try:
-        flood = subprocess.Popen([str(tmp_path / "flood"), "3"])
+        yield source, handed
+    finally:
+        stop.set()
+        drainer.join(5)
+        source.close()
+
+
+def test_a_flood_of_details_does_not_hold_the_reader_in_one_turn(flood: Path) -> None:
+    # An unprivileged open() loop makes details faster than the reader decodes them. libbpf keeps
+    # consuming a ring while records keep coming: without a per-turn budget the reader never finished a
+    # turn, handed nothing over, and the agent's /healthz saw the capture stalled.
+    longest = 0.0
+    with draining_openat_capture() as (source, handed):
+        flooding = subprocess.Popen([str(flood), "3"])
         last, since = source.last_turn, time.monotonic()
-        while flood.poll() is None:
+        while flooding.poll() is None:
             time.sleep(0.02)
             if source.last_turn != last:
                 last, since = source.last_turn, time.monotonic()
             longest = max(longest, time.monotonic() - since)
-        assert flood.returncode == 0
-    finally:
-        stop.set()
-        drainer.join(5)
+        assert flooding.returncode == 0
         drops = source.drops()
-        source.close()
     assert longest < 1.0, f"the reader stood still for {longest:.2f} s"
     assert handed[0] > 0
     print(f"flood: reader's longest turn {longest:.3f} s, drops {drops}")
@@ -379,16 +383,10 @@ def test_a_flood_of_details_does_not_hold_the_reader_in_one_turn(tmp_path: Path)
 def test_an_execve_from_a_thread_other_than_the_leader_keeps_its_details(tmp_path: Path, unfaulted: bool) -> None:
     # The exec'ing thread takes the leader's id (de_thread): its entry and its argv record were kept under
     # its old id, and its exit record comes under the new one. Before, that execve reached no rule.
-    import shutil
-
     from agent.capture.source import LiveSource
     from agent.events import DetailEvent
 
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    exe = tmp_path / "thread_exec"
-    subprocess.run([cc, "-O1", "-pthread", "-o", str(exe), str(ROOT / "tests" / "thread_exec.c")], check=True)
+    exe = build_c(ROOT / "tests" / "thread_exec.c", tmp_path / "thread_exec", "-pthread")
     marker = f"sysgram-thread-exec-{uuid.uuid4().hex[:8]}"
     extra = []
     if unfaulted:  # the entry cannot read the path (a BPF program cannot fault a page in): the kernel's copy
@@ -412,36 +410,21 @@ def test_an_execve_from_a_thread_other_than_the_leader_keeps_its_details(tmp_pat
     assert ours[0].args["argv"] == ["/bin/true", marker]
 
 
-def test_stopping_during_a_flood_of_details_ends_within_its_deadline(tmp_path: Path) -> None:
+def test_stopping_during_a_flood_of_details_ends_within_its_deadline(flood: Path) -> None:
     # The reader's last reads at stop run while the programs still send: under a flood the ring never
     # empties, so they stop at a deadline instead of reading on while the rings are freed under them.
-    import shutil
-    import threading
+    from agent.capture.source import FINAL_DRAIN_S
 
-    from agent.capture.source import FINAL_DRAIN_S, LiveSource
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    (tmp_path / "flood.c").write_text(FLOOD_C)
-    subprocess.run([cc, "-O1", "-o", str(tmp_path / "flood"), str(tmp_path / "flood.c")], check=True)
-    source = LiveSource(detail_syscalls={"openat"})
-    source.start()
-    stop = threading.Event()
-    drainer = threading.Thread(target=lambda: [source.get(0.05) for _ in iter(stop.is_set, True)], daemon=True)
-    drainer.start()
-    flood = subprocess.Popen([str(tmp_path / "flood"), "20"])
-    try:
-        time.sleep(1.0)
-        reader = next(t for t in source._threads if t.name == "sysgram-reader")
-        started = time.monotonic()
-        source.stop()
-        took = time.monotonic() - started
-        assert not reader.is_alive(), "the reader was still reading when stop() gave up on it"
-        source.close()
-    finally:
-        flood.kill()
-        flood.wait()
-        stop.set()
-        drainer.join(5)
+    with draining_openat_capture() as (source, _):
+        flooding = subprocess.Popen([str(flood), "20"])
+        try:
+            time.sleep(1.0)
+            reader = next(t for t in source._threads if t.name == "sysgram-reader")
+            started = time.monotonic()
+            source.stop()
+            took = time.monotonic() - started
+            assert not reader.is_alive(), "the reader was still reading when stop() gave up on it"
+        finally:
+            flooding.kill()
+            flooding.wait()
     assert took < FINAL_DRAIN_S + 1.0, took

@@ -42,9 +42,9 @@ def _import_bcc() -> Any:
 _TRACEPOINT_NAMES = {"umount2": "umount"}
 
 
-def _exit_tracepoint_dir(name: str) -> str:
-    """The tracefs directory of syscall ``name``'s exit event (absent: no such event on this kernel)."""
-    return f"{TRACEFS}/events/syscalls/sys_exit_{_TRACEPOINT_NAMES.get(name, name)}"
+def _exit_event(name: str) -> str:
+    """Syscall ``name``'s exit event (syscalls:<this>); its tracefs directory is absent on a kernel without it."""
+    return f"sys_exit_{_TRACEPOINT_NAMES.get(name, name)}"
 
 
 class Tracer:
@@ -99,7 +99,8 @@ class Tracer:
         table, wanted = spec_table(detail_syscalls)
         # A native syscall's entry is kept only when its exit hook exists to send and remove it: one
         # without (no tracepoint on this kernel) would leave an entry per thread in the pending map.
-        self.attached = {nr: name for nr, name in wanted.items() if os.path.isdir(_exit_tracepoint_dir(name))}
+        events = f"{TRACEFS}/events/syscalls"
+        self.attached = {nr: name for nr, name in wanted.items() if os.path.isdir(f"{events}/{_exit_event(name)}")}
         for nr in set(wanted) - set(self.attached):
             table["kept"][nr] = table["enabled"][nr] = 0
         spec_map = self.bpf["arg_spec"]
@@ -118,8 +119,7 @@ class Tracer:
         """Exit hooks only: the raw sys_enter program keeps each detail syscall's entry itself (its arg_spec
         row), since any program on a ``sys_enter_X`` tracepoint costs every syscall the kernel's dispatch."""
         for name in sorted(self.attached.values()):
-            event = os.path.basename(_exit_tracepoint_dir(name))
-            self.bpf.attach_tracepoint(tp=f"syscalls:{event}", fn_name="on_detail_exit")
+            self.bpf.attach_tracepoint(tp=f"syscalls:{_exit_event(name)}", fn_name="on_detail_exit")
 
     def attach_compat_exit(self) -> bool:
         """Attach the 32-bit syscalls' exit program (idempotent); True when this call attached it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -75,6 +76,17 @@ READ_INTERVAL_MS = 5  # the reader drains the rings at least this often
 # rest waits in the ring for the next turn (and what the ring cannot hold is counted as lost).
 DETAIL_TURN_BUDGET = 4096
 FINAL_DRAIN_S = 1.0  # the reader's last reads at stop (LiveSource.stop waits 2 s for it)
+
+
+def _hdr_offset(field: str) -> int:
+    fields = L.DETAIL_HDR.fields
+    assert fields is not None
+    return int(fields[field][1])
+
+
+# detail_hdr fields every detail record starts with, read without decoding the record
+_HDR_AUX, _HDR_AUX_AT = struct.Struct("<I"), _hdr_offset("aux")
+_HDR_TS, _HDR_TS_AT = struct.Struct("<Q"), _hdr_offset("ts")
 
 
 class LiveSource:
@@ -217,8 +229,8 @@ class LiveSource:
         raw = ctypes.string_at(data, size)
         self._take_detail(raw)
         self._turn_details += 1
-        # every record starts with detail_hdr: its ts (a syscall's entry time, else the time it was made)
-        self._turn_latest_ts = max(self._turn_latest_ts, int.from_bytes(raw[16:24], "little"))
+        # its stamp: a syscall's entry time, else the time the record was made
+        self._turn_latest_ts = max(self._turn_latest_ts, _HDR_TS.unpack_from(raw, _HDR_TS_AT)[0])
         if self._turn_details < DETAIL_TURN_BUDGET:
             return 0
         self._details_cut_at = self._turn_latest_ts
@@ -249,14 +261,8 @@ class LiveSource:
                 self._exec_args.pop(next(iter(self._exec_args)))
         elif kind in (L.K_FORK, L.K_EXEC, L.K_EXIT):
             proc = decode_proc(raw)
-            old_tid = int.from_bytes(raw[12:16], "little")  # detail_hdr.aux of an exec: the exec'ing thread
-            if proc.kind == "exec" and old_tid != proc.tid and old_tid in self._exec_args:
-                # a thread other than the leader exec'd and took the leader's id (de_thread): its execve's
-                # record comes under that id
-                self._exec_args[proc.tid] = self._exec_args.pop(old_tid)
-            if proc.kind == "exec" and proc.tid in self._exec_args and not self._exec_args[proc.tid][0]:
-                # the entry could not read the path (its page not yet faulted in): the kernel's copy
-                self._exec_args[proc.tid] = (proc.filename, self._exec_args[proc.tid][1])
+            if proc.kind == "exec":
+                self._exec_args_at_exec(proc, _HDR_AUX.unpack_from(raw, _HDR_AUX_AT)[0])
             if proc.kind == "exit" and proc.is_thread and proc.tid == proc.pid:
                 return  # the leader thread left early; the process lives on in its other threads
             if proc.kind == "exit" and not proc.is_thread:
@@ -264,6 +270,18 @@ class LiveSource:
             self._details.append(proc)
         elif kind == L.K_ENFORCED:
             self._details.append(decode_kernel_signal(raw))
+
+    def _exec_args_at_exec(self, proc: ProcEvent, old_tid: int) -> None:
+        """The argv record of the execve that made exec event ``proc`` (from the thread ``old_tid``), made
+        ready for that execve's record."""
+        if old_tid != proc.tid and old_tid in self._exec_args:
+            # a thread other than the leader exec'd and took the leader's id (de_thread): its execve's record
+            # comes under that id
+            self._exec_args[proc.tid] = self._exec_args.pop(old_tid)
+        entry = self._exec_args.get(proc.tid)
+        if entry is not None and not entry[0]:
+            # the entry could not read the path (its page not yet faulted in): the kernel's copy
+            self._exec_args[proc.tid] = (proc.filename, entry[1])
 
     def _read_loop(self) -> None:
         # Compact batches wake nobody (see bpf/sysgram.bpf.c): wait for detail records or a short
@@ -287,8 +305,7 @@ class LiveSource:
             if self._turn_details < DETAIL_TURN_BUDGET or time.monotonic() > deadline:
                 break
             self._hand_over()
-        self._details_cut_at = None
-        self._hand_over(final=True)
+        self._hand_over(final=True)  # releases every row held, the cut's included
 
     def _new_turn(self) -> None:
         self._turn_details = 0

@@ -179,7 +179,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/healthz":  # the agent's health: 503 while it starts or when a stage has stalled
             health = self.server.ingest.metrics.health
             problem = health() if health is not None else None
-            self._reply(503, f"{problem}\n".encode()) if problem else self._reply(200, b"ok\n")
+            if problem:
+                self._reply(503, f"{problem}\n".encode())
+            else:
+                self._reply(200, b"ok\n")
         elif path == "/ping":  # the server alone answers
             self._reply(200, b"ok\n")
         else:
