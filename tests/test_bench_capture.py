@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,15 +13,14 @@ from agent.capture import bench as capture_bench
 from tests.conftest import requires_bpf, sysgram
 
 
-def _audit_available() -> str:
-    if shutil.which("auditctl") is None or shutil.which("auditd") is None:
-        return "auditd is not installed (sysgram bench capture installs it; this test does not)"
+def _require_audit() -> None:
+    """Install auditd as the bench does (a fresh CI host has none), or skip saying why it cannot be."""
+    try:
+        capture_bench._ensure_auditd()
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.skip(f"auditd could not be installed: {err}")
     if subprocess.run(["auditctl", "-s"], capture_output=True).returncode != 0:
-        return "the kernel's audit interface is not available here"
-    return ""
-
-
-requires_audit = pytest.mark.skipif(bool(_audit_available()), reason=_audit_available() or "audit")
+        pytest.skip("the kernel's audit interface is not available here")
 
 
 def test_added_ratio_refuses_a_reference_the_noise_hid() -> None:
@@ -44,8 +42,8 @@ def test_audit_figures_say_why_when_not_measured() -> None:
 
 
 @requires_bpf
-@requires_audit
 def test_audit_reference_measures_then_restores_rules_and_daemon(tmp_path: Path) -> None:
+    _require_audit()
     before_rules = subprocess.run(["auditctl", "-l"], capture_output=True, text=True).stdout
     before = capture_bench._audit_status()
     exe = Path("/usr/bin/true").resolve()
