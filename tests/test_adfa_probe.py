@@ -95,7 +95,39 @@ def test_fusion_calibration_traces_are_not_scored_against_their_own_known_window
     from training.synthetic import write_adfa_tree
 
     train, normal, attack = _split(str(write_adfa_tree(tmp_path / "adfa", train=24, validation=6, attacks=2)))
-    scores = detector_scores(train, normal, attack, progress=False)
+    scores = detector_scores(train, normal, attack, progress=False, model_median=True)
     assert len(scores["calibration"]["model"]) >= 2
+    for group in ("calibration", "normal", "attack"):  # the median rides along, one per trace
+        assert len(scores[group]["model_median"]) == len(scores[group]["model"])
+    assert not np.array_equal(scores["attack"]["model_median"], scores["attack"]["model"])
     assert scores["calibration"]["model"].std() > 0 and (scores["calibration"]["model"] > 0).all()
     assert scores["attack"]["model"].mean() > scores["normal"]["model"].mean()
+
+
+def test_fixed_rules_fuse_by_sum_min_and_max_of_standardised_scores() -> None:
+    """Attacks that only one of two detectors sees: the maximum catches every one, the minimum none, and
+    the rates differ by rule; the calibration scores set each detector's scale."""
+    from training.adfa_probe import fixed_rules
+
+    rng = np.random.default_rng(1)
+    n = 300
+    quiet = rng.normal(0.0, 1.0, (n, 2))
+    # each attack is loud (+6) on one detector only, which one alternating; detector b is on a 10x scale
+    loud = rng.normal(0.0, 1.0, (n, 2))
+    loud[np.arange(n) % 2 == 0, 0] += 6.0
+    loud[np.arange(n) % 2 == 1, 1] += 6.0
+    cal = rng.normal(0.0, 1.0, (200, 2))
+    scale = np.array([1.0, 10.0])
+    scores = {
+        "normal": {"a": quiet[:, 0], "b": quiet[:, 1] * 10.0},
+        "attack": {"a": loud[:, 0], "b": loud[:, 1] * 10.0},
+        "calibration": {"a": cal[:, 0] * scale[0], "b": cal[:, 1] * scale[1]},
+    }
+    fused = fixed_rules(scores)
+    assert set(fused) == {"sum a+b", "min a+b", "max a+b"}
+    assert fused["max a+b"]["auc"] > 0.99 and fused["max a+b"]["far_at_dr90"] < 0.01
+    assert fused["min a+b"]["auc"] < 0.75
+    assert fused["min a+b"]["auc"] < fused["sum a+b"]["auc"] < fused["max a+b"]["auc"]
+    # unscaled, b's tenfold spread would swamp a in the maximum: half the attacks (loud on a) hide
+    unscaled = {**scores, "calibration": {"a": cal[:, 0], "b": cal[:, 1]}}
+    assert fixed_rules(unscaled)["max a+b"]["auc"] < fused["max a+b"]["auc"] - 0.1

@@ -23,8 +23,12 @@ score Validation (normal) vs Attack, one score per trace, higher = more anomalou
 * ``oracle``: the same four detectors, fused by weights fitted on the test labels (logistic regression over
   each score and its log): roughly where linear fusions of them top out (the fit maximises likelihood, not
   AUC, so not a strict bound). Not a detector.
+* ``rules``: the four detectors plus the model's per-trace *median* window score, each standardised as in
+  ``fusion``, fused by three fixed rules over every subset of two or more: the sum, the minimum (a trace is
+  as normal as its most forgiving detector says: "accumulating highly normal" traces) and the maximum (as
+  anomalous as its harshest). Nonlinear fusions that need no labels, against the oracle's fitted ones.
 
-Usage: ``python -m training.adfa_probe DIR {cover,composition,lm,fusion,oracle} [--json]``.
+Usage: ``python -m training.adfa_probe DIR {cover,composition,lm,fusion,oracle,rules} [--json]``.
 """
 
 from __future__ import annotations
@@ -240,10 +244,11 @@ def standardised_sum(calibration: dict[str, np.ndarray], scores: dict[str, np.nd
     return total
 
 
-def detector_scores(train: list[Trace], normal: list[Trace], attack: list[Trace], *, progress: bool
-                    ) -> dict[str, dict[str, np.ndarray]]:
+def detector_scores(train: list[Trace], normal: list[Trace], attack: list[Trace], *, progress: bool,
+                    model_median: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """{"calibration" | "normal" | "attack": {detector: one score per trace}} for the eval's model,
-    composition, cover and STIDE (calibration: the model's held-out training traces, see the docstring)."""
+    composition, cover and STIDE (calibration: the model's held-out training traces, see the docstring);
+    with ``model_median`` also "model_median", the median of each trace's window scores."""
     import tempfile
     from pathlib import Path
 
@@ -253,6 +258,7 @@ def detector_scores(train: list[Trace], normal: list[Trace], attack: list[Trace]
     from training.train import (
         DEFAULT_N,
         TrainConfig,
+        aggregate,
         encode_traces,
         split_holdout,
         trace_window_scores,
@@ -274,7 +280,10 @@ def detector_scores(train: list[Trace], normal: list[Trace], attack: list[Trace]
         of_rest = hash_known(known_rows(programs, windows))
         for g, traces in groups.items():
             model.known_keys = of_rest if g == "calibration" else every
-            scores[g]["model"] = np.array([s.mean() if len(s) else 0.0 for s in trace_window_scores(model, traces)])
+            windows_scored = trace_window_scores(model, traces)
+            scores[g]["model"] = np.array([aggregate(s, "mean") for s in windows_scored])
+            if model_median:
+                scores[g]["model_median"] = np.array([aggregate(s, "median") for s in windows_scored])
     for g, traces in groups.items():
         reference = rest if g == "calibration" else train
         scores[g]["composition"] = nearest_by_composition(reference, traces)[1]
@@ -293,6 +302,27 @@ def fusion(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]
         for subset in itertools.combinations(names, r):
             results["+".join(subset)] = rates(standardised_sum(scores["calibration"], scores["normal"], subset),
                                               standardised_sum(scores["calibration"], scores["attack"], subset))
+    return results
+
+
+def fixed_rules(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Rates of every subset of two or more detectors fused by the sum, the minimum and the maximum of their
+    standardised scores (``rules`` in the module's docstring): fixed rules, no weights, no labels."""
+    import itertools
+
+    names = list(scores["normal"])
+    cal = scores["calibration"]
+
+    def standardised(group: str, subset: Sequence[str]) -> np.ndarray:
+        return np.stack([(scores[group][n] - cal[n].mean()) / (cal[n].std() or 1.0) for n in subset], 1)
+
+    results: dict[str, dict[str, Any]] = {}
+    for r in range(2, len(names) + 1):
+        for subset in itertools.combinations(names, r):
+            normal, attack = standardised("normal", subset), standardised("attack", subset)
+            for rule in ("sum", "min", "max"):
+                fuse = getattr(np, rule)
+                results[f"{rule} " + "+".join(subset)] = rates(fuse(normal, 1), fuse(attack, 1))
     return results
 
 
@@ -322,7 +352,7 @@ def oracle(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.adfa_probe", description=__doc__.splitlines()[0])
     parser.add_argument("directory")
-    parser.add_argument("probe", choices=("cover", "composition", "lm", "fusion", "oracle"))
+    parser.add_argument("probe", choices=("cover", "composition", "lm", "fusion", "oracle", "rules"))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--cut", type=float, default=0.3, help="lm: pseudo-program cut (0 = unconditioned)")
     parser.add_argument("--epochs", type=int, default=25)
@@ -341,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.probe in ("fusion", "oracle"):
         scores = detector_scores(train, normal, attack, progress=not args.json)
         results = fusion(scores) if args.probe == "fusion" else oracle(scores)
+    elif args.probe == "rules":
+        scores = detector_scores(train, normal, attack, progress=not args.json, model_median=True)
+        results = {name: rates(scores["normal"][name], scores["attack"][name]) for name in scores["normal"]}
+        results.update(fixed_rules(scores))
     else:
         normal_s, attack_s = lm_scores(train, [normal, attack], cut=args.cut, epochs=args.epochs,
                                        hidden=args.hidden, seed=args.seed, progress=not args.json)
