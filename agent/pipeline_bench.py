@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bench import Figure, added_ratio, bpf_run_time_ns, bpf_stats, loop_cpu_ns
-from agent.capture.bench import FloorRound, floor_round, loaded_floors
+from agent.capture.bench import FloorRound, Floors, floor_round, loaded_floors
 from agent.errors import CaptureError, NotYetAvailable
 from agent.pipeline import TRIM_INTERVAL_S
 
@@ -373,8 +373,8 @@ def _bpf_ns_per_syscall(pid: int, loop: Path, n: int) -> float | None:
     return (after - before) / n if after > before else None
 
 
-def _floor_round(tools: Tools, floors: tuple[Any, Any, Any], cycles: int, n: int) -> FloorRound:
-    return floor_round(tools.loop, floors[0], floors[1], cycles, n, hooks=floors[2])
+def _floor_round(tools: Tools, floors: Floors, cycles: int, n: int) -> FloorRound:
+    return floor_round(tools.loop, floors[0], floors[1], cycles, n, hooks=floors[2])  # no entry hook: the agent has none
 
 
 # -- latency ---------------------------------------------------------------------------------------

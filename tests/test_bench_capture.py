@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bench import added_ratio
+from agent.bench import added_ratio, bpf_stats, read_fdinfo
 from agent.capture import bench as capture_bench
 from tests.conftest import requires_bpf, sysgram
 
@@ -110,3 +110,43 @@ def test_loop_cpu_ns_charges_the_child_and_refuses_a_failing_loop(tmp_path: Path
     assert loop_cpu_ns(str(spin), 1) > 0  # a shell that counted spent CPU time
     with pytest.raises(subprocess.CalledProcessError):
         loop_cpu_ns("/bin/false", 1)
+
+
+def test_entry_dispatch_is_the_median_of_paired_differences_over_the_exit_hooked_loops() -> None:
+    paired = capture_bench.FloorRound([100.0] * 3, [170.0] * 3, [130.0] * 3, 20.0, [135.0, 140.0, 150.0],
+                                      [141.0, 149.0, 152.0])
+    assert paired.entry_dispatch == 6.0  # differences 6, 9, 2
+    figure = capture_bench._entry_dispatch_figure(paired)
+    assert figure.value == 6.0 and "sys_enter_X" in figure.name
+    # rounds measured without the entry hook say so instead of a number
+    plain = capture_bench.FloorRound([100.0], [170.0], [130.0], 20.0, [135.0])
+    assert plain.entry_dispatch is None
+    assert capture_bench._entry_dispatch_figure(plain).value == "not measured"
+
+
+@requires_bpf
+def test_idle_entry_hook_runs_only_while_its_loop_is_measured(tmp_path: Path) -> None:
+    """The entry hook is attached for its own loops and detached after: an execve runs its program only
+    while it is on (kernel BPF stats), and floor_round pairs one loop with it per cycle."""
+    with capture_bench.loaded_floors() as (tp, raw, exit_hook, entry_hook):
+        exe = capture_bench._build_loop(tmp_path)
+        fd = entry_hook.bpf.funcs[b"tracepoint__syscalls__sys_enter_execve"].fd
+
+        def runs_during_an_exec() -> int:
+            before = int(read_fdinfo(f"/proc/self/fdinfo/{fd}").get("run_cnt", "0"))
+            subprocess.run(["/bin/true"], check=True)
+            return int(read_fdinfo(f"/proc/self/fdinfo/{fd}").get("run_cnt", "0")) - before
+
+        with bpf_stats() as on:
+            if not on:
+                pytest.skip("kernel BPF stats unavailable (kernel.bpf_stats_enabled)")
+            assert runs_during_an_exec() == 0  # bcc attached it at load; loaded_floors detached it
+            entry_hook.on()
+            try:
+                assert runs_during_an_exec() >= 1
+            finally:
+                entry_hook.off()
+            assert runs_during_an_exec() == 0
+        paired = capture_bench.floor_round(exe, tp, raw, 2, 20_000, hooks=exit_hook, entry_hook=entry_hook)
+        assert len(paired.entry_hooked_ns) == len(paired.hooked_ns) == 2
+        assert paired.entry_dispatch is not None

@@ -191,7 +191,7 @@ def test_bpf_run_time_is_read_per_program_with_stats_on_and_the_setting_restored
         idle_process.kill()
         idle_process.wait()
     with capture_bench.loaded_floors() as floors:
-        _, raw, _ = floors
+        _, raw, _, _ = floors
         idle = bpf_run_time_ns(os.getpid())
         raw.on()
         try:
@@ -209,6 +209,7 @@ def test_bpf_run_time_is_read_per_program_with_stats_on_and_the_setting_restored
         one = pb._floor_round(tools, floors, 2, 50_000)
     assert BPF_STATS.read_text() == before_setting
     assert len(one.bare_ns) == len(one.tp_ns) == len(one.raw_ns) == len(one.hooked_ns) == 2
+    assert one.entry_hooked_ns == [] and one.entry_dispatch is None  # e2e measures no entry hook
     assert one.raw_bpf_ns is not None and one.raw_bpf_ns > 0
 
 

@@ -206,28 +206,34 @@ class AttachSwitch:
 
 
 class HookSwitch:
-    """bpf/detail_hooks.bpf.c (an idle sys_exit_X hook, the dispatch the agent's detail exits cost every
-    syscall), loaded once, attached only while its loop is measured."""
+    """Idle programs of bpf/detail_hooks.bpf.c on ``tracepoints`` (an idle sys_exit_X hook: the dispatch the
+    agent's detail exits cost every syscall; an idle sys_enter_X hook: the entry dispatch it avoids), loaded
+    once, attached only while their loop is measured."""
 
-    TRACEPOINTS = ("syscalls:sys_exit_execve",)
+    EXIT = ("syscalls:sys_exit_execve",)
+    ENTRY = ("syscalls:sys_enter_execve",)
 
-    def __init__(self, bpf: Any) -> None:
-        self.bpf = bpf
+    def __init__(self, bpf: Any, tracepoints: tuple[str, ...] = EXIT) -> None:
+        self.bpf, self.tracepoints = bpf, tracepoints
         self.off()  # bcc attaches TRACEPOINT_PROBE programs as it loads them
 
     def on(self) -> None:
-        for tp in self.TRACEPOINTS:
+        for tp in self.tracepoints:
             self.bpf.attach_tracepoint(tp=tp, fn_name="tracepoint__" + tp.replace(":", "__"))
 
     def off(self) -> None:
-        for tp in self.TRACEPOINTS:
+        for tp in self.tracepoints:
             with contextlib.suppress(Exception):  # not attached
                 self.bpf.detach_tracepoint(tp=tp)
 
 
+Floors = tuple[AttachSwitch, AttachSwitch, HookSwitch, HookSwitch]  # raw_syscalls floor, raw floor, exit, entry
+
+
 @contextmanager
-def loaded_floors() -> Iterator[tuple[AttachSwitch, AttachSwitch, HookSwitch]]:
-    """Both count-only floors and the idle detail exit hook, compiled and loaded once, detached; unloaded after."""
+def loaded_floors() -> Iterator[Floors]:
+    """Both count-only floors and the idle detail exit and entry hooks, compiled and loaded once, detached;
+    unloaded after."""
     ensure_tracefs()
     ensure_kernel_headers()
     bcc = _import_bcc()
@@ -235,7 +241,8 @@ def loaded_floors() -> Iterator[tuple[AttachSwitch, AttachSwitch, HookSwitch]]:
     raw = bcc.BPF(src_file=str(BPF_DIR / "floor_raw.bpf.c"))
     hooks = bcc.BPF(src_file=str(BPF_DIR / "detail_hooks.bpf.c"))
     try:
-        yield AttachSwitch(tp, raw=False), AttachSwitch(raw, raw=True), HookSwitch(hooks)
+        yield (AttachSwitch(tp, raw=False), AttachSwitch(raw, raw=True), HookSwitch(hooks, HookSwitch.EXIT),
+               HookSwitch(hooks, HookSwitch.ENTRY))
     finally:
         tp.cleanup()
         raw.cleanup()
@@ -252,6 +259,7 @@ class FloorRound:
     raw_ns: list[float]  # under the raw-tracepoint floor: the same count on Sysgram's cheaper hook
     raw_bpf_ns: float | None  # the raw floor's BPF run time per loop syscall (kernel stats)
     hooked_ns: list[float] = field(default_factory=list)  # raw floor + idle detail exit hook (detail_hooks.bpf.c)
+    entry_hooked_ns: list[float] = field(default_factory=list)  # the same + an idle sys_enter_X hook
 
     @property
     def tp_added(self) -> float:
@@ -268,18 +276,29 @@ class FloorRound:
             return self.raw_added
         return statistics.median(h - b for b, h in zip(self.bare_ns, self.hooked_ns, strict=True))
 
+    @property
+    def entry_dispatch(self) -> float | None:
+        """What one idle sys_enter_X program adds to every syscall (the kernel's entry dispatcher): the
+        median of the paired differences with and without it, both loops with the exit hook on."""
+        if not self.entry_hooked_ns or not self.hooked_ns:
+            return None
+        return statistics.median(e - h for h, e in zip(self.hooked_ns, self.entry_hooked_ns, strict=True))
+
 
 def floor_round(loop: Path, tp: AttachSwitch, raw: AttachSwitch, cycles: int, n: int,
-                hooks: HookSwitch | None = None) -> FloorRound:
-    """``cycles`` x (bare, ``tp`` attached, ``raw`` attached, ``raw`` with ``hooks`` attached) loops of
-    ``n``, then one loop under ``raw`` with the kernel's BPF stats on."""
+                hooks: HookSwitch | None = None, entry_hook: HookSwitch | None = None) -> FloorRound:
+    """``cycles`` x (bare, ``tp`` attached, ``raw`` attached, ``raw`` with ``hooks`` attached, and with
+    ``entry_hook`` too) loops of ``n``, then one loop under ``raw`` with the kernel's BPF stats on."""
     bare_ns: list[float] = []
     tp_ns: list[float] = []
     raw_ns: list[float] = []
     hooked_ns: list[float] = []
+    entry_hooked_ns: list[float] = []
     kinds: list[tuple[list[Any], list[float]]] = [([tp], tp_ns), ([raw], raw_ns)]
     if hooks is not None:
         kinds.append(([raw, hooks], hooked_ns))
+        if entry_hook is not None:
+            kinds.append(([raw, hooks, entry_hook], entry_hooked_ns))
     for _ in range(cycles):
         bare_ns.append(_loop_ns(loop, n))
         for switches, into in kinds:
@@ -300,7 +319,7 @@ def floor_round(loop: Path, tp: AttachSwitch, raw: AttachSwitch, cycles: int, n:
             finally:
                 raw.off()
             raw_bpf = (raw.run_ns()[0] - before) / n
-    return FloorRound(bare_ns, tp_ns, raw_ns, raw_bpf if raw_bpf else None, hooked_ns)
+    return FloorRound(bare_ns, tp_ns, raw_ns, raw_bpf if raw_bpf else None, hooked_ns, entry_hooked_ns)
 
 
 def run(quick: bool = False) -> list[Figure]:
@@ -308,7 +327,7 @@ def run(quick: bool = False) -> list[Figure]:
     ensure_kernel_headers()
     n = 1_000_000 if quick else 5_000_000
     rounds = 3 if quick else 7
-    with tempfile.TemporaryDirectory() as tmp, loaded_floors() as (floor_tp, floor_raw, hooks):
+    with tempfile.TemporaryDirectory() as tmp, loaded_floors() as (floor_tp, floor_raw, hooks, entry_hook):
         exe = _build_loop(Path(tmp))
         audit = audit_reference(exe, lambda: loop_times(str(exe), n // 50), rounds)  # auditd costs ~100x more
         source = LiveSource(detail_syscalls=set())
@@ -341,7 +360,7 @@ def run(quick: bool = False) -> list[Figure]:
                 switch.off()
         per_call = _program_rounds(settings, exe, max(n // 5, 100_000), rounds)
         paired = floor_round(exe, settings["floor_tp"], settings["floor_raw"], 10 if not quick else 3,
-                             200_000 if not quick else 100_000, hooks=hooks)
+                             200_000 if not quick else 100_000, hooks=hooks, entry_hook=entry_hook)
         time.sleep(0.3)
         source.flush_all()
         time.sleep(0.3)
@@ -378,6 +397,7 @@ def run(quick: bool = False) -> list[Figure]:
         ),
         *_program_figures(per_call),
         *_kernel_accounted(paired, per_call),
+        _entry_dispatch_figure(paired),
         *audit.figures(PART, bare_ns, added["sysgram"]),
         Figure(PART, "syscall rate under capture", round(1e3 / best["sysgram"], 2), "M/s"),
         Figure(PART, "events consumed", events, "events"),
@@ -429,6 +449,14 @@ def _kernel_accounted(paired: FloorRound, per_call: dict[str, list[float]]) -> l
         Figure(PART, "sysgram's BPF time per call over the raw floor's (kernel stats, median)", round(extra, 1), "ns"),
         Figure(PART, name, added_ratio(paired.hooked_added + extra, paired.tp_added), "x", "<= 1.5 (goal 1.3)"),
     ]
+
+
+def _entry_dispatch_figure(paired: FloorRound) -> Figure:
+    """Why detail entries are kept by the raw sys_enter program: what one idle sys_enter_X program costs
+    every syscall, with the capture loaded and draining (so the floor under it is the agent's own)."""
+    name = "an idle sys_enter_X hook added (the entry dispatch the capture avoids), median of paired short loops"
+    value = paired.entry_dispatch
+    return Figure(PART, name, "not measured" if value is None else round(value, 1), "CPU ns/syscall")
 
 
 def _program_figures(per_call: dict[str, list[float]]) -> list[Figure]:
