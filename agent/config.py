@@ -192,7 +192,10 @@ class _Located:
         return paths
 
     def number(self, value: Any, key: str, *, minimum: float, exclusive: bool) -> float:
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
         if not math.isfinite(number) or number < minimum or (exclusive and number == minimum):
             bound = f"more than {minimum:g}" if exclusive else f"at least {minimum:g}"
             raise self.fail(key, f"expected a finite number {bound}, got {value!r}")
@@ -371,6 +374,12 @@ def _enforce(raw: Mapping[str, Any], outputs: Mapping[str, Any], at: _Located) -
         # Policies apply by the program a process really runs (/proc/PID/exe): links and ``..`` resolved.
         real = os.path.realpath(exe)
         deny[real] = tuple(dict.fromkeys((*deny.get(real, ()), *syscalls)))  # two links to one program
+    allow_exes = at.exe_paths(raw.get("allow_exes", []), "enforce.allow_exes")
+    allowed = {os.path.realpath(exe) for exe in allow_exes}
+    for exe in raw.get("deny_syscalls", {}):
+        if os.path.realpath(exe) in allowed:  # the kernel keeps one policy per program: it would lose one
+            raise at.fail(f"enforce.deny_syscalls.{exe}",
+                          "this program is also in enforce.allow_exes (never blocked): remove it from one of them")
     if len(deny) > MAX_DENY_PROGRAMS:
         raise at.fail("enforce.deny_syscalls", f"at most {MAX_DENY_PROGRAMS} programs (got {len(deny)})")
     block_ingested = raw.get("block_ingested", False)
@@ -384,7 +393,7 @@ def _enforce(raw: Mapping[str, Any], outputs: Mapping[str, Any], at: _Located) -
             )
     return EnforceConfig(
         enabled=raw.get("enabled", False),
-        allow_exes=at.exe_paths(raw.get("allow_exes", []), "enforce.allow_exes"),
+        allow_exes=allow_exes,
         allow_pids=tuple(allow_pids),
         block_rules=at.strings(raw.get("block_rules", []), "enforce.block_rules"),
         block_tags=at.strings(raw.get("block_tags", ["sysgram.block"]), "enforce.block_tags"),

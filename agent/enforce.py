@@ -29,6 +29,7 @@ PROTECTED_FLAG = 1
 # until they exec), PINNED for PID 1, the agent, its ancestors and allow_pids (never meant to pass on).
 INHERITED, PINNED = 1, 2
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+SIGNAL_NAMES = {int(number): name for name, number in SIGNALS.items()}
 MAX_RECORDS = 10_000  # the newest blocks kept in memory (each one is also an alert)
 # i386 reaches these through one multiplexing syscall as well as by their own numbers (socketcall(2), ipc(2)):
 # a 32-bit deny list without the multiplexer would be passed by calling it instead.
@@ -138,6 +139,7 @@ class Enforcer:
         self.lookup = lookup
         self.protected: set[int] = {1, os.getpid(), *_ancestors_of_self(), *config.allow_pids}
         self.records: deque[BlockRecord] = deque(maxlen=MAX_RECORDS)
+        self.withdrawn = 0  # blocks taken back before the signal went out (the process became protected)
         # Both spellings of each allow-listed path: the kernel sees the path given to exec, /proc the real one.
         self.allow_exes = frozenset({*config.allow_exes, *(os.path.realpath(e) for e in config.allow_exes)})
         # deny_syscalls paths are resolved at config load; the ids index the kernel's deny_bitmaps
@@ -175,12 +177,11 @@ class Enforcer:
         exe_policy[key] = value  # type: ignore[index]
 
     def protect_processes(self, procs: Iterable[ProcessInfo]) -> None:
-        """Allow-listed executables already running when the agent started."""
-        prot = self._map("protected_tgids")
+        """Allow-listed executables already running when the agent started: protected in the kernel as an
+        exec of them would be, while they live (not kept in ``protected``: their pids are reused after)."""
         for info in procs:
             if info.exe in self.allow_exes:
-                self.protected.add(info.pid)
-                prot[ctypes.c_uint32(info.pid)] = ctypes.c_uint32(INHERITED)  # type: ignore[index]
+                self.on_exec(info.pid, info.exe)
 
     def on_exec(self, pid: int, exe: str = "") -> int:
         """Apply the per-exe policy by the program ``pid`` really runs now, whatever path it was exec'd by
@@ -224,6 +225,10 @@ class Enforcer:
             return "PID 1 is never blocked"
         if pid in self.protected:
             return "the agent, its ancestors and allow-listed pids are never blocked"
+        if self.kernel_protected(pid):
+            # The kernel allow-lists by the path given to exec (a script's own path, where /proc names its
+            # interpreter) and passes protection to an allow-listed program's children: it has the last word.
+            return "protected in the kernel: allow-listed by the path it was run by, or a child of one"
         info = self.lookup(pid)
         if info is not None and info.exe in self.allow_exes:
             return f"{info.exe} is allow-listed"
@@ -271,12 +276,8 @@ class Enforcer:
         else:
             self._set_signal(pid, int(sig))
             # A process asleep in a long syscall makes no next syscall: signal it from here too, through the
-            # pidfd. When the kernel holds the pid as protected (it inherited protection at fork) the BPF
-            # side will not signal it: do it at once.
-            if self.kernel_protected(pid):
-                self._fallback(pidfd, sig, pid)
-            else:
-                threading.Timer(0.05, self._fallback, args=(pidfd, sig, pid)).start()
+            # pidfd, unless it became one never to block meanwhile (an exec of an allow-listed program).
+            threading.Timer(0.05, self._fallback, args=(pidfd, sig, pid)).start()
             rec = BlockRecord(time.time_ns(), pid, sig_name, True, reason)
         with self._lock:
             self.records.append(rec)
@@ -291,6 +292,17 @@ class Enforcer:
 
     def _fallback(self, pidfd: int, sig: int, pid: int) -> None:
         try:
+            if _pidfd_pid(pidfd) != pid:
+                return  # gone (killed at its next syscall, or exited)
+            # The pidfd holds the same process through an exec: it may run an allow-listed program now.
+            why_not = self.refusal(pid)
+            if why_not:
+                self._set_signal(pid, 0, only_if_present=True)  # disarm: no later exec may inherit the kill
+                with self._lock:
+                    self.withdrawn += 1
+                    self.records.append(BlockRecord(time.time_ns(), pid, SIGNAL_NAMES.get(sig, str(sig)), False,
+                                                    f"withdrawn: {why_not}"))
+                return
             signal.pidfd_send_signal(pidfd, sig)
             if sig == signal.SIGSTOP:  # sent once, here or by the BPF side: SIGCONT must resume it for good
                 self._clear_signal(pid, pidfd)

@@ -61,6 +61,7 @@ class KernelSignal:
     nr: int
     signal: int
     compat: bool = False  # nr is an i386 number (the process made a 32-bit syscall)
+    by_policy: bool = False  # the per-exe deny policy decided (else a verdict the agent armed and alerted on)
 
 
 ProcKind = Literal["fork", "exec", "exit"]

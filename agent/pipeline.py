@@ -403,8 +403,7 @@ class Pipeline:
         """The BPF program signalled a process. When the agent asked for it (a verdict), the block alert is
         already out; otherwise an in-kernel policy (deny_syscalls) decided, and this records it."""
         self.counters["kernel_signals"] += 1
-        recent = self.enforcer.records if self.enforcer is not None else ()
-        if any(r.pid == event.pid and r.done for r in recent):
+        if not event.by_policy:  # the signal a verdict armed: its block alert is already out
             return
         info = self.table.get(event.pid)
         exe = info.exe if info is not None else ""
@@ -572,6 +571,8 @@ class Pipeline:
         }
         out.update({k: v for k, v in sorted(self.counters.items())})
         out["processes"] = len(self.table)
+        if self.enforcer is not None:  # blocks taken back before their signal went out (see Enforcer._fallback)
+            out["blocks_withdrawn"] = self.enforcer.withdrawn
         if self.detector is not None:
             out["model"] = dict(self.detector.stats)
         if self.latencies_ns:

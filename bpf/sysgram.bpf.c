@@ -143,8 +143,11 @@ static __always_inline void enforce_check(__u32 tgid, __u32 tid, __u32 nr, __u16
     if (!e)
         return;
     __u32 sig = e->signal;
-    if (!sig && e->policy_id && is_denied(e->policy_id + (compat ? COMPAT_POLICY_BASE : 0), nr))
+    __u8 by_policy = 0; /* the agent already alerted on its own verdicts; the policy's kills it learns here */
+    if (!sig && e->policy_id && is_denied(e->policy_id + (compat ? COMPAT_POLICY_BASE : 0), nr)) {
         sig = 9;
+        by_policy = DETAIL_BY_POLICY;
+    }
     if (!sig || tgid <= 1 || protected_tgids.lookup(&tgid))
         return;
     bpf_send_signal(sig);
@@ -159,7 +162,7 @@ static __always_inline void enforce_check(__u32 tgid, __u32 tid, __u32 nr, __u16
         return;
     }
     fill_hdr(h, K_ENFORCED, nr, ((__u64)tgid << 32) | tid, sig, bpf_ktime_get_ns());
-    h->flags = compat ? DETAIL_COMPAT : 0;
+    h->flags = (compat ? DETAIL_COMPAT : 0) | by_policy;
     detail_rb.ringbuf_submit(h, 0);
 }
 #endif

@@ -59,6 +59,7 @@ enum detail_kind {
 };
 
 #define DETAIL_COMPAT 0x1 /* detail_hdr.flags (K_ENFORCED): nr is an i386 number */
+#define DETAIL_BY_POLICY 0x2 /* detail_hdr.flags (K_ENFORCED): the per-exe deny policy decided, not a verdict */
 
 struct detail_hdr {
     __u8 kind;

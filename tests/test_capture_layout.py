@@ -22,7 +22,7 @@ int main(void) {
     printf("%zu %zu %zu %zu %zu %zu %zu\n", sizeof(struct sc_rec), offsetof(struct sc_batch, recs),
            sizeof(struct sc_detail), sizeof(struct exec_args), sizeof(struct proc_event),
            sizeof(struct arg_spec), offsetof(struct sc_detail, str));
-    printf("%d %d %d %d\n", REC_COMPAT, REC_STAMPED, DETAIL_COMPAT, COMPAT_POLICY_BASE);
+    printf("%d %d %d %d %d\n", REC_COMPAT, REC_STAMPED, DETAIL_COMPAT, COMPAT_POLICY_BASE, DETAIL_BY_POLICY);
     return 0;
 }
 """
@@ -38,7 +38,8 @@ def test_dtypes_match_the_c_structs(tmp_path: Path) -> None:
     subprocess.run([cc, "-I", str(ROOT / "bpf"), "-o", str(exe), str(src)], check=True)
     sizes_line, flags_line = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
     sizes = [int(x) for x in sizes_line.split()]
-    assert [int(x) for x in flags_line.split()] == [L.REC_COMPAT, L.REC_STAMPED, L.DETAIL_COMPAT, L.COMPAT_POLICY_BASE]
+    assert [int(x) for x in flags_line.split()] == [
+        L.REC_COMPAT, L.REC_STAMPED, L.DETAIL_COMPAT, L.COMPAT_POLICY_BASE, L.DETAIL_BY_POLICY]
     assert L.REC_COMPAT == FLAG_COMPAT  # the decoder copies the kernel's bit into the rows as is
     assert MAX_DENY_PROGRAMS == L.COMPAT_POLICY_BASE - 1  # policy ids 1..63, their i386 bitmaps above
     assert sizes == [

@@ -97,6 +97,10 @@ def _load_error(tmp_path: Path, text: str | bytes) -> ConfigError:
         ("enforce:\n  block_min_priority: Critcal\n", 2, "unknown priority 'Critcal'"),
         ("enforce:\n  block_anomaly_score: .nan\n", 2, "enforce.block_anomaly_score: expected a finite"),
         ("enforce:\n  block_anomaly_score: -1\n", 2, "enforce.block_anomaly_score"),
+        ("enforce:\n  block_anomaly_score: 1" + "0" * 400 + "\n", 2, "enforce.block_anomaly_score: expected a finite"),
+        # one program both never blocked and under a deny list: the kernel keeps one policy per path
+        ("enforce:\n  allow_exes: [/bin/true]\n  deny_syscalls:\n    /bin/true: [ptrace]\n", 4,
+         "enforce.deny_syscalls./bin/true: this program is also in enforce.allow_exes"),
         ("enforce:\n  allow_exes: [1, 2]\n", 2, "enforce.allow_exes[0]: expected a non-empty string"),
         ("enforce:\n  allow_exes: [sshd]\n", 2, "absolute executable path"),
         ("enforce:\n  block_tags: sysgram.block\n", 2, "enforce.block_tags: expected list, got str"),

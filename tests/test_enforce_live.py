@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, requires_bpf, start_sysgram
+from tests.test_pipeline_live import LiveAgent
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -81,3 +82,33 @@ def test_sysgram_block_rule_kills_only_the_offender(tmp_path: Path, opener: Path
     assert any(r["output_fields"]["proc.pid"] == allowed.pid and "allow" in r["output_fields"]["sysgram.action"]
                for r in refused)  # ... but its own alert, saying why
     assert any(r["rule"] == "Test open of a forbidden file" for r in records)
+
+
+def test_an_allow_listed_script_is_never_killed(tmp_path: Path) -> None:
+    """The kernel protects a script by its own path (the path given to exec), while /proc names the
+    interpreter: the agent must take the kernel's word and refuse, not kill it through the pidfd."""
+    blocked = f"/tmp/sysgram-block-{uuid.uuid4().hex}"
+    script = tmp_path / "allowed.sh"
+    script.write_text('#!/bin/sh\nsleep 0.3\nexec 3<>"$1"\nsleep 1\nexit 0\n')
+    script.chmod(0o755)
+    rules = tmp_path / "block.yaml"
+    rules.write_text(
+        "- rule: Test open of a forbidden file\n  desc: d\n"
+        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
+        "  output: forbidden open by %proc.name (pid %proc.pid)\n  priority: CRITICAL\n  tags: [sysgram.block]\n"
+    )
+    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
+                      config=f"enforce:\n  enabled: true\n  allow_exes: [{script}]\n")
+    try:
+        allowed = subprocess.Popen([str(script), blocked])
+        code = allowed.wait(timeout=30)
+        agent.wait_for(lambda: [r for r in agent.records() if r["rule"] == "Sysgram did not block a process"], 10)
+    finally:
+        assert agent.stop() == 0, agent.stderr
+        Path(blocked).unlink(missing_ok=True)
+    assert code == 0
+    records = agent.records()
+    assert any(r["rule"] == "Test open of a forbidden file" for r in records)  # the rule did match
+    assert not [r for r in records if r["rule"] == "Sysgram blocked a process"]
+    refused = [r["output_fields"]["sysgram.action"] for r in records if r["rule"] == "Sysgram did not block a process"]
+    assert refused and all("protected in the kernel" in why for why in refused)

@@ -173,6 +173,58 @@ def test_a_gone_process_is_refused(bpf: Any) -> None:
     assert not rec.done and "gone" in rec.reason
 
 
+def test_a_process_the_kernel_protects_is_never_blocked(bpf: Any, sleeper: subprocess.Popen[bytes]) -> None:
+    """The kernel allow-lists by the path given to exec: an allow-listed script is protected there while
+    /proc names its interpreter, which user space alone would let through. The kernel's word stands."""
+    enforcer = Enforcer(bpf, EnforceConfig(enabled=True), real_lookup)
+    bpf["protected_tgids"][ctypes.c_uint32(sleeper.pid)] = ctypes.c_uint32(INHERITED)  # as exec of it sets
+    rec = enforcer.block(sleeper.pid, "rule X matched")
+    assert not rec.done and "protected in the kernel" in rec.reason
+    assert enforce_entry(bpf, sleeper.pid) is None
+    assert wait_exit(sleeper, 0.3) is None
+
+
+def test_a_block_is_withdrawn_when_its_process_becomes_protected_before_the_signal(
+    bpf: Any, sleeper: subprocess.Popen[bytes]
+) -> None:
+    """Between the verdict and the fallback signal (50 ms) the process exec'd an allow-listed program: the
+    kernel now protects it, so the fallback must not kill it through the pidfd (which outlives exec)."""
+    enforcer = Enforcer(bpf, EnforceConfig(enabled=True), real_lookup)
+    rec = enforcer.block(sleeper.pid, "rule X matched")
+    assert rec.done
+    bpf["protected_tgids"][ctypes.c_uint32(sleeper.pid)] = ctypes.c_uint32(INHERITED)  # the exec's step
+    assert wait_exit(sleeper, 0.5) is None  # alive well past the fallback's 50 ms
+    assert enforcer.withdrawn == 1
+    last = enforcer.records[-1]
+    assert (last.pid, last.done) == (sleeper.pid, False) and last.reason.startswith("withdrawn: protected")
+    entry = enforce_entry(bpf, sleeper.pid)
+    assert entry is not None and entry.signal == 0  # disarmed: a later exec cannot carry the kill on
+
+
+def test_running_allow_listed_processes_are_protected_in_the_kernel_only_while_they_live(
+    bpf: Any, tmp_path: Path
+) -> None:
+    """Protection found at start is the kernel's, which drops it at exit; user space keeps no pid that a
+    later process could reuse and so never be blocked."""
+    real = tmp_path / "allowed"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", real)
+    enforcer = Enforcer(bpf, EnforceConfig(enabled=True, allow_exes=(str(real),)), real_lookup)
+    live = subprocess.Popen([str(real), "60"])
+    gone = subprocess.Popen([str(real), "60"])
+    try:
+        infos = [read_process(live.pid), read_process(gone.pid)]
+        gone.kill()
+        gone.wait()
+        enforcer.protect_processes([i for i in infos if i is not None])
+        assert bpf["protected_tgids"][ctypes.c_uint32(live.pid)].value == INHERITED
+        assert bpf["protected_tgids"].get(ctypes.c_uint32(gone.pid)) is None  # exited: no entry for its pid
+        assert live.pid not in enforcer.protected and gone.pid not in enforcer.protected
+        assert not enforcer.block(live.pid, "test").done
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_stop_action_stops_instead(bpf: Any, sleeper: subprocess.Popen[bytes]) -> None:
     enforcer = Enforcer(bpf, EnforceConfig(enabled=True, action="stop"), real_lookup)
     assert enforcer.block(sleeper.pid, "test").done

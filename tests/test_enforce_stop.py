@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, requires_bpf
+from tests.conftest import ROOT, build_c, requires_bpf
 from tests.test_pipeline_live import LiveAgent
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
@@ -95,3 +95,38 @@ def test_a_victim_asleep_in_a_syscall_is_stopped_once_and_sigcont_resumes_it(tmp
         assert agent.stop() == 0, agent.stderr
         Path(blocked).unlink(missing_ok=True)
     assert (state, resumed) == ("T", "S")
+
+
+def test_an_in_kernel_kill_after_a_stop_still_raises_its_alert(tmp_path: Path) -> None:
+    """A process the agent stopped (a rule) is resumed by an analyst and then makes a syscall its program's
+    deny list forbids: the kernel kills it, and that kill gets its own alert. The kernel says which kind
+    each signal is; the agent no longer guesses from having blocked that pid before."""
+    prog = build_c(ROOT / "tests" / "open_wait_getppid.c", tmp_path / "sysgram-stop-then-deny")
+    go = tmp_path / "go"
+    blocked = f"/tmp/sysgram-freeze-{uuid.uuid4().hex}"
+    rules = tmp_path / "block.yaml"
+    rules.write_text(
+        "- rule: Test open of a forbidden file\n  desc: test\n"
+        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
+        "  output: forbidden open by %proc.name (pid %proc.pid)\n  priority: CRITICAL\n  tags: [sysgram.block]\n"
+    )
+    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
+                      config=f"enforce:\n  enabled: true\n  action: stop\n  deny_syscalls:\n    {prog}: [getppid]\n")
+    victim = subprocess.Popen([str(prog), blocked, str(go)])
+    try:
+        assert state_once_stopped(victim.pid) == "T"
+        go.touch()
+        victim.send_signal(signal.SIGCONT)
+        code = victim.wait(timeout=20)
+        agent.wait_for(lambda: [r for r in agent.records() if "(in kernel)" in str(r["output_fields"])], 10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+        assert agent.stop() == 0, agent.stderr
+        Path(blocked).unlink(missing_ok=True)
+    assert code == -signal.SIGKILL  # the deny list's kill, in the kernel
+    actions = [r["output_fields"]["sysgram.action"] for r in agent.records()
+               if r["rule"] == "Sysgram blocked a process" and r["output_fields"]["proc.pid"] == victim.pid]
+    assert actions == ["stop sent", "SIGKILL sent (in kernel)"]
+    assert agent.stats["blocks"] == 2 and agent.stats["kernel_signals"] >= 1  # the stop may go by the fallback

@@ -281,7 +281,8 @@ def decode_detail(raw: bytes) -> DetailEvent:
 def decode_kernel_signal(raw: bytes) -> KernelSignal:
     """A K_ENFORCED record (a bare detail header: aux is the signal sent)."""
     _, flags, nr, tgid, tid, sig, ts = struct.unpack_from(_HDR, raw)
-    return KernelSignal(ts=ts, pid=tgid, tid=tid, nr=nr, signal=sig, compat=bool(flags & L.DETAIL_COMPAT))
+    return KernelSignal(ts=ts, pid=tgid, tid=tid, nr=nr, signal=sig, compat=bool(flags & L.DETAIL_COMPAT),
+                        by_policy=bool(flags & L.DETAIL_BY_POLICY))
 
 
 def decode_exec_args(raw: bytes) -> tuple[int, str, tuple[str, ...]]:

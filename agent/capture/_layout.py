@@ -19,6 +19,7 @@ BATCH_HEADER = np.dtype(
 REC_COMPAT = 0x1  # sc_rec.flags: a 32-bit syscall (nr is an i386 number); the same bit as FLAG_COMPAT
 REC_STAMPED = 0x2  # sc_rec.flags: ts_delta is valid (the first record of a run)
 DETAIL_COMPAT = 0x1  # detail_hdr.flags of K_ENFORCED: nr is an i386 number
+DETAIL_BY_POLICY = 0x2  # detail_hdr.flags of K_ENFORCED: the per-exe deny policy decided, not a verdict
 COMPAT_POLICY_BASE = 64  # deny_bitmaps: a policy's i386 bitmap sits at policy_id + this
 STAMP_EVERY = 64
 
