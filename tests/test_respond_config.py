@@ -65,6 +65,7 @@ def test_defaults_and_shorthands() -> None:
         ({"webhook": {"url": "ftp://x"}}, "outputs.webhook.url: expected an http"),
         ({"webhook": {"secret": "x"}}, "outputs.webhook.url: missing"),
         ({"webhook": {"url": "http://x", "secret": "whsec_!!notbase64"}}, "outputs.webhook.secret"),
+        ({"webhook": {"url": "http://x", "secret": "whsec_"}}, "outputs.webhook.secret: the secret is empty"),
         ({"webhook": {"url": "http://x", "max_attempts": True}}, "outputs.webhook.max_attempts: expected an"),
         ({"jsonl": {"path": "/a", "format": "cef"}}, "outputs.jsonl.format: expected one of falco, ocsf"),
         ({"jsonl": {"path": "/a", "backups": -1}}, "outputs.jsonl.backups: must be at least 0"),

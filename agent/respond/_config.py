@@ -126,10 +126,14 @@ def secret_key(secret: str) -> bytes:
     """The HMAC key of a Standard Webhooks secret: base64 after ``whsec_``, else the UTF-8 bytes."""
     if secret.startswith("whsec_"):
         try:
-            return base64.b64decode(secret[len("whsec_"):], validate=True)
+            key = base64.b64decode(secret[len("whsec_"):], validate=True)
         except (binascii.Error, ValueError) as err:
             raise ValueError("a secret starting with 'whsec_' must be base64 after the prefix") from err
-    return secret.encode()
+    else:
+        key = secret.encode()
+    if not key:  # `whsec_${UNSET}`: an HMAC under an empty key is one anyone can forge
+        raise ValueError("the secret is empty (after 'whsec_'): signatures under an empty key prove nothing")
+    return key
 
 
 T = TypeVar("T")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -133,6 +134,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     ingest: IngestServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One line, not socketserver's traceback: a client that resets or breaks its connection is routine,
+        and anyone who can reach the port (even /ping, which needs no token) could flood the log with them."""
+        err = sys.exc_info()[1]
+        log.info("ingest %s: connection ended: %s", client_address[0] if client_address else "?",
+                 " ".join(str(err).split()) or type(err).__name__)
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
@@ -193,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         length_header = self.headers.get("content-length")
-        if length_header is None or not length_header.isdigit():
+        if length_header is None or not (length_header.isascii() and length_header.isdigit()):
             ingest.metrics.falco_error("no_length")
             self.close_connection = True
             self._reply(411, b"a Content-Length is required\n")
@@ -213,15 +221,22 @@ class _Handler(BaseHTTPRequestHandler):
             log.warning("ingest: refused a payload from %s: %s", self.client_address[0], reason)
             self._reply(400, f"{reason}\n".encode())
             return
-        try:
-            ingest.callback(alert)
-        except Exception as err:  # the pipeline's trouble: tell the sender to retry later
-            ingest.metrics.falco_error("callback")
-            log.error("ingest: handling Falco alert %r failed: %s", alert.rule, err)
-            self._reply(500, b"the alert could not be handled\n")
+        if not ingest.enter():  # the agent is stopping: its sinks may be closed; Falco keeps it and retries
+            self.close_connection = True
+            self._reply(503, b"the agent is stopping; retry\n")
             return
-        ingest.metrics.falco_ingested("http")
-        self._reply(200, b"{}", "application/json")
+        try:
+            try:
+                ingest.callback(alert)
+            except Exception as err:  # the pipeline's trouble: tell the sender to retry later
+                ingest.metrics.falco_error("callback")
+                log.error("ingest: handling Falco alert %r failed: %s", alert.rule, err)
+                self._reply(500, b"the alert could not be handled\n")
+                return
+            ingest.metrics.falco_ingested("http")
+            self._reply(200, b"{}", "application/json")
+        finally:
+            ingest.leave()
 
 
 class IngestServer:
@@ -253,6 +268,22 @@ class IngestServer:
             raise ConfigError(f"listen: cannot listen on {address}:{port}: {err.strerror}") from None
         self._server.ingest = self
         self._thread: threading.Thread | None = None
+        self._gate = threading.Condition()  # alerts being handled, and whether new ones may start
+        self._inflight = 0
+        self._closing = False
+
+    def enter(self) -> bool:
+        """A request starts handling an alert; False once closing (its sinks may be closed by then)."""
+        with self._gate:
+            if self._closing:
+                return False
+            self._inflight += 1
+            return True
+
+    def leave(self) -> None:
+        with self._gate:
+            self._inflight -= 1
+            self._gate.notify_all()
 
     @classmethod
     def from_config(
@@ -278,10 +309,16 @@ class IngestServer:
         self._thread.start()
         return self
 
-    def close(self) -> None:
+    def close(self, wait: float = 5.0) -> None:
+        """Stop taking alerts; wait (at most ``wait`` s) for those being handled, so none is answered 200
+        after the sinks it went to were closed."""
+        with self._gate:
+            self._closing = True
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5.0)
+        with self._gate:
+            self._gate.wait_for(lambda: self._inflight == 0, timeout=wait)
         self._server.server_close()
 
 

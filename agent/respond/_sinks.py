@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -138,7 +139,7 @@ class JsonlSink:
                 os.write(fd, b"\n")
         except OSError as err:
             raise DeliveryError(f"cannot open the alert file: {err.strerror}", path=self.path) from None
-        return os.fdopen(fd, "ab")
+        return os.fdopen(fd, "ab", buffering=0)  # unbuffered: a failed write fails now, not at a later flush
 
     def _rotate(self) -> None:
         self._file.close()
@@ -154,19 +155,39 @@ class JsonlSink:
         finally:
             self._file = self._open()
 
+    def _moved(self) -> bool:
+        """Whether ``path`` no longer names the open file (deleted, or renamed by an outside rotation)."""
+        try:
+            on_disk = os.stat(self.path)
+        except OSError:
+            return True
+        mine = os.fstat(self._file.fileno())
+        return (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino)
+
     def emit(self, alert: Alert) -> None:
         data = (alert.to_json(self._format) + "\n").encode()
         with self._lock:
+            if self._file.closed:
+                raise DeliveryError("the alert file is closed", path=self.path)
+            size = -1
             try:
-                size = self._file.tell()
+                if self._moved():  # a log shipper follows the path: write where it looks
+                    self._file.close()
+                    self._file = self._open()
+                size = os.fstat(self._file.fileno()).st_size  # appends land at the end, wherever tell() is
                 if size > 0 and size + len(data) > self.max_bytes:
                     self._rotate()
-                self._file.write(data)
-                self._file.flush()
+                    size = 0
+                written = self._file.write(data)
+                if written != len(data):
+                    raise OSError(28, f"short write ({written} of {len(data)} bytes)")
                 if self._fsync:
                     os.fsync(self._file.fileno())
             except OSError as err:
-                raise DeliveryError(f"cannot write an alert: {err.strerror}", path=self.path) from None
+                if size >= 0:  # no half line left for the next alert to be glued onto
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._file.fileno(), size)
+                raise DeliveryError(f"cannot write an alert: {err.strerror or err}", path=self.path) from None
 
     def flush(self) -> None:
         with self._lock:
@@ -217,7 +238,9 @@ class Fanout:
             sink.flush()
 
     def close(self) -> None:
-        for sink in self.sinks:
+        # A sink that raises internal alerts (the webhook: dead letters, a 410 while it drains) closes first,
+        # so what it reports meanwhile still reaches the file and the console.
+        for sink in sorted(self.sinks, key=lambda s: not isinstance(s, RaisesInternalAlerts)):
             try:
                 sink.close()
             except Exception as err:

@@ -21,14 +21,17 @@ import hmac
 import logging
 import os
 import random
+import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
 import httpx
 
 from agent import __version__
+from agent._text import escape_controls
 from agent.respond._alert import Alert, AlertFormat, internal_alert
 from agent.respond._config import WebhookConfig, secret_key
 from agent.respond._metrics import Metrics
@@ -40,6 +43,27 @@ log = logging.getLogger("sysgram.respond")
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _OVERFLOW_REPORT_EVERY_S = 60.0
 DISABLED_KEY = "disabled_url"  # spool meta: the URL that answered 410 Gone
+MAX_ANSWER = 4096  # bytes of a non-2xx answer read (for the log line); the rest is never read
+ANSWER_DEADLINE_FACTOR = 2  # an answer's body is read for at most this many times the timeout
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+def header_safe_id(alert_id: str) -> str:
+    """The alert's id as its webhook-id header: itself when it is a plain token (our uuids are), else a digest
+    of it. An ingested alert chooses its own id, and one a header cannot carry (a newline, non-ASCII) would
+    fail every attempt and hold up the spool behind it for good."""
+    if _SAFE_ID.fullmatch(alert_id):
+        return alert_id
+    return "sha256-" + hashlib.sha256(alert_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def sign(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
@@ -81,6 +105,7 @@ class WebhookSink:
         close_timeout: float = 5.0,
     ) -> None:
         self.url = url
+        self.shown_url = without_credentials(url)  # logs and alerts reach a SIEM: no password in them
         self._key = secret_key(secret) if secret is not None else None
         self._timeout = timeout
         self.max_attempts = max_attempts
@@ -146,9 +171,9 @@ class WebhookSink:
             if ended:
                 self._raise_internal(internal_alert(
                     "Sysgram webhook spool overflow ended", "Warning",
-                    f"the webhook spool for {self.url} has room again; {ended} alerts did not fit in it "
+                    f"the webhook spool for {self.shown_url} has room again; {ended} alerts did not fit in it "
                     f"and were not sent to the webhook (other outputs got them)",
-                    url=self.url, overflowed=ended,
+                    url=self.shown_url, overflowed=ended,
                 ))
             return
         self._metrics.webhook_spool_overflow.inc()
@@ -158,9 +183,9 @@ class WebhookSink:
             self._overflow_reported_at = now
             self._raise_internal(internal_alert(
                 "Sysgram webhook spool overflow", "Critical",
-                f"the webhook spool for {self.url} is full ({self.spool.max_rows} alerts); "
+                f"the webhook spool for {self.shown_url} is full ({self.spool.max_rows} alerts); "
                 f"{self._overflow_episode} alerts not spooled so far, {self.spool.overflowed} in all",
-                url=self.url, overflowed=self._overflow_episode, spool_max=self.spool.max_rows,
+                url=self.shown_url, overflowed=self._overflow_episode, spool_max=self.spool.max_rows,
             ))
 
     def flush(self) -> None:
@@ -186,7 +211,7 @@ class WebhookSink:
             self._cond.notify_all()
         self._thread.join(wait + self._timeout + 1.0)
         if self._thread.is_alive():
-            log.error("webhook %s: delivery thread did not stop in time", self.url)
+            log.error("webhook %s: delivery thread did not stop in time", self.shown_url)
             return
         self._client.close()
         self.spool.close()
@@ -221,43 +246,62 @@ class WebhookSink:
             try:
                 outcome, delay_hint = self._post(item)
             except Exception as err:  # never let the thread die: the spool would silently stop draining
-                log.error("webhook %s: delivery failed unexpectedly: %s", self.url, err)
+                log.error("webhook %s: delivery failed unexpectedly: %s", self.shown_url, err)
                 outcome, delay_hint = "transient", None
-            if outcome == "delivered":
-                failures = 0
-                self.spool.delete(item.seq)
-                self._metrics.webhook_deliveries.inc()
-                self._metrics.webhook_spool_depth.set(self.spool.depth)
-                with self._cond:
-                    self._cond.notify_all()
-                continue
-            if outcome == "gone":
-                self._disable()
-                continue
-            failures += 1
-            if outcome == "rejected":
-                rejections = self.spool.reject(item.seq)
-                if rejections >= self.max_attempts:
-                    self._bury(item, rejections)
-                    failures = 0
-                    continue
-            delay = self.retry.delay(failures, self._rng)
-            if delay_hint is not None:
-                delay = min(max(delay, delay_hint), self.retry.cap)
-            if not self._sleep(delay):
+            try:
+                failures, delay = self._settle(item, outcome, delay_hint, failures)
+            except Exception as err:  # the spool's disk is full or failing: wait and retry, never die
+                log.error("webhook %s: the spool failed: %s; retrying", self.shown_url, err)
+                delay = self.retry.cap
+            if delay is not None and not self._sleep(delay):
                 return
+
+    def _settle(self, item: SpooledAlert, outcome: Outcome, delay_hint: float | None,
+                failures: int) -> tuple[int, float | None]:
+        """Record one attempt's outcome in the spool; -> (consecutive transient failures, how long to wait
+        before the next attempt, None for at once)."""
+        if outcome == "delivered":
+            self.spool.delete(item.seq)
+            self._metrics.webhook_deliveries.inc()
+            self._metrics.webhook_spool_depth.set(self.spool.depth)
+            with self._cond:
+                self._cond.notify_all()
+            return 0, None
+        if outcome == "gone":
+            self._disable()
+            return failures, None
+        failures += 1
+        if outcome == "rejected":
+            rejections = self.spool.reject(item.seq)
+            if rejections >= self.max_attempts:
+                self._bury(item, rejections)
+                return 0, None
+        delay = self.retry.delay(failures, self._rng)
+        if delay_hint is not None:
+            delay = min(max(delay, delay_hint), self.retry.cap)
+        return failures, delay
 
     def _post(self, item: SpooledAlert) -> tuple[Outcome, float | None]:
         timestamp = int(time.time())
+        webhook_id = header_safe_id(item.webhook_id)
         headers = {
             "content-type": "application/json",
-            "webhook-id": item.webhook_id,
+            "webhook-id": webhook_id,
             "webhook-timestamp": str(timestamp),
         }
         if self._key is not None:
-            headers["webhook-signature"] = sign(self._key, item.webhook_id, timestamp, item.body)
+            headers["webhook-signature"] = sign(self._key, webhook_id, timestamp, item.body)
         try:
-            response = self._client.post(self.url, content=item.body, headers=headers)
+            # Streamed: a 2xx body is never read, any other at most MAX_ANSWER bytes, and not past a deadline,
+            # so an endpoint that floods or trickles its answer cannot grow our memory or hold this thread.
+            deadline = time.monotonic() + ANSWER_DEADLINE_FACTOR * self._timeout
+            with self._client.stream("POST", self.url, content=item.body, headers=headers) as response:
+                body = b""
+                if not 200 <= response.status_code < 300:
+                    for chunk in response.iter_raw():
+                        body += chunk
+                        if len(body) >= MAX_ANSWER or time.monotonic() > deadline:
+                            break
         except httpx.TimeoutException:
             self._transient_failure("timeout", "timed out")
             return "transient", None
@@ -268,15 +312,15 @@ class WebhookSink:
         if 200 <= status < 300:
             if self._failing_since is not None:
                 down_for = time.monotonic() - self._failing_since
-                log.info("webhook %s: delivering again after %.1fs", self.url, down_for)
+                log.info("webhook %s: delivering again after %.1fs", self.shown_url, down_for)
                 self._failing_since = None
             return "delivered", None
-        snippet = " ".join(response.text[:120].split())
+        snippet = escape_controls(" ".join(body[:120].decode("utf-8", "replace").split()))
         answered = f"answered {status} {response.reason_phrase}: {snippet or '-'}"
         if status in _TRANSIENT_STATUS or status >= 500:
             self._transient_failure(f"http_{status // 100}xx", answered)  # logged once per outage
             return "transient", _retry_after(response.headers.get("retry-after"))
-        log.warning("webhook %s %s", self.url, answered)  # 410 and rejections: each is news
+        log.warning("webhook %s %s", self.shown_url, answered)  # 410 and rejections: each is news
         if status == 410:
             self._metrics.webhook_failure("gone")
             return "gone", None
@@ -287,7 +331,7 @@ class WebhookSink:
         self._metrics.webhook_failure(reason)
         if self._failing_since is None:  # one line per outage, not one per retry
             self._failing_since = time.monotonic()
-            log.warning("webhook %s: %s; alerts stay spooled and are retried (logged once per outage)", self.url,
+            log.warning("webhook %s: %s; alerts stay spooled and are retried (logged once per outage)", self.shown_url,
                         detail)
 
     def _disable(self) -> None:
@@ -301,9 +345,9 @@ class WebhookSink:
     def _raise_disabled(self, why: str) -> None:
         self._raise_internal(internal_alert(
             "Sysgram webhook endpoint disabled", "Error",
-            f"webhook {self.url} {why}; delivery stopped, {self.spool.depth} alerts kept in the spool "
+            f"webhook {self.shown_url} {why}; delivery stopped, {self.spool.depth} alerts kept in the spool "
             f"(re-enable with: sysgram alerts spool STATE_DIR --enable)",
-            url=self.url, spooled=self.spool.depth,
+            url=self.shown_url, spooled=self.spool.depth,
         ))
 
     def _bury(self, item: SpooledAlert, rejections: int) -> None:
@@ -313,8 +357,8 @@ class WebhookSink:
         self._metrics.webhook_spool_depth.set(self.spool.depth)
         self._raise_internal(internal_alert(
             "Sysgram webhook alert dead-lettered", "Error",
-            f"webhook {self.url} {reason} alert {item.webhook_id}; it was moved to the dead letters",
-            url=self.url, webhook_id=item.webhook_id,
+            f"webhook {self.shown_url} {reason} alert {item.webhook_id}; it was moved to the dead letters",
+            url=self.shown_url, webhook_id=item.webhook_id,
         ))
 
 
