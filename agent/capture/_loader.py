@@ -47,6 +47,24 @@ def _exit_event(name: str) -> str:
     return f"sys_exit_{_TRACEPOINT_NAMES.get(name, name)}"
 
 
+INIT_PID_NS_INODE = 0xEFFFFFFC  # PROC_PID_INIT_INO: the host's (initial) PID namespace, fixed since Linux 3.8
+
+
+def nested_pid_namespace(ns_link: str = "/proc/self/ns/pid") -> str:
+    """Why the tracer cannot run from this PID namespace, or "" when it is the host's. The kernel names
+    processes by their host pids; here /proc, the agent's own pid (never traced, never blocked) and every
+    pidfd would name others: in a container without the host's PID namespace the agent would trace itself,
+    skip the host's init and block the wrong processes."""
+    try:
+        target = os.readlink(ns_link)  # "pid:[4026531836]"
+    except OSError:
+        return ""  # no namespace link to tell (no /proc): nothing to compare either
+    if target == f"pid:[{INIT_PID_NS_INODE}]":
+        return ""
+    return (f"the agent runs in a nested PID namespace ({target}, pid {os.getpid()} there), not the host's: "
+            "run it in the host's (docker run --pid=host; Kubernetes hostPID: true)")
+
+
 class Tracer:
     """The loaded BPF object: compact and detail ring buffers, stats, enforcement maps."""
 
@@ -62,6 +80,9 @@ class Tracer:
     ) -> None:
         if os.geteuid() != 0:
             raise CaptureError("the tracer needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN)")
+        nested = nested_pid_namespace()
+        if nested:
+            raise CaptureError(nested)
         ensure_tracefs()
         ensure_kernel_headers()
         bcc = _import_bcc()
