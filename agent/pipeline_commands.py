@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from agent._argtypes import check_absolute_exes, check_model_file, epochs, positive_seconds
 from agent.config import AgentConfig, load_config, with_enforcement
 from agent.errors import ConfigError, NotYetAvailable
-from agent.pipeline import Pipeline, run_live, run_replay
+from agent.pipeline import ANOMALY_RULE, SECCOMP_RULE, Pipeline, run_live, run_replay
 from agent.proc import ProcessTable, RuntimeContainerLookup, RuntimeSocket, runtime_sockets_present
 from agent.verdict import DecisionTable
 
@@ -201,6 +201,21 @@ def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, An
     return section
 
 
+def _check_block_rules(cfg: AgentConfig, loaded: set[str]) -> None:
+    """A name in enforce.block_rules that no rule has would never block: a typo there turns blocking off in
+    silence. Refused, unless ingested Falco alerts may block (their rules are Falco's, not loaded here)."""
+    if not cfg.enforce.enabled:
+        return
+    known = loaded | {ANOMALY_RULE, SECCOMP_RULE}
+    for i, name in enumerate(cfg.enforce.block_rules):
+        if name in known:
+            continue
+        if not cfg.enforce.block_ingested:
+            raise cfg.error(f"enforce.block_rules[{i}]", f"no loaded rule is named {name!r}: it would never block")
+        print(f"sysgram: warning: enforce.block_rules[{i}]: no loaded rule is named {name!r}; only an ingested "
+              "Falco alert of that rule can block", file=sys.stderr)
+
+
 def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline, set[str]]:
     """Every room the config turns on, wired; and the syscalls that need details."""
     table = ProcessTable()
@@ -221,6 +236,7 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
             ruleset, table.get, anomaly_lookup=None, container_lookup=_container_lookup(cfg)
         )
         details |= set(ruleset.interesting_syscalls())
+    _check_block_rules(cfg, {r.name for r in ruleset.rules} if rule_files else set())
     if cfg.model == str(DEFAULT_MODEL) and not DEFAULT_MODEL.exists():
         print(f"sysgram: warning: no shipped model at {DEFAULT_MODEL}: anomaly scoring is off "
               "(build one with training/build_shipped_model.py or sysgram learn)", file=sys.stderr)

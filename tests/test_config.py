@@ -349,3 +349,17 @@ def test_quiet_does_not_hide_a_bad_console_section(tmp_path: Path) -> None:
                      "--state-dir", str(tmp_path / "state"))
     assert result.returncode == 2
     assert f"{config}:2: outputs.console.stream: expected one of" in result.stderr
+
+
+def test_a_block_rule_no_loaded_rule_has_is_refused_at_its_line(tmp_path: Path) -> None:
+    """A typo in enforce.block_rules would turn blocking off in silence."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- rule: Real rule\n  desc: d\n  condition: evt.type = ptrace\n  output: o\n  priority: ERROR\n")
+    p = tmp_path / "config.yaml"
+    p.write_text("enforce:\n  enabled: true\n  block_rules:\n    - Real rule\n    - Reel rule\n")
+    result = sysgram("run", "--config", str(p), "--no-model", "--no-default-rules", "--rules", str(rules),
+                     timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"sysgram: error: {p}:5: enforce.block_rules[1]: no loaded rule is named 'Reel rule': it would never block"
+    ]
