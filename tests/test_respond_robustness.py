@@ -292,3 +292,31 @@ def test_webhook_credentials_stay_out_of_logs_and_alerts(tmp_path: Path, caplog:
     assert "410" in text and "hunter2" not in text
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("sysgram"))
     assert "410" in ours and "***@127.0.0.1" in ours and "hunter2" not in ours
+
+
+def test_the_listener_serves_a_bounded_number_of_connections_at_once(tmp_path: Path) -> None:
+    """Idle connections each hold a server thread: past the bound a new one is closed at once and counted,
+    and once the idle ones go, the listener answers again."""
+    from agent.respond._ingest import MAX_CONNECTIONS
+
+    metrics = Metrics()
+    config = OutputConfig.from_mapping({"console": False, "listen": {"port": 0}}, source="test")
+    outputs = build_outputs(config, state_dir=tmp_path, metrics=metrics, on_falco_alert=lambda a: None)
+    assert outputs.server is not None
+    address = outputs.server.address
+    idle = [socket.create_connection(address, timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # every idle one has its thread
+        extra = socket.create_connection(address, timeout=5)
+        extra.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert extra.recv(100) == b""  # closed unanswered
+        extra.close()
+        assert b'reason="too_many_connections"} 1.0' in metrics.render()
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(0.3)
+    try:
+        assert _raw_request(outputs.server.url, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+    finally:
+        outputs.close()

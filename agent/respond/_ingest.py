@@ -27,6 +27,7 @@ from agent.respond._metrics import METRICS_CONTENT_TYPE, Metrics
 log = logging.getLogger("sysgram.respond")
 
 MAX_BODY = 1024 * 1024
+MAX_CONNECTIONS = 64  # connections served at once (a thread each); more are closed at once
 CLIENT_TIMEOUT = 10.0  # seconds a client may stall mid-request before its connection (and thread) is dropped
 
 
@@ -132,7 +133,27 @@ def parse_falco_json(text: str | bytes) -> FalcoAlert:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 drops a burst's SYNs: each costs the client a 1 s+ retransmit
     ingest: IngestServer
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection, at most MAX_CONNECTIONS of them: past that a new connection is closed at
+        once (Falco retries), so a flood of idle or stalling clients cannot take a thread each without end."""
+        if not self._slots.acquire(blocking=False):
+            self.ingest.metrics.falco_error("too_many_connections")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One line, not socketserver's traceback: a client that resets or breaks its connection is routine,
