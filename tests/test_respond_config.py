@@ -71,6 +71,8 @@ def test_defaults_and_shorthands() -> None:
         ({"jsonl": {"path": "/a", "backups": -1}}, "outputs.jsonl.backups: must be at least 0"),
         ({"console": "yes"}, "outputs.console: expected a mapping"),
         ({"listen": {"address": "0.0.0.0"}}, "outputs.listen.token: required"),
+        ({"listen": {"token": "   "}}, "outputs.listen.token: must not begin or end with white space"),
+        ({"listen": {"token": "s3cret\n"}}, "outputs.listen.token: must not begin or end with white space"),
         ({"listen": {"port": 70000}}, "outputs.listen.port: must be at most 65535"),
         ({"listen": {"address": "999.1.1.1"}}, "outputs.listen.address: not an IP address or a host name"),
         ({"listen": {"host": "my host", "token": "t"}}, "outputs.listen.host: not an IP address or a host name"),

@@ -320,3 +320,22 @@ def test_the_listener_serves_a_bounded_number_of_connections_at_once(tmp_path: P
         assert _raw_request(outputs.server.url, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
     finally:
         outputs.close()
+
+
+def test_a_refused_request_leaves_nothing_on_its_connection(tmp_path: Path) -> None:
+    """A 401 is answered before the body is read: the connection closes, so a body shaped like a request is
+    never taken for the next one."""
+    config = OutputConfig.from_mapping({"console": False, "listen": {"port": 0, "token": "right"}}, source="test")
+    outputs = build_outputs(config, state_dir=tmp_path, metrics=Metrics(), on_falco_alert=lambda a: None)
+    assert outputs.server is not None
+    smuggled = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer right\r\n\r\n"
+    try:
+        with socket.create_connection(outputs.server.address, timeout=5) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+    finally:
+        outputs.close()
+    assert answer.startswith(b"HTTP/1.1 401") and answer.count(b"HTTP/1.1 ") == 1

@@ -295,6 +295,8 @@ class _Reader:
         if not address_is_plausible(address):
             raise self.fail(f"{key}.{name}", f"not an IP address or a host name: {address!r}")
         token = self.optional_str(data, key, "token")
+        if token is not None and token != token.strip():  # a client's value is stripped: it could never match
+            raise self.fail(f"{key}.token", "must not begin or end with white space")
         config = ListenConfig(address, port, token)
         if token is None and not config.is_loopback:
             raise self.fail(f"{key}.token", f"required when listening on {address} (not a loopback address)")

@@ -195,6 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
         ok = scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
         if not ok:
             self.server.ingest.metrics.falco_error("unauthorized")
+            self.close_connection = True  # its body is unread: left on the connection it would pass for a request
             self._reply(401, b"missing or wrong bearer token\n")
         return ok
 
