@@ -118,6 +118,20 @@ def resolved_exe(pid: int, fallback: str = "") -> str:
     return exe.removesuffix(" (deleted)")
 
 
+def _exited(pid: int, pidfd: int) -> bool:
+    """Whether the process the pidfd holds has exited: its pid gone, or a zombie (whose pidfd still shows the
+    pid, after the kernel's exit hook has already cleaned its map entries: one written now would stay for
+    whoever gets the pid next)."""
+    if _pidfd_pid(pidfd) != pid:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
 def _pidfd_pid(pidfd: int) -> int:
     """The pid a pidfd holds; -1 once its process has exited (and so its pid may be reused)."""
     try:
@@ -140,6 +154,7 @@ class Enforcer:
         self.protected: set[int] = {1, os.getpid(), *_ancestors_of_self(), *config.allow_pids}
         self.records: deque[BlockRecord] = deque(maxlen=MAX_RECORDS)
         self.withdrawn = 0  # blocks taken back before the signal went out (the process became protected)
+        self._withdrawn_news: list[BlockRecord] = []  # not yet alerted (the pipeline takes them, see take_withdrawn)
         # Both spellings of each allow-listed path: the kernel sees the path given to exec, /proc the real one.
         self.allow_exes = frozenset({*config.allow_exes, *(os.path.realpath(e) for e in config.allow_exes)})
         # deny_syscalls paths are resolved at config load; the ids index the kernel's deny_bitmaps
@@ -202,7 +217,7 @@ class Enforcer:
         if real in self.allow_exes:
             prot = self._map("protected_tgids")
             prot[key] = ctypes.c_uint32(INHERITED)  # type: ignore[index]
-            if _pidfd_pid(pidfd) != pid:  # it exited meanwhile: the kernel's exit cleanup may have run
+            if _exited(pid, pidfd):  # it exited meanwhile: the kernel's exit cleanup may have run
                 prot.pop(key, None)  # type: ignore[attr-defined]
             return 0
         policy_id = self.policy_ids.get(real, 0)
@@ -215,12 +230,13 @@ class Enforcer:
         value = entry.Leaf()  # type: ignore[attr-defined]
         value.signal, value.policy_id = 0, policy_id
         entry[key] = value  # type: ignore[index]
-        if _pidfd_pid(pidfd) != pid:
+        if _exited(pid, pidfd):
             entry.pop(key, None)  # type: ignore[attr-defined]
         return policy_id
 
-    def refusal(self, pid: int) -> str:
-        """Why ``pid`` must never be blocked, or "" when it may be."""
+    def refusal(self, pid: int, *, use_table: bool = True) -> str:
+        """Why ``pid`` must never be blocked, or "" when it may be. ``use_table``: also ask the process table
+        (only from the pipeline's thread: a lookup may insert into it)."""
         if pid <= 1:
             return "PID 1 is never blocked"
         if pid in self.protected:
@@ -229,7 +245,7 @@ class Enforcer:
             # The kernel allow-lists by the path given to exec (a script's own path, where /proc names its
             # interpreter) and passes protection to an allow-listed program's children: it has the last word.
             return "protected in the kernel: allow-listed by the path it was run by, or a child of one"
-        info = self.lookup(pid)
+        info = self.lookup(pid) if use_table else None
         if info is not None and info.exe in self.allow_exes:
             return f"{info.exe} is allow-listed"
         real = resolved_exe(pid)
@@ -283,6 +299,13 @@ class Enforcer:
             self.records.append(rec)
         return rec
 
+    def take_withdrawn(self) -> list[BlockRecord]:
+        """The blocks withdrawn since the last call: their "blocked" alert is out, so each needs one saying
+        the signal never went."""
+        with self._lock:
+            news, self._withdrawn_news = self._withdrawn_news, []
+        return news
+
     def kernel_protected(self, pid: int) -> bool:
         """Whether the BPF side will refuse to signal ``pid`` (it is in the kernel's protected_tgids)."""
         try:
@@ -295,13 +318,15 @@ class Enforcer:
             if _pidfd_pid(pidfd) != pid:
                 return  # gone (killed at its next syscall, or exited)
             # The pidfd holds the same process through an exec: it may run an allow-listed program now.
-            why_not = self.refusal(pid)
+            why_not = self.refusal(pid, use_table=False)  # a timer thread: the table is the pipeline's
             if why_not:
                 self._set_signal(pid, 0, only_if_present=True)  # disarm: no later exec may inherit the kill
+                record = BlockRecord(time.time_ns(), pid, SIGNAL_NAMES.get(sig, str(sig)), False,
+                                     f"withdrawn: {why_not}")
                 with self._lock:
                     self.withdrawn += 1
-                    self.records.append(BlockRecord(time.time_ns(), pid, SIGNAL_NAMES.get(sig, str(sig)), False,
-                                                    f"withdrawn: {why_not}"))
+                    self.records.append(record)
+                    self._withdrawn_news.append(record)
                 return
             signal.pidfd_send_signal(pidfd, sig)
             if sig == signal.SIGSTOP:  # sent once, here or by the BPF side: SIGCONT must resume it for good

@@ -34,6 +34,7 @@ BLOCK_RULE = "Sysgram blocked a process"
 # a block a rule asked for and the enforcer refused (PID 1, an allow-listed program, a reused pid...): its own
 # name, so a count of blocks is a count of blocks
 BLOCK_REFUSED_RULE = "Sysgram did not block a process"
+BLOCK_WITHDRAWN_RULE = "Sysgram withdrew a block"  # after its "blocked" alert: the signal never went
 # A syscall through the other ABI's gate than the process's executable: a 64-bit program's `int 0x80` (i386
 # numbers, which native per-syscall hooks and native deny lists do not see) or a 32-bit program switching to
 # 64-bit code. Rare in legitimate software; a known way round syscall monitoring.
@@ -399,6 +400,25 @@ class Pipeline:
         )
         return action
 
+    def _alert_withdrawn(self) -> None:
+        """A block withdrawn before its signal went (the process became one never to block: an exec of an
+        allow-listed program): its "blocked" alert is out, so this one says the signal never went."""
+        if self.enforcer is None:
+            return
+        for record in self.enforcer.take_withdrawn():
+            self.counters["blocks_withdrawn"] += 1
+            if self.metrics is not None:
+                self.metrics.block("withdrawn")
+            info = self.table.get(record.pid)
+            self._send(
+                BLOCK_WITHDRAWN_RULE, "Critical",
+                f"Sysgram withdrew its block of pid {record.pid} ({record.signal}) before the signal went: "
+                f"{record.reason.removeprefix('withdrawn: ')}",
+                {"proc.pid": record.pid, "proc.exe": info.exe if info is not None else None,
+                 "proc.name": info.comm if info is not None else None, "sysgram.action": record.reason},
+                ("sysgram", "enforcement"), time.monotonic_ns(),
+            )
+
     def _kernel_block(self, event: KernelSignal) -> None:
         """The BPF program signalled a process. When the agent asked for it (a verdict), the block alert is
         already out; otherwise an in-kernel policy (deny_syscalls) decided, and this records it."""
@@ -486,6 +506,7 @@ class Pipeline:
         table's exited processes, the detector's windows of exited threads (on a quiet host no syscall
         moves the detector's own clock)."""
         with self._lock:
+            self._alert_withdrawn()
             self.table.reap(now_ns)
             self._abi.forget(lambda pid: pid not in self.table)
             if self.detector is not None:
@@ -504,6 +525,7 @@ class Pipeline:
         """The stream ended: what is still held back goes out now (nothing judged anomalous is lost)."""
         with self._lock:
             self._held_back(None)
+            self._alert_withdrawn()
 
     # -- periodic sampling: drops and model counters into the metrics; the overload alert ------------------
     def sample(self, drops: dict[str, int], now_ns: int | None = None) -> None:
@@ -571,8 +593,6 @@ class Pipeline:
         }
         out.update({k: v for k, v in sorted(self.counters.items())})
         out["processes"] = len(self.table)
-        if self.enforcer is not None:  # blocks taken back before their signal went out (see Enforcer._fallback)
-            out["blocks_withdrawn"] = self.enforcer.withdrawn
         if self.detector is not None:
             out["model"] = dict(self.detector.stats)
         if self.latencies_ns:

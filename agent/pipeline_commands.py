@@ -201,19 +201,27 @@ def _outputs_section(cfg: AgentConfig, args: argparse.Namespace) -> dict[str, An
     return section
 
 
-def _check_block_rules(cfg: AgentConfig, loaded: set[str]) -> None:
+def _check_block_rules(cfg: AgentConfig, enabled: set[str], disabled: set[str]) -> None:
     """A name in enforce.block_rules that no rule has would never block: a typo there turns blocking off in
-    silence. Refused, unless ingested Falco alerts may block (their rules are Falco's, not loaded here)."""
+    silence. Refused, unless ingested Falco alerts may block (their rules are Falco's, not loaded here); a
+    disabled rule is only warned of (a per-host override may turn it off)."""
     if not cfg.enforce.enabled:
         return
-    known = loaded | {ANOMALY_RULE, SECCOMP_RULE}
     for i, name in enumerate(cfg.enforce.block_rules):
-        if name in known:
+        key = f"enforce.block_rules[{i}]"
+        if name in enabled:
             continue
-        if not cfg.enforce.block_ingested:
-            raise cfg.error(f"enforce.block_rules[{i}]", f"no loaded rule is named {name!r}: it would never block")
-        print(f"sysgram: warning: enforce.block_rules[{i}]: no loaded rule is named {name!r}; only an ingested "
-              "Falco alert of that rule can block", file=sys.stderr)
+        if name in disabled:
+            print(f"sysgram: warning: {key}: the rule {name!r} is disabled: it blocks nothing until enabled",
+                  file=sys.stderr)
+        elif name in (ANOMALY_RULE, SECCOMP_RULE):
+            raise cfg.error(key, f"{name!r} is the agent's own alert: it never blocks alone (machine learning and "
+                                 "seccomp are cross-checked by rules; see block_anomaly_score)")
+        elif not cfg.enforce.block_ingested:
+            raise cfg.error(key, f"no loaded rule is named {name!r}: it would never block")
+        else:
+            print(f"sysgram: warning: {key}: no loaded rule is named {name!r}; only an ingested Falco alert of "
+                  "that rule can block", file=sys.stderr)
 
 
 def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline, set[str]]:
@@ -236,7 +244,11 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
             ruleset, table.get, anomaly_lookup=None, container_lookup=_container_lookup(cfg)
         )
         details |= set(ruleset.interesting_syscalls())
-    _check_block_rules(cfg, {r.name for r in ruleset.rules} if rule_files else set())
+    if rule_files:
+        _check_block_rules(cfg, {r.name for r in ruleset.rules},
+                           {st.name for st in ruleset.statuses if st.reason == "disabled"})
+    else:
+        _check_block_rules(cfg, set(), set())
     if cfg.model == str(DEFAULT_MODEL) and not DEFAULT_MODEL.exists():
         print(f"sysgram: warning: no shipped model at {DEFAULT_MODEL}: anomaly scoring is off "
               "(build one with training/build_shipped_model.py or sysgram learn)", file=sys.stderr)

@@ -30,8 +30,8 @@ def test_only_the_initial_pid_namespace_is_the_hosts(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
 def test_sysgram_run_in_a_new_pid_namespace_is_refused_in_one_line(tmp_path: Path) -> None:
     done = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "agent", "run", "--no-model",
-         "--state-dir", str(tmp_path / "state")],
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-m", "agent", "run",
+         "--no-model", "--seconds", "5", "--state-dir", str(tmp_path / "state")],  # bounded, should it start
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # --mount-proc: the container's own /proc, as a container has (its NSpid shows one level only)
     assert done.returncode != 0

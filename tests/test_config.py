@@ -7,7 +7,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
-from tests.conftest import sysgram
+from tests.conftest import requires_bpf, sysgram
 
 
 def test_valid_config_loads(tmp_path: Path) -> None:
@@ -363,3 +363,21 @@ def test_a_block_rule_no_loaded_rule_has_is_refused_at_its_line(tmp_path: Path) 
     assert result.stderr.strip().splitlines() == [
         f"sysgram: error: {p}:5: enforce.block_rules[1]: no loaded rule is named 'Reel rule': it would never block"
     ]
+
+
+@requires_bpf  # the disabled-rule case starts the agent for a second
+def test_block_rules_naming_a_disabled_rule_warn_and_the_agents_own_alerts_are_refused(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- rule: Off here\n  desc: d\n  condition: evt.type = ptrace\n  output: o\n  priority: ERROR\n"
+                     "  enabled: false\n")
+    p = tmp_path / "config.yaml"
+    p.write_text("enforce:\n  enabled: true\n  block_rules: [Sysgram anomalous syscall sequence]\n")
+    result = sysgram("run", "--config", str(p), "--no-model", "--no-default-rules", "--rules", str(rules),
+                     timeout=120)
+    assert result.returncode == 2
+    assert "enforce.block_rules[0]: 'Sysgram anomalous syscall sequence' is the agent's own alert" in result.stderr
+    # a disabled rule is only warned of: checked with --seconds so that the agent, which starts, stops again
+    p.write_text("enforce:\n  enabled: true\n  block_rules: [Off here]\n")
+    result = sysgram("run", "--config", str(p), "--no-model", "--no-default-rules", "--rules", str(rules),
+                     "--seconds", "1", "--quiet", "--state-dir", str(tmp_path / "state"), timeout=180)
+    assert "enforce.block_rules[0]: the rule 'Off here' is disabled" in result.stderr

@@ -185,11 +185,20 @@ def test_a_process_the_kernel_protects_is_never_blocked(bpf: Any, sleeper: subpr
 
 
 def test_a_block_is_withdrawn_when_its_process_becomes_protected_before_the_signal(
-    bpf: Any, sleeper: subprocess.Popen[bytes]
+    bpf: Any, sleeper: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
     """Between the verdict and the fallback signal (50 ms) the process exec'd an allow-listed program: the
     kernel now protects it, so the fallback must not kill it through the pidfd (which outlives exec)."""
-    enforcer = Enforcer(bpf, EnforceConfig(enabled=True), real_lookup)
+    import json
+
+    from agent.pipeline import BLOCK_WITHDRAWN_RULE, Pipeline
+    from agent.proc import ProcessTable
+    from agent.respond import JsonlConfig, OutputConfig, build_outputs
+
+    alerts = tmp_path / "alerts.jsonl"
+    pipeline = Pipeline(table=ProcessTable(), outputs=build_outputs(
+        OutputConfig(console=None, jsonl=JsonlConfig(str(alerts)), fold_window=0), state_dir=tmp_path))
+    enforcer = pipeline.enforcer = Enforcer(bpf, EnforceConfig(enabled=True), real_lookup)
     rec = enforcer.block(sleeper.pid, "rule X matched")
     assert rec.done
     bpf["protected_tgids"][ctypes.c_uint32(sleeper.pid)] = ctypes.c_uint32(INHERITED)  # the exec's step
@@ -199,6 +208,14 @@ def test_a_block_is_withdrawn_when_its_process_becomes_protected_before_the_sign
     assert (last.pid, last.done) == (sleeper.pid, False) and last.reason.startswith("withdrawn: protected")
     entry = enforce_entry(bpf, sleeper.pid)
     assert entry is not None and entry.signal == 0  # disarmed: a later exec cannot carry the kill on
+    # the "blocked" alert went out with the verdict: the housekeeping turn says the signal never went
+    pipeline.reap(time.monotonic_ns())
+    pipeline.reap(time.monotonic_ns())  # once, not on every turn
+    pipeline.outputs.close()
+    said = [json.loads(line) for line in alerts.read_text().splitlines()]
+    assert [(a["rule"], a["output_fields"]["proc.pid"]) for a in said] == [(BLOCK_WITHDRAWN_RULE, sleeper.pid)]
+    assert said[0]["output_fields"]["sysgram.action"].startswith("withdrawn: protected in the kernel")
+    assert pipeline.stats({})["blocks_withdrawn"] == 1
 
 
 def test_running_allow_listed_processes_are_protected_in_the_kernel_only_while_they_live(
@@ -223,6 +240,29 @@ def test_running_allow_listed_processes_are_protected_in_the_kernel_only_while_t
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_zombie_gets_no_kernel_entry_that_would_outlive_it(bpf: Any, tmp_path: Path) -> None:
+    """A zombie's pidfd still shows its pid, but the kernel's exit hook has already run: an entry written now
+    would protect (or police) whoever gets the pid next."""
+    real = tmp_path / "allowed"
+    shutil.copy(shutil.which("true") or "/bin/true", real)
+    enforcer = Enforcer(bpf, EnforceConfig(enabled=True, allow_exes=(str(real),)), real_lookup)
+    zombie = subprocess.Popen([str(real)])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process_state(zombie.pid) != "Z":
+            time.sleep(0.01)
+        assert process_state(zombie.pid) == "Z"  # exited, not reaped: its pid is still held
+        enforcer.on_exec(zombie.pid, str(real))
+        assert bpf["protected_tgids"].get(ctypes.c_uint32(zombie.pid)) is None
+    finally:
+        zombie.wait()
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_stop_action_stops_instead(bpf: Any, sleeper: subprocess.Popen[bytes]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from agent.errors import DeliveryError
 from agent.respond import Fanout, JsonlSink, Metrics, OutputConfig, WebhookSink, build_outputs
 from agent.respond._webhook import header_safe_id, without_credentials
 from tests.test_respond_webhook import FAST, SECRET, Receiver, alert, verify_signature, wait_until
@@ -84,7 +85,7 @@ def test_an_answer_that_never_ends_neither_holds_the_sender_nor_fills_memory(
     assert time.monotonic() - started < 5
 
 
-def test_a_2xx_answer_is_delivered_without_reading_its_endless_body(tmp_path: Path) -> None:
+def test_a_2xx_answer_is_delivered_once_however_long_its_body(tmp_path: Path) -> None:
     endpoint = EndlessAnswer(200, b"y", 0.1)
     sink = WebhookSink(endpoint.url, state_dir=tmp_path, timeout=0.5, retry=FAST)
     try:
@@ -210,17 +211,48 @@ def test_the_alert_file_follows_its_path_when_deleted_or_moved(tmp_path: Path) -
         sink.close()
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True)
+@contextlib.contextmanager
+def small_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
-        yield mount
+        yield where
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path / "tiny", "size=16k") as mount:
+        yield mount
+
+
+def test_a_failed_reopen_costs_one_alert_not_the_file_for_good(tmp_path: Path) -> None:
+    """The path was rotated away and no new file could be made (no inodes left): that alert fails, and the
+    next one, once there is room, goes to a new file at the path."""
+    with small_tmpfs(tmp_path / "inodes", "size=1m,nr_inodes=4") as mount:
+        path = mount / "alerts.jsonl"
+        sink = JsonlSink(path)
+        try:
+            sink.emit(alert(1))
+            path.rename(mount / "alerts.jsonl.1")
+            fillers = []
+            with contextlib.suppress(OSError):
+                for i in range(10):  # use up the inodes
+                    (mount / f"filler{i}").touch()
+                    fillers.append(mount / f"filler{i}")
+            with pytest.raises(DeliveryError):
+                sink.emit(alert(2))
+            for f in fillers:
+                f.unlink()
+            sink.emit(alert(3))
+        finally:
+            sink.close()
+        assert [json.loads(x)["output_fields"]["test.seq"] for x in path.read_text().splitlines()] == [3]
+        with pytest.raises(DeliveryError):  # closed by close(): that one is final
+            sink.emit(alert(4))
 
 
 def test_on_a_full_disk_each_failed_alert_is_the_one_missing(tiny_tmpfs: Path) -> None:
@@ -339,3 +371,63 @@ def test_a_refused_request_leaves_nothing_on_its_connection(tmp_path: Path) -> N
     finally:
         outputs.close()
     assert answer.startswith(b"HTTP/1.1 401") and answer.count(b"HTTP/1.1 ") == 1
+
+
+@pytest.mark.parametrize(("status", "body"), [(200, b"{}"), (200, b""), (204, b"")])
+def test_deliveries_keep_one_connection_alive(tmp_path: Path, status: int, body: bytes) -> None:
+    """Reading each answer to its end hands the connection back: ten alerts, one TCP connection (over TLS,
+    a handshake per alert otherwise)."""
+    ports: set[int] = set()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            ports.add(self.client_address[1])
+            self.send_response(status)
+            if status != 204:
+                self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sink = WebhookSink(f"http://127.0.0.1:{server.server_address[1]}/hook", state_dir=tmp_path, retry=FAST)
+    try:
+        for i in range(10):
+            sink.emit(alert(i))
+        assert sink.wait_idle(10) and sink.spool.depth == 0
+    finally:
+        sink.close()
+        server.shutdown()
+        server.server_close()
+    assert len(ports) == 1
+
+
+def test_a_failure_inside_the_listener_is_one_error_line(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """Not a routine reset: a health callback that raises is shown, in one line, and the client is cut off."""
+    metrics = Metrics()
+    config = OutputConfig.from_mapping({"console": False, "listen": {"port": 0}}, source="test")
+    outputs = build_outputs(config, state_dir=tmp_path, metrics=metrics, on_falco_alert=lambda a: None)
+    assert outputs.server is not None
+
+    def broken() -> str:
+        raise KeyError("stage")
+
+    metrics.health = broken
+    try:
+        with caplog.at_level("INFO", logger="sysgram"):
+            answer = _raw_request(outputs.server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.2)
+    finally:
+        outputs.close()
+    assert answer == b""
+    errors = [r for r in caplog.records if r.name.startswith("sysgram") and r.levelname == "ERROR"]
+    assert len(errors) == 1 and "KeyError" in errors[0].getMessage()
+    assert "Traceback" not in capfd.readouterr().err

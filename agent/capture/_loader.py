@@ -58,6 +58,10 @@ def nested_pid_namespace(ns_link: str = "/proc/self/ns/pid") -> str:
     try:
         target = os.readlink(ns_link)  # "pid:[4026531836]"
     except OSError:
+        # /proc mounted but no /proc/self: it is another PID namespace's /proc, which cannot see us
+        if ns_link.startswith("/proc/self/") and os.path.isdir("/proc/1") and not os.path.exists("/proc/self"):
+            return ("the agent runs in a PID namespace its /proc does not show, not the host's: run it in the "
+                    "host's (docker run --pid=host; Kubernetes hostPID: true)")
         return ""  # no namespace link to tell (no /proc): nothing to compare either
     if target == f"pid:[{INIT_PID_NS_INODE}]":
         return ""

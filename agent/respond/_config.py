@@ -53,7 +53,9 @@ class WebhookConfig:
     format: AlertFormat = "falco"
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
-        return f"WebhookConfig(url={self.url!r}, secret={'***' if self.secret else None})"
+        from agent.respond._webhook import without_credentials
+
+        return f"WebhookConfig(url={without_credentials(self.url)!r}, secret={'***' if self.secret else None})"
 
 
 @dataclass(frozen=True, slots=True)

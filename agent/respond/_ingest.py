@@ -159,8 +159,12 @@ class _Server(ThreadingHTTPServer):
         """One line, not socketserver's traceback: a client that resets or breaks its connection is routine,
         and anyone who can reach the port (even /ping, which needs no token) could flood the log with them."""
         err = sys.exc_info()[1]
-        log.info("ingest %s: connection ended: %s", client_address[0] if client_address else "?",
-                 " ".join(str(err).split()) or type(err).__name__)
+        client = client_address[0] if client_address else "?"
+        text = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            log.info("ingest %s: connection ended: %s", client, text)  # routine: not shown by default
+        else:  # a bug in handling a request: one line, shown
+            log.error("ingest %s: handling a request failed: %s: %s", client, type(err).__name__, text)
 
 
 class _Server6(_Server):

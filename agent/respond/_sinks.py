@@ -125,6 +125,7 @@ class JsonlSink:
         self._format = fmt
         self._fsync = fsync
         self._lock = threading.Lock()
+        self._shut = False  # closed by close(): no more alerts (a file closed by a failed reopen is retried)
         self._file = self._open()
 
     def _open(self) -> IO[bytes]:
@@ -164,37 +165,50 @@ class JsonlSink:
         mine = os.fstat(self._file.fileno())
         return (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino)
 
+    def _reopen(self) -> None:
+        """The file at ``path`` again. The old one stays open until the new one is: a failed open (no space,
+        no inodes) costs this alert only, and the next one tries again."""
+        new = self._open()
+        if not self._file.closed:
+            self._file.close()
+        self._file = new
+
     def emit(self, alert: Alert) -> None:
         data = (alert.to_json(self._format) + "\n").encode()
         with self._lock:
-            if self._file.closed:
+            if self._shut:
                 raise DeliveryError("the alert file is closed", path=self.path)
-            size = -1
             try:
-                if self._moved():  # a log shipper follows the path: write where it looks
-                    self._file.close()
-                    self._file = self._open()
+                if self._file.closed or self._moved():  # a log shipper follows the path: write where it looks
+                    self._reopen()
                 size = os.fstat(self._file.fileno()).st_size  # appends land at the end, wherever tell() is
                 if size > 0 and size + len(data) > self.max_bytes:
                     self._rotate()
                     size = 0
-                written = self._file.write(data)
+                written = self._file.write(data) or 0
                 if written != len(data):
+                    self._cut_back(size, written)
                     raise OSError(28, f"short write ({written} of {len(data)} bytes)")
                 if self._fsync:
                     os.fsync(self._file.fileno())
             except OSError as err:
-                if size >= 0:  # no half line left for the next alert to be glued onto
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self._file.fileno(), size)
                 raise DeliveryError(f"cannot write an alert: {err.strerror or err}", path=self.path) from None
+
+    def _cut_back(self, size: int, written: int) -> None:
+        """Remove the start of a line a short write left at the end (no alert glued onto it), unless someone
+        else has appended since: their lines are worth more than a clean end."""
+        with contextlib.suppress(OSError):
+            if os.fstat(self._file.fileno()).st_size == size + written:
+                os.ftruncate(self._file.fileno(), size)
 
     def flush(self) -> None:
         with self._lock:
-            self._file.flush()
+            if not self._file.closed:
+                self._file.flush()
 
     def close(self) -> None:
         with self._lock:
+            self._shut = True
             if not self._file.closed:
                 self._file.close()
 

@@ -43,7 +43,7 @@ log = logging.getLogger("sysgram.respond")
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _OVERFLOW_REPORT_EVERY_S = 60.0
 DISABLED_KEY = "disabled_url"  # spool meta: the URL that answered 410 Gone
-MAX_ANSWER = 4096  # bytes of a non-2xx answer read (for the log line); the rest is never read
+MAX_ANSWER = 4096  # bytes of an answer's body kept (a non-2xx one's start goes in the log line); the rest is never read
 ANSWER_DEADLINE_FACTOR = 2  # an answer's body is read for at most this many times the timeout
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
 
@@ -292,16 +292,12 @@ class WebhookSink:
         if self._key is not None:
             headers["webhook-signature"] = sign(self._key, webhook_id, timestamp, item.body)
         try:
-            # Streamed: a 2xx body is never read, any other at most MAX_ANSWER bytes, and not past a deadline,
-            # so an endpoint that floods or trickles its answer cannot grow our memory or hold this thread.
+            # Streamed, every answer's body read to at most MAX_ANSWER bytes and not past a deadline, so an
+            # endpoint that floods or trickles its answer can neither grow our memory nor hold this thread. A
+            # body read to its end (the usual short one) lets the connection go back to the pool (keep-alive).
             deadline = time.monotonic() + ANSWER_DEADLINE_FACTOR * self._timeout
             with self._client.stream("POST", self.url, content=item.body, headers=headers) as response:
-                body = b""
-                if not 200 <= response.status_code < 300:
-                    for chunk in response.iter_raw():
-                        body += chunk
-                        if len(body) >= MAX_ANSWER or time.monotonic() > deadline:
-                            break
+                body = self._answer_body(response, deadline)
         except httpx.TimeoutException:
             self._transient_failure("timeout", "timed out")
             return "transient", None
@@ -326,6 +322,20 @@ class WebhookSink:
             return "gone", None
         self._metrics.webhook_failure("rejected")
         return "rejected", None
+
+    @staticmethod
+    def _answer_body(response: httpx.Response, deadline: float) -> bytes:
+        """Up to MAX_ANSWER bytes of the answer's body, read until ``deadline``. A body that stalls once the
+        status is known costs only its bytes: the status stands (a 410 is not a timeout)."""
+        body = b""
+        try:
+            for chunk in response.iter_raw():
+                body += chunk
+                if len(body) >= MAX_ANSWER or time.monotonic() > deadline:
+                    break
+        except (httpx.TimeoutException, httpx.ReadError, httpx.RemoteProtocolError):
+            pass  # the connection is not reused: leaving the stream closes it
+        return body[:MAX_ANSWER]
 
     def _transient_failure(self, reason: str, detail: str) -> None:
         self._metrics.webhook_failure(reason)
