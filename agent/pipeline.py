@@ -34,6 +34,7 @@ BLOCK_RULE = "Sysgram blocked a process"
 # a block a rule asked for and the enforcer refused (PID 1, an allow-listed program, a reused pid...): its own
 # name, so a count of blocks is a count of blocks
 BLOCK_REFUSED_RULE = "Sysgram did not block a process"
+NOT_ENFORCED = "not enforced: no enforcer here (a replay, or the tracer not yet attached)"
 BLOCK_WITHDRAWN_RULE = "Sysgram withdrew a block"  # after its "blocked" alert: the signal never went
 # A syscall through the other ABI's gate than the process's executable: a 64-bit program's `int 0x80` (i386
 # numbers, which native per-syscall hooks and native deny lists do not see) or a 32-bit program switching to
@@ -377,6 +378,9 @@ class Pipeline:
             )
             if verdict.action == "block" and self.enforcer is not None and not blocked:
                 blocked = self._block(pid, rule, verdict, fields, ts)
+            elif verdict.action == "block" and self.enforcer is None:
+                # a replay, or the moment before the tracer is up: the verdict says block, nothing can act
+                fields["sysgram.action"] = NOT_ENFORCED
             fields.update(blocked)
             if verdict.action != "log":
                 self._send(rule, verdict.severity, output, fields, tags, ts)

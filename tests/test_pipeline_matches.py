@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from agent.config import EnforceConfig
 from agent.events import DetailEvent
@@ -90,3 +91,19 @@ def test_a_process_is_blocked_once_even_when_several_rules_say_so(tmp_path: Path
     assert enforcer.asked == [4242]
     # the stand-in enforcer sends nothing (done: False): one refusal alert, and no block claimed
     assert rules.count(BLOCK_REFUSED_RULE) == 1 and BLOCK_RULE not in rules and "Open of a watched secret" in rules
+
+
+def test_a_block_verdict_without_an_enforcer_says_it_was_not_enforced(tmp_path: Path) -> None:
+    """A replay of a config with blocking on (or the moment before the tracer is up): the verdict is block,
+    nothing can act, and the alert says so instead of leaving the SOC to guess."""
+    from agent.pipeline import NOT_ENFORCED
+
+    pipeline, alerts, _ = build(tmp_path, enforce=True)
+    pipeline.enforcer = None
+    pipeline.handle([open_event("/tmp/watched/key.secret")])
+    pipeline.outputs.close()
+    said: dict[object, Any] = {a["rule"]: a["output_fields"] for a in alerts_of(alerts)}
+    assert BLOCK_RULE not in said and BLOCK_REFUSED_RULE not in said
+    secret = said["Open of a watched secret"]
+    assert secret["sysgram.verdict.action"] == "block" and secret["sysgram.action"] == NOT_ENFORCED
+    assert "sysgram.action" not in said["Open of a watched file"]  # a plain alert claims nothing
