@@ -431,3 +431,37 @@ def test_a_failure_inside_the_listener_is_one_error_line(tmp_path: Path, caplog:
     errors = [r for r in caplog.records if r.name.startswith("sysgram") and r.levelname == "ERROR"]
     assert len(errors) == 1 and "KeyError" in errors[0].getMessage()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_request_that_trickles_is_cut_at_its_deadline(tmp_path: Path) -> None:
+    """The socket timeout restarts with every byte: without a deadline a client sending a byte now and then
+    would hold a connection slot for ever (MAX_CONNECTIONS of them take the listener down)."""
+    metrics = Metrics()
+    config = OutputConfig.from_mapping({"console": False, "listen": {"port": 0}}, source="test")
+    outputs = build_outputs(config, state_dir=tmp_path, metrics=metrics, on_falco_alert=lambda a: None)
+    assert outputs.server is not None
+    outputs.server.request_deadline = 1.0
+    cut_after = None
+    try:
+        with socket.create_connection(outputs.server.address, timeout=5) as s:
+            started = time.monotonic()
+            for byte in b"POST / HTTP/1.1\r\nHost: x\r\n" * 10:  # one byte every 0.2 s: ~54 s in all
+                try:
+                    s.sendall(bytes([byte]))
+                    closed = _readable(s) and s.recv(1) == b""
+                except OSError:  # reset
+                    closed = True
+                if closed:
+                    cut_after = time.monotonic() - started
+                    break
+                time.sleep(0.2)
+    finally:
+        outputs.close()
+    assert cut_after is not None and cut_after < 4.0
+    assert b'reason="request_deadline"} 1.0' in metrics.render()
+
+
+def _readable(s: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([s], [], [], 0)[0])

@@ -7,6 +7,7 @@ is what Falco offers, so that is what is read here.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,7 @@ log = logging.getLogger("sysgram.respond")
 
 MAX_BODY = 1024 * 1024
 MAX_CONNECTIONS = 64  # connections served at once (a thread each); more are closed at once
+REQUEST_DEADLINE = 30.0  # seconds a request may take, waiting for it included, however its bytes trickle
 CLIENT_TIMEOUT = 10.0  # seconds a client may stall mid-request before its connection (and thread) is dropped
 
 
@@ -181,6 +184,15 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("ingest %s: " + format, self.client_address[0], *args)
 
+    def handle_one_request(self) -> None:
+        # The socket timeout restarts with every byte: a client trickling one byte at a time would hold its
+        # thread (and one of the MAX_CONNECTIONS) for ever. The watchdog cuts a request past its deadline.
+        self.server.ingest.watch(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.ingest.unwatch(self.connection)
+
     def _reply(self, status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8") -> None:
         self.send_response(status)
         self.send_header("content-type", content_type)
@@ -297,6 +309,28 @@ class IngestServer:
         self._gate = threading.Condition()  # alerts being handled, and whether new ones may start
         self._inflight = 0
         self._closing = False
+        self._watched: dict[socket.socket, float] = {}  # connection -> its current request's deadline
+        self._watch_lock = threading.Lock()
+        self._stop_watch = threading.Event()
+        self.request_deadline = REQUEST_DEADLINE
+
+    def watch(self, connection: socket.socket) -> None:
+        with self._watch_lock:
+            self._watched[connection] = time.monotonic() + self.request_deadline
+
+    def unwatch(self, connection: socket.socket) -> None:
+        with self._watch_lock:
+            self._watched.pop(connection, None)
+
+    def _watchdog(self) -> None:
+        while not self._stop_watch.wait(min(1.0, self.request_deadline / 4)):
+            now = time.monotonic()
+            with self._watch_lock:
+                late = [c for c, deadline in self._watched.items() if deadline < now]
+            for connection in late:
+                self.metrics.falco_error("request_deadline")
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)  # its handler's read fails: the thread ends
 
     def enter(self) -> bool:
         """A request starts handling an alert; False once closing (its sinks may be closed by then)."""
@@ -333,6 +367,7 @@ class IngestServer:
             daemon=True,
         )
         self._thread.start()
+        threading.Thread(target=self._watchdog, name="sysgram-ingest-watchdog", daemon=True).start()
         return self
 
     def close(self, wait: float = 5.0) -> None:
@@ -340,6 +375,7 @@ class IngestServer:
         after the sinks it went to were closed."""
         with self._gate:
             self._closing = True
+        self._stop_watch.set()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5.0)
