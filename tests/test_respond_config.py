@@ -131,3 +131,11 @@ def test_build_outputs_wires_file_webhook_ingestion_and_metrics(tmp_path: Path) 
     assert [json.loads(b)["rule"] for _, b in receiver.requests] == rules
     assert "sysgram_webhook_deliveries_total 2.0" in metrics_text
     assert 'sysgram_falco_alerts_ingested_total{via="http"} 1.0' in metrics_text
+
+
+@pytest.mark.parametrize("url", ["http://soc:hunter2@127.0.0.1:99999/", "ftp://soc:hunter2@siem/", "http://soc:hunter2@:0/"])
+def test_a_bad_webhook_url_is_named_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        OutputConfig.from_mapping({"webhook": {"url": url}}, source="/etc/sysgram.yaml")
+    assert "outputs.webhook.url" in str(info.value) and "***@" in str(info.value)
+    assert "hunter2" not in str(info.value)

@@ -10,6 +10,7 @@ import base64
 import binascii
 import ipaddress
 import math
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,8 +54,6 @@ class WebhookConfig:
     format: AlertFormat = "falco"
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
-        from agent.respond._webhook import without_credentials
-
         return f"WebhookConfig(url={without_credentials(self.url)!r}, secret={'***' if self.secret else None})"
 
 
@@ -122,6 +121,18 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part (for logs, alerts and error lines)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//***@", url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def secret_key(secret: str) -> bytes:
@@ -249,14 +260,14 @@ class _Reader:
             raise self.fail(f"{key}.url", "missing")
         url = self.string(data["url"], f"{key}.url")
         if not url.startswith(("http://", "https://")):
-            raise self.fail(f"{key}.url", f"expected an http:// or https:// URL, got {url!r}")
+            raise self.fail(f"{key}.url", f"expected an http:// or https:// URL, got {without_credentials(url)!r}")
         try:
             parsed = urllib.parse.urlsplit(url)
             parsed.port  # noqa: B018  (raises on a port outside 0-65535)
         except ValueError as err:
-            raise self.fail(f"{key}.url", f"not a usable URL ({err}): {url!r}") from None
+            raise self.fail(f"{key}.url", f"not a usable URL ({err}): {without_credentials(url)!r}") from None
         if not parsed.hostname or parsed.port == 0:
-            raise self.fail(f"{key}.url", f"expected a host and a port of 1-65535, got {url!r}")
+            raise self.fail(f"{key}.url", f"expected a host and a port of 1-65535, got {without_credentials(url)!r}")
         secret = self.optional_str(data, key, "secret")
         if secret is not None:
             try:

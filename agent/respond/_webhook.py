@@ -24,7 +24,6 @@ import random
 import re
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,7 +32,7 @@ import httpx
 from agent import __version__
 from agent._text import escape_controls
 from agent.respond._alert import Alert, AlertFormat, internal_alert
-from agent.respond._config import WebhookConfig, secret_key
+from agent.respond._config import WebhookConfig, secret_key, without_credentials
 from agent.respond._metrics import Metrics
 from agent.respond._sinks import InternalAlertCallback
 from agent.respond._spool import Spool, SpooledAlert
@@ -46,15 +45,6 @@ DISABLED_KEY = "disabled_url"  # spool meta: the URL that answered 410 Gone
 MAX_ANSWER = 4096  # bytes of an answer's body kept (a non-2xx one's start goes in the log line); the rest is never read
 ANSWER_DEADLINE_FACTOR = 2  # an answer's body is read for at most this many times the timeout
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
-
-
-def without_credentials(url: str) -> str:
-    """``url`` without a ``user:password@`` part."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def header_safe_id(alert_id: str) -> str:
