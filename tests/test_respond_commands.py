@@ -30,13 +30,13 @@ def test_alerts_test_with_a_bad_secret_is_one_line(capsys: pytest.CaptureFixture
 def test_alerts_spool_reports_and_re_enables(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sink = WebhookSink("http://127.0.0.1:1/", state_dir=tmp_path, close_timeout=0)
+    sink = WebhookSink("http://soc:hunter2@127.0.0.1:1/", state_dir=tmp_path, close_timeout=0)
     sink.emit(Alert.new("r", "Notice", "o"))
-    sink.spool.set_meta("disabled_url", "http://127.0.0.1:1/")  # as a 410 would have left it
+    sink.spool.set_meta("disabled_url", "http://soc:hunter2@127.0.0.1:1/")  # as a 410 would have left it
     sink.close(timeout=0)
     assert main(["alerts", "spool", str(tmp_path), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["pending"] == 1 and status["disabled_endpoint"] == "http://127.0.0.1:1/"
+    assert status["pending"] == 1 and status["disabled_endpoint"] == "http://***@127.0.0.1:1/"  # no password
     assert main(["alerts", "spool", str(tmp_path), "--enable"]) == 0
     assert "re-enabled" in capsys.readouterr().out
     assert main(["alerts", "spool", str(tmp_path), "--json"]) == 0

@@ -98,6 +98,7 @@ def _test(args: argparse.Namespace) -> int:
 
 def _spool(args: argparse.Namespace) -> int:
     from agent.respond import Spool
+    from agent.respond._config import without_credentials
     from agent.respond._spool import SPOOL_NAME, peek
     from agent.respond._webhook import DISABLED_KEY, enable_endpoint
 
@@ -124,7 +125,7 @@ def _spool(args: argparse.Namespace) -> int:
         "oldest_pending": _age(seen.oldest_created_ns) if seen.oldest_created_ns is not None else None,
         "dead_letters": seen.dead_letters,
         "overflowed": seen.overflowed,
-        "disabled_endpoint": seen.meta.get(DISABLED_KEY),
+        "disabled_endpoint": without_credentials(disabled) if (disabled := seen.meta.get(DISABLED_KEY)) else None,
     }
     if args.json:
         print(json.dumps(status, indent=2))
