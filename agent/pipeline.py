@@ -23,6 +23,7 @@ from agent.capture.source import Chunk, LiveSource, ReplaySource
 from agent.events import FLAG_COMPAT, DetailEvent, KernelSignal, ProcEvent
 from agent.memory import release_free_memory
 from agent.proc import ProcessInfo, ProcessTable
+from agent.proc._table import CRED_SYSCALLS
 from agent.verdict import DecisionTable, Evidence, Verdict
 
 if TYPE_CHECKING:  # pyarrow (the recording format) is loaded only by the commands that record or replay
@@ -287,6 +288,8 @@ class Pipeline:
                     others.append(
                         Evidence("seccomp", decision.rule, detail=os.path.basename(decision.profile))
                     )
+        if event.syscall in CRED_SYSCALLS:  # after the rules: they judge the call by who made it, as Falco does
+            self.table.apply_creds_detail(event)
         if not matches and not others:
             return
         state = self.detector.state(event.tgid) if self.detector is not None else None

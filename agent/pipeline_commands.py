@@ -18,6 +18,7 @@ from agent.config import AgentConfig, load_config, with_enforcement
 from agent.errors import ConfigError, NotYetAvailable
 from agent.pipeline import ANOMALY_RULE, SECCOMP_RULE, Pipeline, run_live, run_replay
 from agent.proc import ProcessTable, RuntimeContainerLookup, RuntimeSocket, runtime_sockets_present
+from agent.proc._table import CRED_SYSCALLS
 from agent.verdict import DecisionTable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,8 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
     decisions = _located(cfg, lambda: DecisionTable.from_mapping(cfg.verdict, cfg.enforce, source=cfg.source))
     pipeline = Pipeline(table=table, decisions=decisions)
     # The process table always needs exec (exact argv) and cwd changes (resolving relative paths).
-    details: set[str] = {"execve", "execveat", "chdir", "fchdir", *cfg.detail_syscalls}
+    # ... and the set*id calls (the user and capabilities every rule reads).
+    details: set[str] = {"execve", "execveat", "chdir", "fchdir", *CRED_SYSCALLS, *cfg.detail_syscalls}
     rule_files = [*([str(DEFAULT_RULES)] if cfg.default_rules and DEFAULT_RULES.exists() else []), *cfg.rules]
     if rule_files:
         from agent.falco import Engine, load_rules
@@ -240,6 +242,11 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
         if errors:
             first = errors[0]
             raise ConfigError(f"rules: {first.message}", path=first.file, line=first.line, col=first.col)
+        warnings = [d for d in diagnostics if not d.is_error]
+        if warnings:  # a rule that loads but cannot match as written (a field not available here...): say so
+            print(f"sysgram: warning: the rules loaded with {len(warnings)} warning(s), the first: "
+                  f"{warnings[0].to_text().splitlines()[0]} (all: sysgram rules check "
+                  f"{' '.join(rule_files)})", file=sys.stderr)
         pipeline.engine = Engine(
             ruleset, table.get, anomaly_lookup=None, container_lookup=_container_lookup(cfg)
         )

@@ -125,6 +125,18 @@ def test_execution_from_dev_shm_and_memfd(world: World) -> None:
     assert exec_(world, 105) == ["Fileless execution via memfd_create"]
 
 
+def test_runcs_memfd_re_exec_matches_the_upstream_exception(world: World) -> None:
+    """/proc reads a memfd's exe as ``/memfd:NAME (deleted)``; Falco shows ``memfd:NAME``, and the upstream
+    rule excepts runc's own re-exec by that form: every container start would be a Critical alert else."""
+    world.table[120] = proc(120, 1, "runc", "/memfd:runc_cloned:/proc/self/exe (deleted)", "init", uid=0,
+                            user="root", exe_from_memfd=True)
+    world.table[121] = proc(121, 1, "x", "/memfd:payload (deleted)", uid=1000, exe_from_memfd=True)
+    assert exec_(world, 120) == []
+    hits = world.ev(121, "execve", 0, filename="/memfd:payload (deleted)", argv=["x"])
+    assert [h.rule for h in hits] == ["Fileless execution via memfd_create"]
+    assert hits[0].output_fields["proc.exepath"] == "memfd:payload"
+
+
 def test_search_private_keys(world: World) -> None:
     assert exec_(world, 106) == ["Search Private Keys or Passwords"]
 

@@ -32,7 +32,7 @@ from agent.falco._ast import (
     parse_condition,
     unquote_list_item,
 )
-from agent.falco._fields import BoundField, FieldError, bind_field
+from agent.falco._fields import BoundField, FieldError, bind_field, falco_exepath
 
 EVT_TYPE = "evt.type"
 ORDER_OPS = ("<", "<=", ">", ">=")
@@ -539,7 +539,7 @@ def _wrap_list_len(extractor: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return get
 
 
-_RUNTIME: dict[str, Any] = {"_in_net": _in_net, "_FILE_TYPES": ("file", "directory")}
+_RUNTIME: dict[str, Any] = {"_in_net": _in_net, "_FILE_TYPES": ("file", "directory"), "_exepath": falco_exepath}
 
 
 def _build(gen: _Gen, body: str, name: str) -> Callable[[Any], bool]:

@@ -206,6 +206,14 @@ def _str(v: str) -> str | None:
     return v if v else None
 
 
+def falco_exepath(exe: str) -> str | None:
+    """An executable path as Falco shows it. A memfd's link reads ``/memfd:NAME (deleted)``; Falco shows
+    ``memfd:NAME``, which upstream exceptions match (``memfd:runc_cloned:/proc/self/exe``, runc's re-exec)."""
+    if exe.startswith("/memfd:"):
+        return exe[1:].removesuffix(" (deleted)")
+    return exe or None
+
+
 def _exe(p: ProcessInfo) -> str | None:
     return p.args[0] if p.args else (p.comm or None)
 
@@ -288,20 +296,20 @@ def _ctime_since_start(c: Ctx) -> int | None:
 for _name, _fn in {
     "proc.name": _p(lambda p: _str(p.comm)),
     "proc.exe": _p(_exe),
-    "proc.exepath": _p(lambda p: _str(p.exe)),
+    "proc.exepath": _p(lambda p: falco_exepath(p.exe)),
     "proc.cmdline": _p(lambda p: p.cmdline or None),
     "proc.args": _p(_pargs),
     "proc.pname": _pp(lambda p: _str(p.comm)),
     "proc.pexe": _pp(_exe),
-    "proc.pexepath": _pp(lambda p: _str(p.exe)),
+    "proc.pexepath": _pp(lambda p: falco_exepath(p.exe)),
     "proc.pcmdline": _pp(lambda p: p.cmdline or None),
     "proc.cwd": _cwd,
     "proc.sname": _lookup_attr(lambda p: p.sid, lambda p: _str(p.comm)),
     "proc.sid.exe": _lookup_attr(lambda p: p.sid, _exe),
-    "proc.sid.exepath": _lookup_attr(lambda p: p.sid, lambda p: _str(p.exe)),
+    "proc.sid.exepath": _lookup_attr(lambda p: p.sid, lambda p: falco_exepath(p.exe)),
     "proc.vpgid.name": _lookup_attr(lambda p: p.pgid, lambda p: _str(p.comm)),
     "proc.vpgid.exe": _lookup_attr(lambda p: p.pgid, _exe),
-    "proc.vpgid.exepath": _lookup_attr(lambda p: p.pgid, lambda p: _str(p.exe)),
+    "proc.vpgid.exepath": _lookup_attr(lambda p: p.pgid, lambda p: falco_exepath(p.exe)),
     "user.name": _p(lambda p: _str(p.user)),
     "user.loginname": _p(lambda p: _str(p.loginname)),
     "group.name": _p(lambda p: _str(p.group)),
@@ -372,7 +380,7 @@ for _name, _typ, _attr in (
     ("proc.aname", "str", lambda p: _str(p.comm)),
     ("proc.apid", "int", lambda p: p.pid),
     ("proc.aexe", "str", _exe),
-    ("proc.aexepath", "str", lambda p: _str(p.exe)),
+    ("proc.aexepath", "str", lambda p: falco_exepath(p.exe)),
     ("proc.acmdline", "str", lambda p: p.cmdline or None),
 ):
     FIELDS[_name] = FieldDef(_name, _typ, _ancestor_field(_attr), arg="index", any_without_arg=True)
@@ -539,7 +547,7 @@ _INLINE: dict[str, Callable[[str | None], str | None]] = {
     "fd.directory": lambda t: "(fd.directory if fd is not None and fd.type in _FILE_TYPES else None)",
     "fd.filename": lambda t: "(fd.filename if fd is not None and fd.type in _FILE_TYPES else None)",
     "proc.name": lambda t: "((p.comm or None) if p is not None else None)",
-    "proc.exepath": lambda t: "((p.exe or None) if p is not None else None)",
+    "proc.exepath": lambda t: "(_exepath(p.exe) if p is not None else None)",
     "proc.cmdline": lambda t: "((p.cmdline or None) if p is not None else None)",
     "proc.tty": lambda t: "(p.tty if p is not None else None)",
     "user.name": lambda t: "((p.user or None) if p is not None else None)",

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STABLE_RULES = ROOT.parent / "shared" / "falco-rules" / "falco_rules.yaml"
 TARGET_EPS = 200_000
 RECORDING_ENV = "SYSGRAM_BENCH_RECORDING"
-_ALWAYS_DETAILED = frozenset({"execve", "execveat", "chdir", "fchdir"})  # what `sysgram run` always asks for
+_ALWAYS_DETAILED = frozenset({"execve", "execveat", "chdir", "fchdir", "setuid", "setresuid", "setgid", "setresgid"})  # what `sysgram run` always asks for
 
 # The workload the bench records: what a small busy host does, in one process tree. It waits for the
 # recorder to be ready (the "go" file), then loops for the given seconds.

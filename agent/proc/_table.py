@@ -17,6 +17,7 @@ from agent.proc._cache import BoundedCache
 from agent.proc._procfs import ProcReader
 from agent.proc.info import HOST_CONTAINER_ID, ProcessInfo
 
+CRED_SYSCALLS = frozenset({"setuid", "setresuid", "setgid", "setresgid"})  # the table follows them always
 _EXEC_SYSCALLS = frozenset(("execve", "execveat"))
 _DEFAULT_MAX_EXITED = 8192
 
@@ -151,6 +152,33 @@ class ProcessTable:
         else:
             self._forget_id(info.pid)
             self._insert(_Entry(info))
+
+    def apply_creds_detail(self, event: DetailEvent) -> None:
+        """A successful setuid/setgid-family call changed the process's user (and, with it, its capabilities):
+        take them from /proc now, while it lives; else from the call's own arguments. Until this, a root
+        daemon that dropped to nobody without an exec stayed "root" to every rule (and its setuid(0) then
+        passed for a root one)."""
+        if event.res != 0 or event.syscall not in CRED_SYSCALLS:
+            return
+        entry = self._live.get(event.tgid)
+        if entry is None:
+            return
+        old = entry.info
+        fresh = self._reader.read(event.tgid, inherit=old)
+        if fresh is not None and fresh.pid == old.pid and self._same_start(fresh.start_ns, old.start_ns):
+            self._set_info(entry, replace(old, uid=fresh.uid, gid=fresh.gid, user=fresh.user, group=fresh.group,
+                                          cap_effective=fresh.cap_effective))
+            return
+        args = event.args
+        # the effective id each call sets (-1, or its unsigned form: left as it was)
+        wanted = {"setuid": ("uid", "uid"), "setresuid": ("uid", "euid"), "setgid": ("gid", "gid"),
+                  "setresgid": ("gid", "egid")}[event.syscall]
+        value = args.get(wanted[1])
+        if isinstance(value, int) and value not in (-1, 0xFFFFFFFF):
+            if wanted[0] == "uid":
+                self._set_info(entry, replace(old, uid=value, user=self._reader.user_name(value)))
+            else:
+                self._set_info(entry, replace(old, gid=value, group=self._reader.group_name(value)))
 
     def apply_exec_detail(self, event: DetailEvent) -> None:
         """Take the exact argv (and the filename) from a successful execve/execveat."""
