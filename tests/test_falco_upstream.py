@@ -323,3 +323,15 @@ def test_a_rule_can_ask_which_syscalls_are_new_for_the_program() -> None:
     hits = w.ev(111, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY)
     assert [m.output_fields for m in hits] == [{"sysgram.anomaly.new_syscalls": "epoll_create1 socket connect"}]
     assert w.ev(109, "openat", 3, dirfd=-100, name="/etc/shadow", flags=O_RDONLY) == []
+
+
+def test_rmdir_below_a_binary_dir_is_seen() -> None:
+    """rmdir had no decoder in the capture: "Modify binary dirs" loaded clean and its rmdir branch never
+    matched. Its one argument is Falco's evt.arg.path."""
+    from agent.capture._decode import SPECS
+
+    assert "rmdir" in SPECS
+    rs, _ = load_rules([STABLE, INCUBATING, SANDBOX])
+    w = World(rs, HOST)
+    assert "Modify binary dirs" in w.names(109, "rmdir", 0, path="/usr/bin/x")
+    assert "Modify binary dirs" not in w.names(109, "rmdir", 0, path="/home/u/x")

@@ -58,6 +58,7 @@ SPECS: dict[str, ArgSpec] = {
     "renameat": _s("olddirfd oldpath newdirfd newpath", 1, 3),
     "renameat2": _s("olddirfd oldpath newdirfd newpath flags", 1, 3),
     "mkdir": _s("path mode", 0),
+    "rmdir": _s("path", 0),
     "mkdirat": _s("dirfd path mode", 1),
     "chmod": _s("filename mode", 0),
     "fchmod": _s("fd mode"),

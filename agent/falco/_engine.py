@@ -504,6 +504,7 @@ _HANDLERS: dict[str, Callable[[Engine, DetailEvent], FdInfo | None]] = {
     "unlink": _h_path_arg("path", None), "unlinkat": _h_path_arg("name", "dirfd"),
     "rename": _h_path_arg("oldpath", None), "renameat": _h_path_arg("oldpath", "olddirfd"),
     "renameat2": _h_path_arg("oldpath", "olddirfd"), "mkdir": _h_path_arg("path", None),
+    "rmdir": _h_path_arg("path", None),
     "mkdirat": _h_path_arg("path", "dirfd"), "chmod": _h_path_arg("filename", None),
     "fchmodat": _h_path_arg("filename", "dirfd"),
 }
