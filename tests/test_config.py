@@ -381,3 +381,20 @@ def test_block_rules_naming_a_disabled_rule_warn_and_the_agents_own_alerts_are_r
     result = sysgram("run", "--config", str(p), "--no-model", "--no-default-rules", "--rules", str(rules),
                      "--seconds", "1", "--quiet", "--state-dir", str(tmp_path / "state"), timeout=180)
     assert "enforce.block_rules[0]: the rule 'Off here' is disabled" in result.stderr
+
+
+def test_rules_on_syscalls_the_capture_does_not_decode_are_named_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from agent.falco import load_rules_text
+    from agent.pipeline_commands import _warn_uncaptured
+
+    rules = load_rules_text([("r.yaml", "- rule: Truncated log\n  desc: d\n  condition: evt.type in (ftruncate, openat)"
+                                         "\n  output: o\n  priority: ERROR\n")])
+    _warn_uncaptured(rules.rules)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sysgram: warning: rules name syscalls the capture does not decode, which never match here: "
+                   "ftruncate (e.g. rule 'Truncated log' on ftruncate)"]
+    _warn_uncaptured(load_rules_text([("r.yaml", "- rule: R\n  desc: d\n  condition: evt.type = openat\n"
+                                                 "  output: o\n  priority: ERROR\n")]).rules)
+    assert capsys.readouterr().err == ""
