@@ -335,3 +335,21 @@ def test_rmdir_below_a_binary_dir_is_seen() -> None:
     w = World(rs, HOST)
     assert "Modify binary dirs" in w.names(109, "rmdir", 0, path="/usr/bin/x")
     assert "Modify binary dirs" not in w.names(109, "rmdir", 0, path="/home/u/x")
+
+
+def test_thread_cap_permitted_is_read_not_missing() -> None:
+    """It was treated as missing: `not thread.cap_permitted contains CAP_SYS_ADMIN` was true of everyone."""
+    import os as _os
+
+    from agent.proc import read_process
+
+    rs = ruleset_from("- rule: Unshare without admin\n  desc: d\n  condition: evt.type = unshare and not "
+                      "thread.cap_permitted contains CAP_SYS_ADMIN\n  output: caps %thread.cap_permitted\n"
+                      "  priority: WARNING\n")
+    w = World(rs, [proc(300, 1, "unshare", "/usr/bin/unshare", cap_permitted=CAP_SYS_ADMIN),
+                   proc(301, 1, "unshare", "/usr/bin/unshare", cap_permitted=0)])
+    assert w.names(300, "unshare", 0, flags=0x20000) == []
+    hits = w.ev(301, "unshare", 0, flags=0x20000)
+    assert [h.rule for h in hits] == ["Unshare without admin"]
+    me = read_process(_os.getpid())  # /proc's CapPrm, live: root holds CAP_SYS_ADMIN (bit 21)
+    assert me is not None and (me.cap_permitted >> 21) & 1 == (1 if _os.geteuid() == 0 else 0)

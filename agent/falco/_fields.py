@@ -355,7 +355,8 @@ for _name, _fn in {
     _plain(_name, "bool", _fn)
 
 _plain("thread.cap_effective", "str", _p(lambda p: caps_text(p.cap_effective)))
-for _missing_name in ("thread.cap_permitted", "thread.cap_inheritable", "proc.env", "user.homedir",
+_plain("thread.cap_permitted", "str", _p(lambda p: caps_text(p.cap_permitted)))
+for _missing_name in ("thread.cap_inheritable", "proc.env", "user.homedir",
                       "user.shell", "proc.exe_ino.ctime_duration_pidns_start", "proc.pidns_init_start_ts"):
     _unavailable(_missing_name)
 _unavailable("proc.env", "str", arg="opt")

@@ -117,7 +117,7 @@ def parse_stat(text: str) -> StatLine | None:
         return None
 
 
-_STATUS_KEYS = ("Tgid", "PPid", "Uid", "Gid", "Groups", "CapEff", "Seccomp")  # never the first line
+_STATUS_KEYS = ("Tgid", "PPid", "Uid", "Gid", "Groups", "CapPrm", "CapEff", "Seccomp")  # never the first line
 
 
 def parse_status(text: str) -> dict[str, str]:
@@ -387,6 +387,7 @@ class ProcReader:
         uid = _second_or_first(status.get("Uid", ""))
         gid = _second_or_first(status.get("Gid", ""))
         cap_eff = int(status.get("CapEff", "0") or "0", 16)
+        cap_prm = int(status.get("CapPrm", "0") or "0", 16)
         kernel_thread = bool(line.flags & _PF_KTHREAD)
         exe = cwd = ""
         args: tuple[str, ...] = ()
@@ -427,6 +428,7 @@ class ProcReader:
             start_ns=inherit.start_ns if inherit and inherit.start_ns else self.start_ns(line.start_ticks),
             container_id=container,
             cap_effective=cap_eff,
+            cap_permitted=cap_prm,
             exe_from_memfd=exe.startswith("/memfd:"),
             exe_writable=writable,
             exe_upper_layer=upper,

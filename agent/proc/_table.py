@@ -167,7 +167,7 @@ class ProcessTable:
         fresh = self._reader.read(event.tgid, inherit=old)
         if fresh is not None and fresh.pid == old.pid and self._same_start(fresh.start_ns, old.start_ns):
             self._set_info(entry, replace(old, uid=fresh.uid, gid=fresh.gid, user=fresh.user, group=fresh.group,
-                                          cap_effective=fresh.cap_effective))
+                                          cap_effective=fresh.cap_effective, cap_permitted=fresh.cap_permitted))
             return
         args = event.args
         # the effective id each call sets (-1, or its unsigned form: left as it was)

@@ -35,6 +35,7 @@ class ProcessInfo:
     start_ns: int = 0
     container_id: str = HOST_CONTAINER_ID
     cap_effective: int = 0
+    cap_permitted: int = 0  # /proc/PID/status CapPrm (Falco's thread.cap_permitted)
     exe_from_memfd: bool = False
     exe_writable: bool = False
     exe_upper_layer: bool = False
