@@ -212,14 +212,23 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _marks(node: yaml.Node, prefix: str, out: dict[str, int], source: str) -> None:
+def _marks(node: yaml.Node, prefix: str, out: dict[str, int], source: str,
+           visited: set[int] | None = None) -> None:
     """Each dotted key path's line; a key given twice in one mapping is refused (YAML would silently keep
-    the last one)."""
+    the last one). A node reached again through an alias is not walked again: nine aliases of nine aliases
+    of ... (a "billion laughs") would take exponential time and memory."""
+    visited = set() if visited is None else visited
+    if id(node) in visited:
+        return
+    visited.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key, value in node.value:
             name = str(key.value)
             line = key.start_mark.line + 1
+            if "\0" in name:
+                raise ConfigError(f"{prefix + '.' if prefix else ''}{name!r}: a key contains a NUL byte", path=source,
+                                  line=line)
             if name in seen:
                 raise ConfigError(
                     f"duplicate key {name!r} (first on line {seen[name]})", path=source, line=line
@@ -227,12 +236,15 @@ def _marks(node: yaml.Node, prefix: str, out: dict[str, int], source: str) -> No
             seen[name] = line
             path = f"{prefix}.{name}" if prefix else name
             out[path] = line
-            _marks(value, path, out, source)
+            _marks(value, path, out, source, visited)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             path = f"{prefix}[{i}]"
             out[path] = item.start_mark.line + 1
-            _marks(item, path, out, source)
+            _marks(item, path, out, source, visited)
+    elif isinstance(node, yaml.ScalarNode) and "\0" in str(node.value):
+        # no path, name or pattern can hold one (the OS refuses it with ValueError, deep in some room)
+        raise ConfigError(f"{prefix or 'a value'}: contains a NUL byte", path=source, line=node.start_mark.line + 1)
 
 
 def _check(

@@ -398,3 +398,28 @@ def test_rules_on_syscalls_the_capture_does_not_decode_are_named_in_one_line(
     _warn_uncaptured(load_rules_text([("r.yaml", "- rule: R\n  desc: d\n  condition: evt.type = openat\n"
                                                  "  output: o\n  priority: ERROR\n")]).rules)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ('state_dir: "/var/lib/\\0x"\n', 1, "state_dir: contains a NUL byte"),
+        ('enforce:\n  allow_exes: ["/bin/\\0x"]\n', 2, "enforce.allow_exes[0]: contains a NUL byte"),
+        ('enforce:\n  deny_syscalls:\n    "/bin/\\0x": [read]\n', 3, "a key contains a NUL byte"),
+    ],
+)
+def test_a_nul_byte_anywhere_is_one_line_at_its_place(tmp_path: Path, text: str, line: int, words: str) -> None:
+    err = _load_error(tmp_path, text)
+    assert err.line == line and words in err.message
+
+
+def test_a_billion_laughs_config_is_refused_at_once(tmp_path: Path) -> None:
+    """Nine aliases of nine aliases of ...: each node is walked once, not once per path to it."""
+    import time
+
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]  # 9**8 paths, unwalked: ~40 s
+    started = time.monotonic()
+    err = _load_error(tmp_path, "\n".join(lines) + "\n")
+    assert time.monotonic() - started < 5
+    assert err.line == 1 and "unknown key 'a0'" in err.message

@@ -181,3 +181,20 @@ def test_interesting_syscalls_from_index() -> None:
     rs = load_rules_text([("a.yaml", negated)])
     n = next(r for r in rs.rules if r.name == "n")
     assert n.evttypes is not None and "openat" not in n.evttypes and "execve" in n.evttypes
+
+
+def test_appended_exception_values_of_the_wrong_shape_are_errors_not_crashes() -> None:
+    base = ("- rule: r\n  desc: d\n  output: o\n  priority: INFO\n  condition: evt.type=open\n  exceptions:\n"
+            "   - name: e\n     fields: [proc.name, fd.name]\n     values: [[a, b]]\n")
+    for bad, shown in (("5", "got 5"), ("[c]", "got ['c']"), ("{a: 1}", "got {'a': 1}"), ("[x, y, z]", "got ['x'")):
+        text = base + f"- rule: r\n  exceptions:\n   - name: e\n     values: [{bad}]\n  append: true\n"
+        rs = load_rules_text([("a.yaml", text)])
+        assert len(rs.errors) == 1, bad
+        assert "exception 'e': each value must be a list of 2 (one per field)" in rs.errors[0].message
+        assert shown in rs.errors[0].message and rs.errors[0].file == "a.yaml" and rs.errors[0].line
+
+
+def test_required_plugin_alternatives_must_be_a_list() -> None:
+    rs = load_rules_text([("a.yaml", "- required_plugin_versions:\n    - name: x\n      version: 1.0.0\n"
+                                     "      alternatives: 5\n")])
+    assert len(rs.errors) == 1 and rs.errors[0].message.endswith("plugin 'x': alternatives must be a list")

@@ -155,8 +155,11 @@ class Collector:
             if not isinstance(entry, dict) or "name" not in entry or "version" not in entry:
                 self.error(place, "each required plugin needs a name and a version", item, "shape")
                 continue
-            names = {str(entry["name"])} | {str(a.get("name")) for a in entry.get("alternatives", []) or []
-                                            if isinstance(a, dict)}
+            alternatives = entry.get("alternatives") or []
+            if not isinstance(alternatives, list):
+                self.error(place, f"plugin '{entry['name']}': alternatives must be a list", item, "shape")
+                continue
+            names = {str(entry["name"])} | {str(a.get("name")) for a in alternatives if isinstance(a, dict)}
             if not names & NATIVE_PLUGINS:
                 self.warn(place, f"plugin '{entry['name']}' is not available in Sysgram; rules of its source "
                                  "are skipped", item, "plugin")

@@ -265,6 +265,10 @@ class _Compiler:
                 alternatives.extend(cmp(parsed[0], comp, v) for v in exc.values)
         else:
             for tup in exc.values:
+                # values appended to an existing exception were never checked against its fields
+                if not isinstance(tup, list) or len(tup) != len(parsed):
+                    raise _ExcError(f"exception '{exc.name}': each value must be a list of {len(parsed)} (one per "
+                                    f"field), got {tup!r}", exc.place)
                 parts = [cmp(fe, comp, v) for fe, comp, v in zip(parsed, comps, tup, strict=True)]
                 alternatives.append(parts[0] if len(parts) == 1 else BoolOp(src, 0, "and", parts))
         inner = alternatives[0] if len(alternatives) == 1 else BoolOp(src, 0, "or", alternatives)
