@@ -198,3 +198,23 @@ def test_required_plugin_alternatives_must_be_a_list() -> None:
     rs = load_rules_text([("a.yaml", "- required_plugin_versions:\n    - name: x\n      version: 1.0.0\n"
                                      "      alternatives: 5\n")])
     assert len(rs.errors) == 1 and rs.errors[0].message.endswith("plugin 'x': alternatives must be a list")
+
+
+def test_rule_files_that_grow_exponentially_are_bounded() -> None:
+    """A list naming another ten times (each naming another ten times...) keeps each item once; macros
+    inlined into macros (m1 = m0 and m0, m2 = m1 and m1, ...) are refused past a size, at once."""
+    import time
+
+    lists = "- list: l0\n  items: [x, y]\n" + "".join(
+        f"- list: l{i}\n  items: [{', '.join([f'l{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    macros = "- macro: m0\n  condition: evt.type = open\n" + "".join(
+        f"- macro: m{i}\n  condition: m{i - 1} and m{i - 1}\n" for i in range(1, 40))
+    rules = ("- rule: Listed\n  desc: d\n  condition: evt.type = open and proc.name in (l8)\n  output: o\n"
+             "  priority: INFO\n- rule: Bomb\n  desc: d\n  condition: m39\n  output: o\n  priority: INFO\n")
+    started = time.monotonic()
+    rs = load_rules_text([("a.yaml", lists + macros + rules)])
+    assert time.monotonic() - started < 10
+    assert [r.name for r in rs.rules] == ["Listed"]
+    assert [(e.item_name, e.code) for e in rs.errors] == [("Bomb", "too-large")]
+    w = World(rs, [proc(1, 0, "y", "/usr/bin/y")])
+    assert w.names(1, "open", 3, name="/tmp/f", flags=0, mode=0) == ["Listed"]

@@ -68,14 +68,20 @@ class CompileResult:
 
 
 # ------------------------------------------------------------------ expansion of macros and lists
+MAX_EXPANDED_NODES = 200_000  # upstream's largest rule expands to a few thousand
 class Expander:
     """Replaces macro references by their (parsed) conditions and list names by their items."""
 
     def __init__(self, macros: dict[str, MacroInfo], lists: dict[str, list[str]]) -> None:
         self.macros = macros
         self.lists = lists
+        self.budget = MAX_EXPANDED_NODES
 
     def expand(self, node: Node, stack: tuple[str, ...] = ()) -> Node:
+        self.budget -= 1
+        if self.budget < 0:  # macros inlined into macros (m2 = m1 and m1 ...) grow exponentially
+            raise CompileError(f"the condition is over {MAX_EXPANDED_NODES:,} terms once its macros are expanded",
+                               node, "too-large")
         if isinstance(node, BoolOp):
             return BoolOp(node.src, node.pos, node.op, [self.expand(c, stack) for c in node.children])
         if isinstance(node, Not):
@@ -111,15 +117,17 @@ class Expander:
 
 
 def resolve_list_items(raw: Iterable[Any], lists: dict[str, list[str]]) -> list[str]:
-    """A list's items with nested list names expanded and explicit quotes removed."""
-    out: list[str] = []
+    """A list's items with nested list names expanded and explicit quotes removed, each once: a list that
+    names another ten times, which names another ten times... would otherwise grow exponentially (membership
+    is all a list is used for)."""
+    out: dict[str, None] = {}
     for item in raw:
         text = item if isinstance(item, str) else _scalar_text(item)
         if text in lists:
-            out.extend(lists[text])
+            out.update(dict.fromkeys(lists[text]))
         else:
-            out.append(unquote_list_item(text))
-    return out
+            out[unquote_list_item(text)] = None
+    return list(out)
 
 
 def _scalar_text(v: Any) -> str:
