@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from agent._files import read_regular
 from agent.errors import ConfigError
 
 COMPAT_DETAILS_MODES = ("auto", "always", "never")
@@ -271,8 +272,7 @@ def _check(
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = read_regular(path)
     except OSError as err:
         raise ConfigError(f"cannot read config: {err.strerror}", path=path) from None
     try:

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from agent._files import check_regular
 from agent.capture.names import MAX_NR, name_table
 from agent.errors import RecordingError
 from agent.events import FLAG_COMPAT, SYSCALL_DTYPE, DetailEvent, ProcEvent
@@ -291,6 +292,7 @@ def _proc_fields(kind: str, args: dict[str, Any]) -> dict[str, Any]:
 def read_recording(path: str) -> Recording:
     """Read a whole recording; any problem is one :class:`RecordingError` naming the file."""
     try:
+        check_regular(path)  # a FIFO would block the reader for good
         pf = pq.ParquetFile(path)
     except FileNotFoundError:
         raise RecordingError("no such recording", path=path) from None

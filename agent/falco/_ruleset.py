@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent._files import read_regular
 from agent.capture.names import known_names
 from agent.errors import RulesError
 from agent.falco._ast import (
@@ -115,13 +116,15 @@ def read_files(paths: Sequence[str]) -> list[tuple[str, str]]:
     out = []
     for path in paths:
         try:
-            with open(path, encoding="utf-8") as fh:
-                out.append((path, fh.read()))
+            text = read_regular(path).decode("utf-8")
+            out.append((path, text.replace("\r\n", "\n").replace("\r", "\n")))  # as text mode reads it
         except FileNotFoundError:
             raise RulesError("no such rules file", path=path) from None
         except IsADirectoryError:
             raise RulesError("is a directory, not a rules file", path=path) from None
-        except (OSError, UnicodeDecodeError) as err:
+        except OSError as err:
+            raise RulesError(f"cannot read rules file: {err.strerror or err}", path=path) from None
+        except UnicodeDecodeError as err:
             raise RulesError(f"cannot read rules file: {err}", path=path) from None
     return out
 

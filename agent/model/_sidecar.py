@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent._files import read_regular
 from agent.errors import ModelError
 
 FORMAT = "sysgram-model"
@@ -197,7 +198,7 @@ def parse_sidecar(raw: Any, path: str) -> Sidecar:
 def read_sidecar(onnx_path: str | Path) -> Sidecar:
     path = sidecar_path(onnx_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path).decode("utf-8")
     except UnicodeDecodeError as err:
         raise ModelError(f"sidecar is not UTF-8 text (byte {err.start})", path=str(path)) from None
     except FileNotFoundError:

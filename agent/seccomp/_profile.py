@@ -18,6 +18,7 @@ from typing import Any
 
 import seccomp
 
+from agent._files import read_regular
 from agent.errors import ProfileError
 
 U64 = (1 << 64) - 1
@@ -318,8 +319,7 @@ def known_to_libseccomp(name: str) -> bool:
 def load_profile(path: str) -> Profile:
     """Read and validate a profile file; any mistake is one ProfileError naming the file and place."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = read_regular(path)
     except OSError as err:
         raise ProfileError(f"cannot read profile: {err.strerror}", path=path) from None
     try:
