@@ -465,3 +465,16 @@ def _readable(s: socket.socket) -> bool:
     import select
 
     return bool(select.select([s], [], [], 0)[0])
+
+
+def test_a_spool_whose_tables_have_other_columns_is_one_error(tmp_path: Path) -> None:
+    """CREATE TABLE IF NOT EXISTS kept a same-named table with other columns: the first alert crashed."""
+    from agent.respond import Spool
+    from agent.respond._spool import SPOOL_NAME
+
+    with contextlib.closing(sqlite3.connect(tmp_path / SPOOL_NAME)) as db:
+        db.execute("CREATE TABLE meta (k TEXT, v TEXT)")
+        db.commit()
+    with pytest.raises(DeliveryError) as info:
+        Spool(tmp_path)
+    assert "the webhook spool is unreadable: table meta lacks column(s) key, value" in str(info.value)

@@ -41,6 +41,22 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+_COLUMNS = {
+    "pending": {"seq", "webhook_id", "created_ns", "body", "rejections"},
+    "dead": {"seq", "webhook_id", "created_ns", "body", "dead_ns", "reason"},
+    "meta": {"key", "value"},
+}
+
+
+def _check_columns(db: sqlite3.Connection) -> None:
+    """CREATE TABLE IF NOT EXISTS keeps a table of the same name with other columns (another program's file,
+    a damaged one): found here, as one error, not as a crash at the first alert."""
+    for table, wanted in _COLUMNS.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if not wanted <= have:
+            raise sqlite3.DatabaseError(f"table {table} lacks column(s) {', '.join(sorted(wanted - have))}")
+
+
 @dataclass(frozen=True, slots=True)
 class SpooledAlert:
     seq: int
@@ -115,6 +131,7 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            _check_columns(self._db)
             self._depth = int(self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0])
         except sqlite3.DatabaseError as err:
             self._lockfile.close()
