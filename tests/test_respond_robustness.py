@@ -478,3 +478,33 @@ def test_a_spool_whose_tables_have_other_columns_is_one_error(tmp_path: Path) ->
     with pytest.raises(DeliveryError) as info:
         Spool(tmp_path)
     assert "the webhook spool is unreadable: table meta lacks column(s) key, value" in str(info.value)
+
+
+def test_a_status_line_with_control_characters_is_logged_escaped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(400, "Bad\x1b[31m")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    caplog.set_level("WARNING", logger="sysgram")
+    sink = WebhookSink(f"http://127.0.0.1:{server.server_address[1]}/hook", state_dir=tmp_path, retry=FAST,
+                       max_attempts=1)
+    try:
+        sink.emit(alert(1))
+        assert wait_until(lambda: any("400" in r.getMessage() for r in caplog.records), 10)
+    finally:
+        sink.close()
+        server.shutdown()
+        server.server_close()
+    said = [r.getMessage() for r in caplog.records if "400" in r.getMessage()]
+    assert said and all("\x1b" not in m and "Bad\\x1b[31m" in m for m in said)

@@ -302,7 +302,7 @@ class WebhookSink:
                 self._failing_since = None
             return "delivered", None
         snippet = escape_controls(" ".join(body[:120].decode("utf-8", "replace").split()))
-        answered = f"answered {status} {response.reason_phrase}: {snippet or '-'}"
+        answered = f"answered {status} {escape_controls(response.reason_phrase)}: {snippet or '-'}"
         if status in _TRANSIENT_STATUS or status >= 500:
             self._transient_failure(f"http_{status // 100}xx", answered)  # logged once per outage
             return "transient", _retry_after(response.headers.get("retry-after"))
