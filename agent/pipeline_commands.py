@@ -249,6 +249,8 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
     # ... and the set*id calls (the user and capabilities every rule reads).
     details: set[str] = {"execve", "execveat", "chdir", "fchdir", *CRED_SYSCALLS, *cfg.detail_syscalls}
     rule_files = [*([str(DEFAULT_RULES)] if cfg.default_rules and DEFAULT_RULES.exists() else []), *cfg.rules]
+    enabled: set[str] = set()  # rule names, for enforce.block_rules
+    disabled: set[str] = set()
     if rule_files:
         from agent.falco import Engine, load_rules
 
@@ -263,15 +265,13 @@ def build_pipeline(cfg: AgentConfig, args: argparse.Namespace) -> tuple[Pipeline
                   f"{warnings[0].to_text().splitlines()[0]} (all: sysgram rules check "
                   f"{' '.join(rule_files)})", file=sys.stderr)
         _warn_uncaptured(ruleset.rules)
+        enabled = {r.name for r in ruleset.rules}
+        disabled = {st.name for st in ruleset.statuses if st.reason == "disabled"}
         pipeline.engine = Engine(
             ruleset, table.get, anomaly_lookup=None, container_lookup=_container_lookup(cfg)
         )
         details |= set(ruleset.interesting_syscalls())
-    if rule_files:
-        _check_block_rules(cfg, {r.name for r in ruleset.rules},
-                           {st.name for st in ruleset.statuses if st.reason == "disabled"})
-    else:
-        _check_block_rules(cfg, set(), set())
+    _check_block_rules(cfg, enabled, disabled)
     if cfg.model == str(DEFAULT_MODEL) and not DEFAULT_MODEL.exists():
         print(f"sysgram: warning: no shipped model at {DEFAULT_MODEL}: anomaly scoring is off "
               "(build one with training/build_shipped_model.py or sysgram learn)", file=sys.stderr)

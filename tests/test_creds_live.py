@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires_bpf
-from tests.test_pipeline_live import LiveAgent
+from tests.test_pipeline_live import agent_with_rule
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -31,13 +31,9 @@ except OSError:
 
 def test_a_root_process_that_drops_to_nobody_is_nobody_to_the_rules(tmp_path: Path) -> None:
     watched = f"/tmp/sysgram-creds-{uuid.uuid4().hex}"
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
-        "- rule: Test watched create\n  desc: d\n"
-        f"  condition: evt.type in (open, openat) and fd.name startswith {watched}\n"
-        "  output: create of %fd.name by uid %user.uid (%user.name)\n  priority: WARNING\n"
-    )
-    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules))
+    agent = agent_with_rule(tmp_path, "Test watched create",
+                            f"evt.type in (open, openat) and fd.name startswith {watched}",
+                            "create of %fd.name by uid %user.uid (%user.name)")
     try:
         subprocess.run([sys.executable, "-c", DROP, watched], check=True, timeout=30)
         agent.wait_for(lambda: len([r for r in agent.records() if r["rule"] == "Test watched create"]) >= 2, 15)

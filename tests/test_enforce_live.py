@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, requires_bpf, start_sysgram
-from tests.test_pipeline_live import LiveAgent
+from tests.test_enforce_stop import blocking_agent
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -87,18 +87,10 @@ def test_sysgram_block_rule_kills_only_the_offender(tmp_path: Path, opener: Path
 def test_an_allow_listed_script_is_never_killed(tmp_path: Path) -> None:
     """The kernel protects a script by its own path (the path given to exec), while /proc names the
     interpreter: the agent must take the kernel's word and refuse, not kill it through the pidfd."""
-    blocked = f"/tmp/sysgram-block-{uuid.uuid4().hex}"
     script = tmp_path / "allowed.sh"
     script.write_text('#!/bin/sh\nsleep 0.3\nexec 3<>"$1"\nsleep 1\nexit 0\n')
     script.chmod(0o755)
-    rules = tmp_path / "block.yaml"
-    rules.write_text(
-        "- rule: Test open of a forbidden file\n  desc: d\n"
-        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
-        "  output: forbidden open by %proc.name (pid %proc.pid)\n  priority: CRITICAL\n  tags: [sysgram.block]\n"
-    )
-    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
-                      config=f"enforce:\n  enabled: true\n  allow_exes: [{script}]\n")
+    agent, blocked = blocking_agent(tmp_path, f"enforce:\n  enabled: true\n  allow_exes: [{script}]\n")
     try:
         allowed = subprocess.Popen([str(script), blocked])
         code = allowed.wait(timeout=30)

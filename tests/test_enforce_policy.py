@@ -24,6 +24,7 @@ from agent.enforce import INHERITED, MAX_RECORDS, PINNED, SIGNALS, Enforcer, den
 from agent.proc import read_process
 from agent.proc.info import ProcessInfo
 from tests.conftest import requires_bpf
+from tests.test_enforce_stop import process_state
 
 pytestmark = [requires_bpf]
 
@@ -258,11 +259,6 @@ def test_a_zombie_gets_no_kernel_entry_that_would_outlive_it(bpf: Any, tmp_path:
         assert bpf["protected_tgids"].get(ctypes.c_uint32(zombie.pid)) is None
     finally:
         zombie.wait()
-
-
-def process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_stop_action_stops_instead(bpf: Any, sleeper: subprocess.Popen[bytes]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, build_c, requires_bpf
-from tests.test_pipeline_live import LiveAgent
+from tests.test_pipeline_live import LiveAgent, agent_with_rule
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
@@ -24,18 +24,19 @@ def process_state(pid: int) -> str:
         return fh.read().rsplit(")", 1)[1].split()[0]
 
 
+def blocking_agent(tmp_path: Path, config: str) -> tuple[LiveAgent, str]:
+    """An agent with ``config`` and one blocking rule: an open of the returned path."""
+    blocked = f"/tmp/sysgram-freeze-{uuid.uuid4().hex}"
+    agent = agent_with_rule(tmp_path, "Test open of a forbidden file",
+                            f"evt.type in (open, openat) and fd.name = {blocked}",
+                            "forbidden open by %proc.name (pid %proc.pid)", priority="CRITICAL",
+                            tags="[sysgram.block]", config=config)
+    return agent, blocked
+
+
 def stopping_agent(tmp_path: Path) -> tuple[LiveAgent, str]:
     """An agent with enforcement on, action stop, and one blocking rule: an open of the returned path."""
-    blocked = f"/tmp/sysgram-freeze-{uuid.uuid4().hex}"
-    rules = tmp_path / "block.yaml"
-    rules.write_text(
-        "- rule: Test open of a forbidden file\n  desc: test\n"
-        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
-        "  output: forbidden open by %proc.name (pid %proc.pid)\n  priority: CRITICAL\n  tags: [sysgram.block]\n"
-    )
-    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
-                      config="enforce:\n  enabled: true\n  action: stop\n")
-    return agent, blocked
+    return blocking_agent(tmp_path, "enforce:\n  enabled: true\n  action: stop\n")
 
 
 def state_once_stopped(pid: int, timeout: float = 10.0) -> str:
@@ -103,15 +104,8 @@ def test_an_in_kernel_kill_after_a_stop_still_raises_its_alert(tmp_path: Path) -
     each signal is; the agent no longer guesses from having blocked that pid before."""
     prog = build_c(ROOT / "tests" / "open_wait_getppid.c", tmp_path / "sysgram-stop-then-deny")
     go = tmp_path / "go"
-    blocked = f"/tmp/sysgram-freeze-{uuid.uuid4().hex}"
-    rules = tmp_path / "block.yaml"
-    rules.write_text(
-        "- rule: Test open of a forbidden file\n  desc: test\n"
-        f"  condition: evt.type in (open, openat) and fd.name = {blocked}\n"
-        "  output: forbidden open by %proc.name (pid %proc.pid)\n  priority: CRITICAL\n  tags: [sysgram.block]\n"
-    )
-    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules),
-                      config=f"enforce:\n  enabled: true\n  action: stop\n  deny_syscalls:\n    {prog}: [getppid]\n")
+    agent, blocked = blocking_agent(
+        tmp_path, f"enforce:\n  enabled: true\n  action: stop\n  deny_syscalls:\n    {prog}: [getppid]\n")
     victim = subprocess.Popen([str(prog), blocked, str(go)])
     try:
         assert state_once_stopped(victim.pid) == "T"

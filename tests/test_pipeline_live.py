@@ -97,6 +97,15 @@ class LiveAgent:
         return self.proc.returncode
 
 
+def agent_with_rule(tmp: Path, name: str, condition: str, output: str, *, priority: str = "WARNING",
+                    tags: str = "", config: str = "") -> LiveAgent:
+    """A live agent with no model and this one rule (``tags``: a YAML list, e.g. "[sysgram.block]")."""
+    rules = tmp / "rule.yaml"
+    rules.write_text(f"- rule: {name}\n  desc: test\n  condition: {condition}\n  output: {output}\n"
+                     f"  priority: {priority}\n" + (f"  tags: {tags}\n" if tags else ""))
+    return LiveAgent(tmp, "--no-model", "--no-default-rules", "--rules", str(rules), config=config)
+
+
 def watch_rule(tmp: Path, watched: str) -> Path:
     rules = tmp / "watch.yaml"
     rules.write_text(

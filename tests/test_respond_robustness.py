@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,39 +28,52 @@ from tests.test_respond_webhook import FAST, SECRET, Receiver, alert, verify_sig
 from tests.test_respond_webhook import receiver as receiver
 
 
+@contextlib.contextmanager
+def endpoint(answer: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[str]:
+    """A webhook endpoint on 127.0.0.1 (yields its URL): each POST's body is read, then ``answer`` replies."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            answer(self)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class EndlessAnswer:
     """An endpoint that answers ``status`` and then sends its body forever: ``chunk`` every ``every`` s."""
 
     def __init__(self, status: int, chunk: bytes, every: float) -> None:
         self.requests = 0
-        endpoint = self
+        self.status, self.chunk, self.every = status, chunk, every
+        self._served = contextlib.ExitStack()
+        self.url = self._served.enter_context(endpoint(self._answer))
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["content-length"]))
-                endpoint.requests += 1
-                self.send_response(status)
-                self.send_header("content-length", str(1 << 40))
-                self.end_headers()
-                with contextlib.suppress(OSError):  # the client hung up: what this test wants
-                    for _ in range(100_000):
-                        self.wfile.write(chunk)
-                        self.wfile.flush()
-                        time.sleep(every)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        self.requests += 1
+        handler.send_response(self.status)
+        handler.send_header("content-length", str(1 << 40))
+        handler.end_headers()
+        with contextlib.suppress(OSError):  # the client hung up: what this test wants
+            for _ in range(100_000):
+                handler.wfile.write(self.chunk)
+                handler.wfile.flush()
+                time.sleep(self.every)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._served.close()
 
 
 @pytest.mark.parametrize(
@@ -379,33 +392,22 @@ def test_deliveries_keep_one_connection_alive(tmp_path: Path, status: int, body:
     a handshake per alert otherwise)."""
     ports: set[int] = set()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        ports.add(handler.client_address[1])
+        handler.send_response(status)
+        if status != 204:
+            handler.send_header("content-length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["content-length"]))
-            ports.add(self.client_address[1])
-            self.send_response(status)
-            if status != 204:
-                self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    sink = WebhookSink(f"http://127.0.0.1:{server.server_address[1]}/hook", state_dir=tmp_path, retry=FAST)
-    try:
-        for i in range(10):
-            sink.emit(alert(i))
-        assert sink.wait_idle(10) and sink.spool.depth == 0
-    finally:
-        sink.close()
-        server.shutdown()
-        server.server_close()
+    with endpoint(answer) as url:
+        sink = WebhookSink(url, state_dir=tmp_path, retry=FAST)
+        try:
+            for i in range(10):
+                sink.emit(alert(i))
+            assert sink.wait_idle(10) and sink.spool.depth == 0
+        finally:
+            sink.close()
     assert len(ports) == 1
 
 
@@ -481,30 +483,18 @@ def test_a_spool_whose_tables_have_other_columns_is_one_error(tmp_path: Path) ->
 
 
 def test_a_status_line_with_control_characters_is_logged_escaped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(400, "Bad\x1b[31m")
+        handler.send_header("content-length", "0")
+        handler.end_headers()
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["content-length"]))
-            self.send_response(400, "Bad\x1b[31m")
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     caplog.set_level("WARNING", logger="sysgram")
-    sink = WebhookSink(f"http://127.0.0.1:{server.server_address[1]}/hook", state_dir=tmp_path, retry=FAST,
-                       max_attempts=1)
-    try:
-        sink.emit(alert(1))
-        assert wait_until(lambda: any("answered 400" in r.getMessage() for r in caplog.records), 10)
-    finally:
-        sink.close()
-        server.shutdown()
-        server.server_close()
+    with endpoint(answer) as url:
+        sink = WebhookSink(url, state_dir=tmp_path, retry=FAST, max_attempts=1)
+        try:
+            sink.emit(alert(1))
+            assert wait_until(lambda: any("answered 400" in r.getMessage() for r in caplog.records), 10)
+        finally:
+            sink.close()
     said = [r.getMessage() for r in caplog.records if "answered 400" in r.getMessage()]  # not a port 400xx
     assert said and all("\x1b" not in m and "Bad\\x1b[31m" in m for m in said)

@@ -9,20 +9,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires_bpf
-from tests.test_pipeline_live import LiveAgent
+from tests.test_pipeline_live import agent_with_rule
 
 pytestmark = [requires_bpf, pytest.mark.bpf]
 
 
 def test_rmdir_path_reaches_the_rules(tmp_path: Path) -> None:
     target = f"/tmp/sysgram-rmdir-{uuid.uuid4().hex}"
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
-        "- rule: Test rmdir\n  desc: d\n"
-        f"  condition: evt.type = rmdir and evt.arg.path = {target}\n"
-        "  output: rmdir %evt.arg.path (%fd.name) by %proc.name\n  priority: WARNING\n"
-    )
-    agent = LiveAgent(tmp_path, "--no-model", "--no-default-rules", "--rules", str(rules))
+    agent = agent_with_rule(tmp_path, "Test rmdir", f"evt.type = rmdir and evt.arg.path = {target}",
+                            "rmdir %evt.arg.path (%fd.name) by %proc.name")
     try:
         os.mkdir(target)
         os.rmdir(target)

@@ -17,7 +17,10 @@ from agent.proc._cache import BoundedCache
 from agent.proc._procfs import ProcReader
 from agent.proc.info import HOST_CONTAINER_ID, ProcessInfo
 
-CRED_SYSCALLS = frozenset({"setuid", "setresuid", "setgid", "setresgid"})  # the table follows them always
+# The set*id calls the table follows always: each one's id kind and the argument holding the effective id.
+_CRED_ARG = {"setuid": ("uid", "uid"), "setresuid": ("uid", "euid"), "setgid": ("gid", "gid"),
+             "setresgid": ("gid", "egid")}
+CRED_SYSCALLS = frozenset(_CRED_ARG)
 _EXEC_SYSCALLS = frozenset(("execve", "execveat"))
 _DEFAULT_MAX_EXITED = 8192
 
@@ -169,13 +172,10 @@ class ProcessTable:
             self._set_info(entry, replace(old, uid=fresh.uid, gid=fresh.gid, user=fresh.user, group=fresh.group,
                                           cap_effective=fresh.cap_effective, cap_permitted=fresh.cap_permitted))
             return
-        args = event.args
-        # the effective id each call sets (-1, or its unsigned form: left as it was)
-        wanted = {"setuid": ("uid", "uid"), "setresuid": ("uid", "euid"), "setgid": ("gid", "gid"),
-                  "setresgid": ("gid", "egid")}[event.syscall]
-        value = args.get(wanted[1])
+        kind, arg = _CRED_ARG[event.syscall]
+        value = event.args.get(arg)  # the effective id it set (-1, or its unsigned form: left as it was)
         if isinstance(value, int) and value not in (-1, 0xFFFFFFFF):
-            if wanted[0] == "uid":
+            if kind == "uid":
                 self._set_info(entry, replace(old, uid=value, user=self._reader.user_name(value)))
             else:
                 self._set_info(entry, replace(old, gid=value, group=self._reader.group_name(value)))

@@ -264,13 +264,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(503, b"the agent is stopping; retry\n")
             return
         try:
-            try:
-                ingest.callback(alert)
-            except Exception as err:  # the pipeline's trouble: tell the sender to retry later
-                ingest.metrics.falco_error("callback")
-                log.error("ingest: handling Falco alert %r failed: %s", alert.rule, err)
-                self._reply(500, b"the alert could not be handled\n")
-                return
+            ingest.callback(alert)
+        except Exception as err:  # the pipeline's trouble: tell the sender to retry later
+            ingest.metrics.falco_error("callback")
+            log.error("ingest: handling Falco alert %r failed: %s", alert.rule, err)
+            self._reply(500, b"the alert could not be handled\n")
+        else:
             ingest.metrics.falco_ingested("http")
             self._reply(200, b"{}", "application/json")
         finally:
@@ -327,6 +326,8 @@ class IngestServer:
             now = time.monotonic()
             with self._watch_lock:
                 late = [c for c, deadline in self._watched.items() if deadline < now]
+                for connection in late:  # cut once, counted once
+                    del self._watched[connection]
             for connection in late:
                 self.metrics.falco_error("request_deadline")
                 with contextlib.suppress(OSError):

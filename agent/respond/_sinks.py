@@ -156,14 +156,17 @@ class JsonlSink:
         finally:
             self._file = self._open()
 
-    def _moved(self) -> bool:
-        """Whether ``path`` no longer names the open file (deleted, or renamed by an outside rotation)."""
-        try:
-            on_disk = os.stat(self.path)
-        except OSError:
-            return True
-        mine = os.fstat(self._file.fileno())
-        return (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino)
+    def _at_path(self) -> os.stat_result:
+        """The open file's stat, reopening ``path`` first when it no longer names that file (deleted, or
+        renamed by an outside rotation): a log shipper follows the path, so write where it looks."""
+        if not self._file.closed:
+            mine = os.fstat(self._file.fileno())
+            with contextlib.suppress(OSError):
+                on_disk = os.stat(self.path)
+                if (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino):
+                    return mine
+        self._reopen()
+        return os.fstat(self._file.fileno())
 
     def _reopen(self) -> None:
         """The file at ``path`` again. The old one stays open until the new one is: a failed open (no space,
@@ -179,9 +182,7 @@ class JsonlSink:
             if self._shut:
                 raise DeliveryError("the alert file is closed", path=self.path)
             try:
-                if self._file.closed or self._moved():  # a log shipper follows the path: write where it looks
-                    self._reopen()
-                size = os.fstat(self._file.fileno()).st_size  # appends land at the end, wherever tell() is
+                size = self._at_path().st_size  # appends land at the end, wherever tell() is
                 if size > 0 and size + len(data) > self.max_bytes:
                     self._rotate()
                     size = 0
